@@ -1,0 +1,2862 @@
+"""DMD2: Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024, arXiv 2405.14867), in one file.
+
+A diffusion teacher (the "real score") is distilled into a one-step or few-step generator G. Three ingredients,
+in the paper's order:
+  * distribution matching (Sec. 3): G follows the difference between the real score and a "fake score" that is
+    trained online, by denoising, on G's own samples;
+  * two time-scale update rule (Sec. 4.1): the fake score takes several steps per generator step, which replaces
+    the regression loss of the original DMD;
+  * a GAN on real data (Sec. 4.2): a classifier head on the fake score's bottleneck, so G can beat its teacher;
+  * backward simulation (Sec. 4.3): few-step generators train on inputs made by their own rollout.
+
+    python dmd2.py                       # embedded default: train a small teacher, distil it, print the table
+    python dmd2.py --dataset toy2d       # 2-D class-conditional mixture, seconds
+    python dmd2.py --dataset imagenet64 --data_path imagenet-64x64.zip    # the paper's recipe (GPUs, torchrun)
+    python dmd2.py sample --checkpoint runs/shapes/student_1step/checkpoint.pt --out grid.png
+    python dmd2.py fid --images DIR --ref imagenet-64x64.npz
+
+Facts about the official code are cited as "official: <option or function>" (github.com/tianweiy/DMD2).
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import http.client
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import PIL.Image
+import scipy.linalg
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+try:  # optional: only the official DMD2 LMDB needs it
+    import lmdb
+except ImportError:
+    lmdb = None
+try:  # optional: only the released DMD2 checkpoints need it
+    import huggingface_hub
+except ImportError:
+    huggingface_hub = None
+
+import edm_net
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Config and presets. Every field is a CLI flag (--name value); a preset fills in what the dataset needs.
+
+
+@dataclass
+class Config:
+    dataset: str = "shapes"  # toy2d | shapes (embedded default) | cifar10 | imagenet64
+    out_dir: str = "runs"  # run folders go to out_dir/<dataset>/<run_name>
+    run_name: str = ""  # default: derived from the generator steps ("student_1step", ...)
+    data_path: str = ""  # EDM dataset_tool zip / folder / DMD2 LMDB (cifar10, imagenet64)
+    cache_dir: str = ""  # downloads and embedded teachers; default ~/.cache/dmd2 (env DMD2_CACHE)
+    seed: int = 10  # official: --seed 10
+    device: str = "auto"
+    precision: str = "auto"  # bf16 | fp32 | auto (bf16 where the hardware has it; official --use_fp16 means bf16)
+    channels_last: bool = True
+    # data and teacher
+    resolution: int = 16
+    num_classes: int = 10
+    teacher: str = ""  # path or URL of an EDM pickle; empty: preset default (embedded sets train their own)
+    teacher_arch: dict = field(default_factory=dict)  # EDMPrecond kwargs of an embedded teacher
+    teacher_iters: int = 0  # EDM training iterations of an embedded teacher
+    teacher_batch: int = 64
+    teacher_lr: float = 1e-3
+    teacher_eval_steps: int = 18  # EDM Heun steps for the teacher row of the table (NFE = 2N-1; EDM: --steps 18)
+    # noise (official: --sigma_min 0.002 --sigma_max 80 --rho 7 --sigma_data 0.5 --num_train_timesteps 1000)
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    rho: float = 7.0
+    num_train_timesteps: int = 1000
+    min_step_percent: float = 0.02  # DM-loss sigma index range (official: --min_step_percent/--max_step_percent)
+    max_step_percent: float = 0.98
+    conditioning_sigma: float = 80.0  # one-step generator input sigma (official: --conditioning_sigma 80)
+    # generator
+    students: list = field(default_factory=lambda: [1])  # main job: one K-step student per entry
+    generator_steps: int = 1  # 1 = one-step; K > 1 = K steps on sigmas[999, 999-1000/K, ...] (Sec. 4.3)
+    backward_simulation: bool = True  # Sec. 4.3; False = forward-noised real data (Table 4 ablation)
+    # losses (Tables 3 and 4 are combinations of these switches)
+    dm_loss_weight: float = 1.0  # official: --dm_loss_weight 1; 0 = "w/o distribution matching"
+    gan: bool = True  # official: --gan_classifier
+    gen_cls_loss_weight: float = 3e-3  # official ImageNet: --gen_cls_loss_weight 3e-3
+    cls_loss_weight: float = 1e-2  # official: --cls_loss_weight 1e-2
+    diffusion_gan: bool = True  # official: --diffusion_gan --diffusion_gan_max_timestep 1000
+    diffusion_gan_max_timestep: int = 1000
+    regression_loss_weight: float = 0.0  # original DMD's LPIPS regression on teacher ODE pairs (DMD: 0.25)
+    regression_pairs: int = 0  # number of teacher ODE pairs generated for it
+    regression_loss: str = "auto"  # lpips | mse | auto (lpips when its weights are on disk, else mse)
+    # optimisation (official: train_edm.py)
+    iters: int = 300  # critic iterations (official ImageNet run: ~200k)
+    batch_size: int = 32  # per process (official: 40 per GPU x 7)
+    generator_lr: float = 2e-6  # official: --generator_lr 2e-6
+    guidance_lr: float = 2e-6  # official: --guidance_lr 2e-6
+    dfake_gen_update_ratio: int = 5  # TTUR (Sec. 4.1); 1 = no TTUR
+    warmup_steps: int = 500  # official: --warmup_step 500 (counted in iterations here, see train())
+    max_grad_norm: float = 10.0  # official: --max_grad_norm 10
+    ema_decay: float = 0.0  # generator EMA; 0 = off (official: none)
+    grad_checkpointing: bool = False  # memory option for one GPU
+    teacher_bf16_weights: bool = False  # memory option: frozen teacher stored in bf16
+    generator_init: str = ""  # start G from a generator state dict (official: --generator_ckpt_path)
+    guidance_init: str = ""  # start the fake score from a DMD2 pytorch_model_1.bin (official: --ckpt_only_path)
+    num_workers: int = 4  # data loader processes (official: --num_workers 12)
+    # logging, checkpoints, evaluation
+    log_every: int = 10
+    ckpt_every: int = 100
+    sample_every: int = 100
+    eval_samples: int = 1000
+    eval_batch: int = 250
+
+
+PRESETS = {
+    # 2-D class-conditional mixture; MLP teacher trained in seconds.
+    "toy2d": dict(students=[1, 4], resolution=0, num_classes=4, teacher_iters=2000, teacher_batch=256, teacher_lr=2e-3,
+                  iters=600, batch_size=256, generator_lr=1e-3, guidance_lr=1e-3, warmup_steps=20,
+                  gen_cls_loss_weight=3e-2, teacher_eval_steps=18, eval_samples=4000, eval_batch=4000,
+                  log_every=20, ckpt_every=200, sample_every=200, precision="fp32", channels_last=False),
+    # Embedded default: 16 px procedural shapes, narrow ADM teacher trained here.
+    "shapes": dict(students=[1, 4], resolution=16, num_classes=10, teacher_iters=3000, teacher_batch=64, teacher_lr=1e-3,
+                   teacher_arch=dict(model_type="DhariwalUNet", model_channels=32, channel_mult=[1, 2, 2],
+                                     num_blocks=1, attn_resolutions=[4], dropout=0.0),
+                   iters=400, batch_size=32, generator_lr=1e-4, guidance_lr=1e-4, warmup_steps=20,
+                   log_every=10, ckpt_every=100, sample_every=100),
+    # The paper's recipe (official experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_
+    # scratch.sh): batch 40 per GPU, lr 2e-6, ratio 5, GAN 3e-3 / 1e-2, diffusion GAN over 1000 levels, bf16.
+    "imagenet64": dict(resolution=64, num_classes=1000, iters=400_000, batch_size=40, generator_lr=2e-6,
+                       guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
+                       eval_samples=50_000, eval_batch=128, channels_last=True),
+    # CIFAR-10 on EDM's conditional VP teacher. Not an official DMD2 recipe: the ImageNet values, batch 56 (EDM).
+    "cifar10": dict(resolution=32, num_classes=10, iters=200_000, batch_size=56, generator_lr=2e-6,
+                    guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
+                    eval_samples=50_000, eval_batch=250),
+}
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Embedded data: made in code, deterministic from a seed, nothing to download
+
+
+def toy2d_sample(n, rng=None, device="cpu"):
+    """The 2-D class-conditional mixture: 8 Gaussian modes (std 0.08) on the unit circle; class c owns the two
+    opposite modes c and c+4, so a generator that drops one of them shows up as mode collapse."""
+    labels = torch.randint(0, 4, (n,), generator=rng, device=device)
+    mode = labels + 4 * torch.randint(0, 2, (n,), generator=rng, device=device)
+    angle = mode.float() * (2 * math.pi / 8)
+    centers = torch.stack([angle.cos(), angle.sin()], dim=1)
+    return centers + 0.08 * torch.randn(n, 2, generator=rng, device=device), labels
+
+
+TOY2D_MODES = torch.stack([torch.cos(torch.arange(8) * 2 * math.pi / 8), torch.sin(torch.arange(8) * 2 * math.pi / 8)], 1)
+SHAPE_NAMES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond", "bars", "half-disk", "frame"]
+
+
+def _shape_masks(label, u, v):
+    """Inside-masks of the 10 embedded shape classes on normalised coordinates u, v (radius ~1)."""
+    r2, au, av = u * u + v * v, np.abs(u), np.abs(v)
+    box = np.maximum(au, av)
+    a, b = np.abs(u + v) / math.sqrt(2), np.abs(u - v) / math.sqrt(2)  # the plus sign turned 45 degrees
+    return [r2 < 1, box < 0.8, (v > -0.7) & (v < 0.9 - 1.8 * au), (r2 < 1) & (r2 > 0.36),
+            ((au < 0.3) & (av < 1)) | ((av < 0.3) & (au < 1)), ((a < 0.3) & (b < 1)) | ((b < 0.3) & (a < 1)),
+            au + av < 1, (av > 0.25) & (av < 0.7) & (au < 0.9), (r2 < 1) & (v > 0), (box < 0.9) & (box > 0.55),
+            ][label]
+
+
+def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
+    """The embedded image set: uint8 [N, 3, R, R] class-conditional shapes and int64 labels [N].
+
+    Ten shape classes (SHAPE_NAMES) with random position, size, a small rotation, a random bright colour on a
+    random dark background, anti-aliased by rendering at supersample x R and averaging. Colour carries no class
+    information, so a class-conditional model has to get the geometry right."""
+    rs = np.random.RandomState(seed)
+    labels = rs.randint(0, len(SHAPE_NAMES), num_images)
+    s = resolution * supersample
+    grid = (np.arange(s) + 0.5) / s * 2 - 1  # pixel centres in [-1, 1]
+    ys, xs = np.meshgrid(grid, grid, indexing="ij")
+    images = np.empty((num_images, 3, resolution, resolution), np.uint8)
+    for i, label in enumerate(labels):
+        cx, cy, size, angle = rs.uniform(-0.25, 0.25), rs.uniform(-0.25, 0.25), rs.uniform(0.45, 0.7), rs.uniform(-0.25, 0.25)
+        dx, dy = (xs - cx) / size, (ys - cy) / size
+        u, v = math.cos(angle) * dx + math.sin(angle) * dy, -math.sin(angle) * dx + math.cos(angle) * dy
+        mask = _shape_masks(label, u, -v).astype(np.float32)  # -v: "up" is up in the image
+        mask = mask.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
+        fg = _hsv_to_rgb(rs.uniform(), rs.uniform(0.6, 1.0), rs.uniform(0.75, 1.0))
+        bg = _hsv_to_rgb(rs.uniform(), rs.uniform(0.2, 0.8), rs.uniform(0.0, 0.35))
+        rgb = mask[None] * fg[:, None, None] + (1 - mask[None]) * bg[:, None, None]
+        images[i] = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def _hsv_to_rgb(h, s, v):
+    k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
+    return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+class InMemoryBatches:
+    """Seeded random batches (with replacement) from tensors in memory, split over ranks.
+
+    Every rank draws the same global index batch and keeps its slice, so a run on W processes sees exactly the
+    batches of one process with W times the batch. The state is one torch.Generator (saved in checkpoints)."""
+
+    def __init__(self, images, labels, global_batch, seed, rank=0, world_size=1):
+        self.images, self.labels = images, labels
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def state_dict(self):
+        return {"rng": self.rng.get_state()}
+
+    def load_state_dict(self, state):
+        self.rng.set_state(state["rng"])
+
+    def __next__(self):
+        idx = torch.randint(0, len(self.labels), (self.global_batch,), generator=self.rng)
+        idx = idx.chunk(self.world_size)[self.rank]
+        images = self.images[idx]
+        if images.dtype == torch.uint8:
+            images = images.float() / 127.5 - 1  # official: image/255 * 2 - 1
+        return images, self.labels[idx]
+
+
+class Toy2DBatches:
+    """Fresh samples of the true 2-D distribution for every batch (the data set is infinite)."""
+
+    def __init__(self, global_batch, seed, rank=0, world_size=1):
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.rng = torch.Generator().manual_seed(seed)
+
+    state_dict, load_state_dict = InMemoryBatches.state_dict, InMemoryBatches.load_state_dict
+
+    def __next__(self):
+        x, y = toy2d_sample(self.global_batch, self.rng)
+        return x.chunk(self.world_size)[self.rank], y.chunk(self.world_size)[self.rank]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real images: EDM dataset_tool zips / folders and the official DMD2 LMDB
+# ----------------------------------------------------------------------------------------------------------------
+# Every reader returns (uint8 CHW numpy image, int64 label). Real images feed only the GAN discriminator
+# (reference 1.4); there is no augmentation, as in the official pipeline.
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+PREPARE_HINT = ("prepare data with EDM's dataset_tool, e.g. `python dataset_tool.py --source=cifar-10-python.tar.gz "
+                "--dest=cifar10-32x32.zip` or `python dataset_tool.py --source=ILSVRC/Data/CLS-LOC/train "
+                "--dest=imagenet-64x64.zip --resolution=64x64 --transform=center-crop` (EDM README)")
+
+
+def decode_image(data, name):
+    """PNG/JPG bytes -> uint8 CHW array; grayscale gives one channel (as EDM's dataset.py)."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as img:
+            if img.mode not in ("L", "RGB"):  # palette / RGBA / CMYK files: read as RGB
+                img = img.convert("RGB")
+            image = np.asarray(img)
+    except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"{name}: cannot decode image ({e}); re-create the dataset with dataset_tool") from None
+    image = image[:, :, None] if image.ndim == 2 else image
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+class EDMImageDataset(torch.utils.data.Dataset):
+    """EDM dataset_tool output: a .zip or the same extracted into a folder. Images are all .png/.jpg files in
+    sorted path order (EDM's ImageFolderDataset); labels come from dataset.json {"labels": [[path, label], ...]}
+    (null or no file -> no labels, returned as 0). The zip is opened lazily, once per process, so the dataset is
+    safe in DataLoader workers (forked workers reopen it)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.is_zip = os.path.isfile(path)
+        self._zip, self._zip_pid = None, None
+        if self.is_zip:
+            try:
+                names = self._zipfile().namelist()
+            except zipfile.BadZipFile:
+                raise ValueError(f"{path} is not a valid zip file; {PREPARE_HINT}") from None
+        else:
+            names = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+                     for root, _dirs, files in os.walk(path) for f in files]
+        self.fnames = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+        if not self.fnames:
+            raise ValueError(f'{path} holds no {"/".join(IMAGE_EXTENSIONS)} images; {PREPARE_HINT}')
+        self.labels = self._read_labels() if "dataset.json" in names else None
+        self.image_shape = None
+        self.image_shape = self[0][0].shape  # EDM's dataset takes the shape of the first image too
+
+    def _zipfile(self):
+        if self._zip is None or self._zip_pid != os.getpid():  # reopen after fork: handles are not shareable
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._zip
+
+    def _read(self, fname):
+        if self.is_zip:
+            return self._zipfile().read(fname)
+        with open(os.path.join(self.path, fname), "rb") as f:
+            return f.read()
+
+    def _read_labels(self):
+        name = os.path.join(self.path, "dataset.json")
+        try:
+            labels = json.loads(self._read("dataset.json"))["labels"]
+            table = None if labels is None else dict(labels)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f'{name}: expected {{"labels": [[path, label], ...]}} ({e!r}); {PREPARE_HINT}') from None
+        if table is None:
+            return None
+        missing = [f for f in self.fnames if f not in table]
+        if missing:
+            raise ValueError(f"{name} has no label for {missing[0]} ({len(missing)} images unlabelled); "
+                             "re-create the dataset with dataset_tool")
+        return np.array([table[f] for f in self.fnames], dtype=np.int64)
+
+    def describe(self, index):
+        return f"{self.path}/{self.fnames[index]}" if self.is_zip else os.path.join(self.path, self.fnames[index])
+
+    def __getstate__(self):  # pickled into spawned workers without the open zip handle
+        return dict(self.__dict__, _zip=None, _zip_pid=None)
+
+    def __len__(self):
+        return len(self.fnames)
+
+    def __getitem__(self, index):
+        image = decode_image(self._read(self.fnames[index]), self.describe(index))
+        if self.image_shape is not None and image.shape != self.image_shape:
+            raise ValueError(f"{self.describe(index)} is {image.shape} (CxHxW) but the first image is "
+                             f"{self.image_shape}; re-create the dataset with dataset_tool --resolution")
+        return image, np.int64(0 if self.labels is None else self.labels[index])
+
+
+_LMDB_ENVS = {}  # real path -> (lmdb environment, pid that opened it)
+
+
+class LMDBImageDataset(torch.utils.data.Dataset):
+    """The official DMD2 LMDB (main/data/create_imagenet_lmdb.py; reference 1.4): keys `images_{i}_data` (raw
+    uint8 CHW bytes), `labels_{i}_data` (int64 bytes), `images_shape` = "N C H W". Labels are read up front."""
+
+    def __init__(self, path):
+        if lmdb is None:
+            raise ImportError(f"{path} is an LMDB; reading it needs the lmdb package: pip install lmdb")
+        self.path = path
+        try:
+            env = self._environment()
+        except lmdb.Error as e:
+            raise ValueError(f"{path}: cannot open as LMDB ({e}); re-create or re-download it") from None
+        with env.begin() as txn:
+            shape = txn.get(b"images_shape")
+            if shape is None:
+                raise ValueError(f"{path}: no 'images_shape' key, so not the official DMD2 LMDB layout "
+                                 "(main/data/create_imagenet_lmdb.py); or pass the dataset_tool zip instead")
+            shape = tuple(int(s) for s in shape.decode().split())
+            count, self.image_shape = shape[0], shape[1:]
+            if count == 0:
+                raise ValueError(f"{path}: LMDB declares 0 images; {PREPARE_HINT}")
+            first = txn.get(b"images_0_data")
+            if first is None or len(first) != int(np.prod(self.image_shape)):
+                raise ValueError(f"{path}: images_0_data holds {0 if first is None else len(first)} bytes, but "
+                                 f"images_shape declares {self.image_shape} uint8; the LMDB is corrupt, "
+                                 "re-create it")
+            labels = [txn.get(f"labels_{i}_data".encode()) for i in range(count)]
+        bad = next((i for i, b in enumerate(labels) if b is None or len(b) != 8), None)
+        if bad is not None:
+            raise ValueError(f"{path}: labels_{bad}_data is missing or not one int64; the LMDB is corrupt, "
+                             "re-create it")
+        self.labels = np.frombuffer(b"".join(labels), dtype=np.int64)
+        self.count = count
+
+    def _environment(self):
+        # LMDB allows one open environment per path and process, and it must not be used across a fork: a
+        # forked worker closes its inherited copy (the parent's stays open) and opens its own
+        key = os.path.realpath(self.path)
+        env, pid = _LMDB_ENVS.get(key, (None, None))
+        if pid != os.getpid():
+            if env is not None:
+                env.close()
+            env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False)
+            _LMDB_ENVS[key] = (env, os.getpid())
+        return env
+
+    def describe(self, index):
+        return f"{self.path} index {index} (keys images_{index}_data / labels_{index}_data)"
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        with self._environment().begin() as txn:
+            data = txn.get(f"images_{index}_data".encode())
+        image = np.frombuffer(data, dtype=np.uint8).reshape(self.image_shape).copy()  # copy: writable for torch
+        return image, self.labels[index]
+
+
+def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
+    """Open a .zip / folder (EDM dataset_tool) or LMDB directory (official DMD2) and check it fits the model:
+    image shape num_channels x resolution x resolution, and (if num_classes) every label in 0..num_classes-1."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"dataset {path} not found; prepare it with EDM's dataset_tool: `python dataset_tool.py --source=<image "
+            f"folder or cifar-10-python.tar.gz> --dest={path} --resolution={resolution}x{resolution}` (ImageNet: "
+            "add --transform=center-crop), or for ImageNet-64 unzip the official DMD2 LMDB https://huggingface.co/"
+            "tianweiy/DMD2/resolve/main/data/imagenet/imagenet-64x64_lmdb.zip")
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "data.mdb")):
+        dataset = LMDBImageDataset(path)
+    elif os.path.isdir(path) or path.lower().endswith(".zip"):
+        dataset = EDMImageDataset(path)
+    else:
+        raise ValueError(f"{path} is neither a .zip, a folder of images nor an LMDB directory; {PREPARE_HINT}")
+    expected = (num_channels, resolution, resolution)
+    if tuple(dataset.image_shape) != expected:
+        raise ValueError(f'{dataset.describe(0)} is {"x".join(map(str, dataset.image_shape))} (CxHxW), expected '
+                         f'{"x".join(map(str, expected))}; re-run dataset_tool with --resolution={resolution}x'
+                         f"{resolution} (and {num_channels}-channel source images) or pick the matching preset")
+    if num_classes is not None:
+        if dataset.labels is None:
+            raise ValueError(f'{path} has no labels (dataset.json missing or "labels": null) but the model is '
+                             f"conditional on {num_classes} classes; run dataset_tool on a labelled source")
+        bad = np.flatnonzero((dataset.labels < 0) | (dataset.labels >= num_classes))
+        if bad.size:
+            raise ValueError(f"{dataset.describe(bad[0])} has label {dataset.labels[bad[0]]} outside 0.."
+                             f"{num_classes - 1} ({bad.size} such images); the data does not match the preset's "
+                             f"{num_classes} classes")
+    return dataset
+
+
+def epoch_indices(num_items, seed, epoch, rank=0, world_size=1):
+    """This rank's shard of one epoch: torch DistributedSampler(shuffle=True, drop_last=True) semantics, i.e. a
+    randperm seeded with seed + epoch, cut to a multiple of world_size, every world_size-th index from rank."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[:num_items // world_size * world_size][rank::world_size]
+
+
+def real_batches(dataset, batch_size, seed, rank=0, world_size=1, num_workers=0, start_batch=0):
+    """Infinite iterator of (images float32 in [-1,1], labels int64) for this rank: shuffled per epoch, shards
+    disjoint across ranks, incomplete batches dropped (official: DataLoader shuffle=True, drop_last=True,
+    num_workers 12, sharded by accelerate, whose split of a permutation over ranks differs from
+    DistributedSampler's used here; each rank still sees uniform draws without replacement). Batch k is a pure function of (seed, k, rank, world_size, len(dataset)), so
+    exact resume is real_batches(..., start_batch=batches_consumed): skipped batches are never decoded."""
+    batches_per_epoch = len(dataset) // world_size // batch_size
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images over {world_size} ranks cannot fill one batch of {batch_size}; "
+                         "use a smaller batch size or more data")
+    epoch, skip = divmod(start_batch, batches_per_epoch)
+    while True:
+        indices = epoch_indices(len(dataset), seed, epoch, rank, world_size)
+        indices = indices[skip * batch_size: batches_per_epoch * batch_size].tolist()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True,
+                                             num_workers=num_workers)
+        for images, labels in loader:
+            yield images.to(torch.float32) / 127.5 - 1, labels.to(torch.int64)  # official: x/255*2-1
+        epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Downloads: teacher pickles, FID statistics, released DMD2 checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm"  # reference edm_fid.md 2.4
+EDM_TEACHER_URLS = {"imagenet64": f"{EDM_URL}/pretrained/edm-imagenet-64x64-cond-adm.pkl",
+                    "cifar10": f"{EDM_URL}/pretrained/edm-cifar10-32x32-cond-vp.pkl"}
+EDM_FID_REF_URLS = {"imagenet64": f"{EDM_URL}/fid-refs/imagenet-64x64.npz",
+                    "cifar10": f"{EDM_URL}/fid-refs/cifar10-32x32.npz"}
+DMD2_HF_REPO = "tianweiy/DMD2"
+DMD2_IMAGENET_RUNS = {  # folder under model/imagenet/ -> ImageNet-64 FID (official README model zoo, reference 9.1)
+    "imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch_fid1.51_checkpoint_model_193500": 1.51,
+    "imagenet_lr2e-6_scratch_fid2.61_checkpoint_model_405500": 2.61,
+    "imagenet_gan_classifier_genloss3e-3_diffusion1000_lr5e-7_resume_fid1.28_checkpoint_model_548000": 1.28,
+}
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def default_cache_dir():
+    return os.environ.get("DMD2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmd2")
+
+
+def download_cached(url, cache_dir=None, filename=None, flag="--teacher", timeout=60):
+    """Return the local path of url in the cache, downloading it first if absent. The download streams into
+    a temp file in the cache dir, renamed into place only when complete; temp files of killed downloads are
+    never taken for the file and are deleted once an hour old. Offline -> DownloadError naming `flag`."""
+    cache_dir = cache_dir or default_cache_dir()
+    filename = filename or os.path.basename(urllib.parse.urlparse(url).path)
+    path = os.path.join(cache_dir, filename)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    for name in os.listdir(cache_dir):  # a live download keeps writing to its temp file; an hour-old one is dead
+        if name.startswith(filename + ".") and name.endswith(".part"):
+            try:
+                if time.time() - os.path.getmtime(os.path.join(cache_dir, name)) > 3600:
+                    os.remove(os.path.join(cache_dir, name))
+            except OSError:  # removed meanwhile by another process
+                pass
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=filename + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
+            with tqdm(total=total, unit="B", unit_scale=True, desc=filename, disable=None) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and received != total:
+                raise http.client.IncompleteRead(b"", total - received)
+        os.replace(tmp, path)
+    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, refused/reset connections
+        raise DownloadError(f"could not download {url} ({type(e).__name__}: {e}). If this machine is offline, "
+                            f"download it elsewhere and pass {flag} PATH, or place it at {path}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def resolve_file(spec, default_url, what, flag, cache_dir=None):
+    """spec None -> download default_url; an http(s) URL -> download it; else a local path that must exist."""
+    spec = spec or default_url
+    if spec is None:
+        raise ValueError(f"no official {what} for this dataset; pass {flag} PATH or URL")
+    if spec.startswith(("http://", "https://")):
+        return download_cached(spec, cache_dir, flag=flag)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"{what} {spec} not found; pass {flag} with an existing file or an http(s) URL")
+    return spec
+
+
+def resolve_teacher(spec, dataset, cache_dir=None):
+    """Local path of the EDM teacher pickle: spec (path or URL), or the official one for the dataset."""
+    return resolve_file(spec, EDM_TEACHER_URLS.get(dataset), "teacher", "--teacher", cache_dir)
+
+
+def resolve_fid_ref(spec, dataset, cache_dir=None):
+    """Local path of the EDM FID reference statistics (.npz with mu, sigma) for the dataset."""
+    return resolve_file(spec, EDM_FID_REF_URLS.get(dataset), "FID reference", "--fid_ref", cache_dir)
+
+
+def download_dmd2_checkpoint(run_name, cache_dir=None):
+    """Local path of a released DMD2 ImageNet-64 generator (plain EDMPrecond state dict, keys model.*) from
+    Hugging Face tianweiy/DMD2; cache_dir None -> the Hugging Face cache."""
+    if run_name not in DMD2_IMAGENET_RUNS:
+        raise ValueError(f'unknown DMD2 run {run_name!r}; known: {", ".join(DMD2_IMAGENET_RUNS)}')
+    filename = f"model/imagenet/{run_name}/pytorch_model.bin"
+    url = f"https://huggingface.co/{DMD2_HF_REPO}/resolve/main/{filename}"
+    if huggingface_hub is None:
+        raise ImportError(f"downloading {url} needs huggingface_hub: pip install huggingface_hub")
+    try:
+        return huggingface_hub.hf_hub_download(repo_id=DMD2_HF_REPO, filename=filename, cache_dir=cache_dir)
+    except (OSError, ValueError) as e:  # offline, LocalEntryNotFoundError, HTTP errors
+        raise DownloadError(f"could not fetch {filename} from Hugging Face repo {DMD2_HF_REPO} "
+                            f"({type(e).__name__}). If offline, download {url} elsewhere and pass its local path "
+                            "instead") from None
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Noise: one Karras grid shared by every loss
+
+
+def karras_sigmas(num_levels=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """The 1000-level Karras grid, ascending: index 0 = sigma_min, index num_levels-1 = sigma_max.
+    official: get_sigmas_karras(n=1000, 0.002, 80, rho=7), then flipped (EDMGuidance.karras_sigmas)."""
+    ramp = torch.linspace(0, 1, num_levels, dtype=torch.float64)
+    inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho  # descending, as k-diffusion writes it
+    return sigmas.flip(0).float()
+
+
+def _per_sample(sigma, x):
+    """Shape a per-sample sigma [B] so it broadcasts against x [B, ...]."""
+    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def onehot(labels, num_classes):
+    """Integer labels -> one-hot float rows (official: eye(label_dim)[labels])."""
+    return F.one_hot(labels, num_classes).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Losses
+
+
+def dm_loss(x, pred_real, pred_fake):
+    """Distribution matching loss from x0-predictions (official: compute_distribution_matching_loss).
+
+    The paper's generator gradient (Sec. 3, eq. 2) is  grad_theta KL = -E[(s_real(x_t) - s_fake(x_t)) dG/dtheta].
+    With denoisers D, the score is s(x_t) = (D(x_t) - x_t) / sigma^2, so s_real - s_fake = (pred_real - pred_fake)
+    / sigma^2: the gradient on x points along p_real - p_fake = pred_fake - pred_real, where p = x - pred.
+    DMD normalises it per sample by mean|p_real| (original DMD, eq. 8) instead of the sigma-dependent factor.
+
+    To hand autograd exactly that gradient, regress x onto a detached target shifted by it:
+        L = 0.5 * mean((x - (x - grad).detach())^2)   =>   dL/dx = (x - (x - grad)) / N = grad / N,
+    with N = x.numel() (mean reduction). The loss value itself is 0.5 * mean(grad^2) and carries no meaning.
+    """
+    with torch.no_grad():
+        p_real = x - pred_real
+        p_fake = x - pred_fake
+        weight = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)  # mean over C,H,W per sample
+        grad = torch.nan_to_num((p_real - p_fake) / weight)  # official: torch.nan_to_num(grad)
+    return 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
+
+
+def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
+    """DM loss of a generated batch x (with grad) under one-hot labels, at per-sample sigma [B] with noise like x.
+
+    The caller draws sigma = sigmas[t], t uniform in [20, 980] (official: --min_step_percent 0.02,
+    --max_step_percent 0.98 of 1000 levels). Both scores run without gradient; no CFG on ImageNet (official)."""
+    with torch.no_grad():
+        sigma = _per_sample(sigma, x)
+        noisy = x + sigma * noise
+        pred_real = real_score(noisy, sigma, labels).float()
+        pred_fake = fake_score(noisy, sigma, labels).float()
+    return dm_loss(x.float(), pred_real, pred_fake)
+
+
+def denoising_loss(net, x, labels, sigma, noise, sigma_data=0.5):
+    """EDM's weighted denoising loss at per-sample sigma [B]: lambda(sigma) |D(x + sigma n) - x|^2 averaged, with
+    lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM Table 1).
+
+    It trains the embedded teachers (sigma log-normal: ln sigma ~ N(-1.2, 1.2^2), EDM's P_mean/P_std) and the
+    fake score, on DETACHED generator output with sigma index-uniform over the whole Karras grid
+    (official: compute_loss_fake, randint(0, 1000), "snr + 1/sigma_data^2"; not EDM's log-normal)."""
+    sigma = _per_sample(sigma, x)
+    weight = 1 / sigma ** 2 + 1 / sigma_data ** 2
+    return (weight * (net(x + sigma * noise, sigma, labels).float() - x) ** 2).mean()
+
+
+def gan_generator_loss(logits_fake):
+    """Non-saturating GAN loss for G: softplus(-D(G(z))) = -log sigmoid(D) (official: gen_cls_loss)."""
+    return F.softplus(-logits_fake).mean()
+
+
+def gan_discriminator_loss(logits_real, logits_fake):
+    """Logistic GAN loss for the classifier: softplus(D(fake)) + softplus(-D(real)) (official: guidance_cls_loss)."""
+    return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. GAN classifier head on the fake score's bottleneck, with diffusion-GAN noising
+
+
+class GANHead(nn.Sequential):
+    """One logit per image from the fake score's bottleneck features (official: EDMGuidance.cls_pred_branch).
+
+    ImageNet-64 (8x8x768 encoder output): Conv k4 s2 p1 -> GN32 -> SiLU -> Conv k4 s4 -> GN32 -> SiLU -> Conv 1x1,
+    so state-dict indices are {0,1,3,4,6} as in the official checkpoint. A larger map gets more k4 s2 stages first
+    (SDXL's 32x32 mid-block: three, official sd_guidance); a 4x4 map none; vector features (toy2d) use 1x1 convs."""
+
+    def __init__(self, channels, in_res):
+        groups = math.gcd(min(32, max(1, channels // 4)), channels)  # >= 4 channels a group (EDM's GroupNorm)
+        layers, res = [], in_res
+        while res > 4:
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU()]
+            res //= 2
+        if res not in (1, 4):
+            raise ValueError(f"GANHead needs a square bottleneck of side 4 * 2^k or 1, got {in_res}")
+        kernel = 4 if res == 4 else 1
+        layers += [nn.Conv2d(channels, channels, kernel, stride=kernel), nn.GroupNorm(groups, channels), nn.SiLU()]
+        layers.append(nn.Conv2d(channels, 1, 1))
+        super().__init__(*layers)
+
+    def forward(self, features):
+        if features.ndim == 2:  # [B, C] features of an MLP
+            features = features[:, :, None, None]
+        return super().forward(features.float()).flatten(1)  # official: head runs in fp32 on .float() features
+
+
+def gan_logits(fake_score, head, images, labels, sigma, noise):
+    """Classifier logits [B, 1] of images noised at per-sample sigma (official: compute_cls_logits).
+
+    Diffusion GAN (official: --diffusion_gan --diffusion_gan_max_timestep 1000): real and fake images each get
+    their own sigma = sigmas[randint(0, 1000)] and the fake score runs at that sigma. Without it the official
+    code uses sigma = sigmas[0] = 0.002 and adds no noise: pass noise = zeros."""
+    sigma = _per_sample(sigma, images)
+    return head(fake_score(images + sigma * noise, sigma, labels, return_bottleneck=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Generators: one-step, few-step, backward simulation
+
+
+def generator_sigmas(num_steps, sigmas, conditioning_sigma=80.0):
+    """Input sigmas of a K-step generator. K=1: [conditioning_sigma] (official: --conditioning_sigma 80).
+    K>1: Karras-grid levels 999, 999-1000/K, ... i.e. [80, 17.6, 2.53, 0.170] for K=4: the paper's SDXL timesteps
+    [999, 749, 499, 249] (official: denoising_step_list) carried over to the EDM grid (the EDM code is 1-step only)."""
+    if num_steps == 1:
+        return torch.tensor([conditioning_sigma], device=sigmas.device)
+    levels = torch.arange(len(sigmas) - 1, 0, -(len(sigmas) // num_steps))[:num_steps]
+    return sigmas[levels.to(sigmas.device)]
+
+
+def generate(generator, noise, labels, step_sigmas, randn=torch.randn):
+    """Sample with a K-step generator: x = sigma_0 z, then x0 = G(x, sigma_k, y) and re-noise x0 to sigma_{k+1}
+    with FRESH noise (official: sdxl sample loop); returns the last x0. K=1: G(80 z, 80, y) (official demo)."""
+    x = noise * step_sigmas[0]
+    for k, sigma in enumerate(step_sigmas):
+        x0 = generator(x, sigma.expand(x.shape[0]), labels)
+        if k + 1 < len(step_sigmas):
+            x = x0 + step_sigmas[k + 1] * randn(x.shape, device=x.device)
+    return x0
+
+
+@torch.no_grad()
+def backward_simulation(generator, labels, step_sigmas, k, shape, randn=torch.randn):
+    """Training input of a few-step generator by backward simulation (Sec. 4.3; official: sample_backward).
+
+    The caller draws ONE step index k for the whole batch (official: broadcast from rank 0). The CURRENT generator
+    is rolled out without gradient for k steps from fresh noise, re-noising each x0 with new independent noise
+    (official issue #9: correlated noise gave artifacts). Returns (x_k, sigma_k); the generator then runs once
+    with gradient on them, so only that last step is trained. k = 0: pure noise."""
+    device = step_sigmas.device
+    x = randn(shape, device=device) * step_sigmas[0]
+    for j in range(k):
+        x0 = generator(x, step_sigmas[j].expand(shape[0]), labels)
+        x = x0 + step_sigmas[j + 1] * randn(shape, device=device)
+    return x, step_sigmas[k].expand(shape[0])
+
+
+def noised_real_inputs(real, step_sigmas, k, noise):
+    """The ablation without backward simulation: real images noised to the per-sample level k [B] of the list;
+    level 0 is pure noise (official: prepare_denoising_data, t = 999 replaced by noise)."""
+    sigma = step_sigmas[k]
+    x = torch.where(_per_sample(k == 0, real), noise * step_sigmas[0], real + _per_sample(sigma, real) * noise)
+    return x, sigma
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small networks for the embedded rungs: an MLP denoiser for toy2d, a classifier for the image metrics
+
+
+class ToyDenoiser(nn.Module):
+    """MLP denoiser for 2-D points with EDM preconditioning (edm_net.edm_precondition): D = c_skip x + c_out F.
+    return_bottleneck=True gives the last hidden layer [B, hidden] for the GAN head."""
+
+    def __init__(self, num_classes=4, hidden=256, depth=4, emb=32):
+        super().__init__()
+        self.num_classes, self.sigma_data = num_classes, 0.5
+        self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(emb // 2) / (emb // 2)))
+        layers, width = [], 2 + emb + num_classes
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.trunk = nn.Sequential(*layers)
+        self.out = nn.Linear(hidden, 2)
+
+    def forward(self, x, sigma, class_labels, return_bottleneck=False):
+        sigma = sigma.reshape(-1, 1).float().expand(x.shape[0], 1)
+        c_skip, c_out, c_in, c_noise = edm_net.edm_precondition(sigma, self.sigma_data)
+        angles = c_noise * self.freqs * 100
+        h = self.trunk(torch.cat([c_in * x, angles.cos(), angles.sin(), class_labels.float()], dim=1))
+        if return_bottleneck:
+            return h
+        return c_skip * x + c_out * self.out(h)
+
+
+class ShapesClassifier(nn.Module):
+    """Small CNN trained on the embedded image set. Its 128-d pooled features define the image metric
+    "FD-cls" (Frechet distance in these features: NOT Inception FID) and it scores the class accuracy of samples,
+    the analogue of the paper's CLIP score."""
+
+    def __init__(self, num_classes=10, width=32):
+        super().__init__()
+        def block(cin, cout, stride):
+            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
+        self.features = nn.Sequential(*block(3, width, 1), *block(width, 2 * width, 2), *block(2 * width, 2 * width, 1),
+                                      *block(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Optimisation helpers shared by every path
+
+
+def make_optimizer(params, lr):
+    """AdamW(betas 0.9/0.999, weight decay 0.01), one per network group (official: train_edm.py)."""
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
+
+
+def warmup_scheduler(optimizer, warmup_steps):
+    """Constant LR after a linear warm-up: factor step/warmup, so 0 at step 0 (diffusers "constant_with_warmup",
+    official)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step >= warmup_steps else step / warmup_steps)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, then rename: a kill never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class SharedNoise:
+    """Random numbers for the GLOBAL batch, drawn identically on every rank; each rank keeps its slice.
+
+    So W processes with batch B draw exactly the noise of one process with batch W*B, and results do not depend
+    on the GPU count (deviation: the official code seeds rank r with seed + r). Its state is saved in checkpoints."""
+
+    def __init__(self, seed, rank=0, world_size=1, device="cpu"):
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.gen = torch.Generator(self.device).manual_seed(seed)
+
+    def randn(self, shape, device=None):
+        full = torch.randn((shape[0] * self.world_size, *shape[1:]), generator=self.gen, device=self.device)
+        return full.chunk(self.world_size)[self.rank]
+
+    def randint(self, low, high, n):
+        full = torch.randint(low, high, (n * self.world_size,), generator=self.gen, device=self.device)
+        return full.chunk(self.world_size)[self.rank]
+
+    def shared_randint(self, low, high):
+        """One integer, the same on every rank (official: the backward-simulation step index)."""
+        return int(torch.randint(low, high, (1,), generator=self.gen, device=self.device))
+
+
+def average_gradients(params, world_size):
+    """Mean of the gradients over processes, as DistributedDataParallel computes it (one flat all-reduce)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world_size == 1 or not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world_size
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def optimizer_step(loss, name, params, optimizer, cfg, world_size, step):
+    """backward, average over processes, clip to max_grad_norm (official 10), AdamW step. A non-finite loss
+    stops training with a clear message before anything is updated or saved."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{name} is {loss.item()} at iteration {step}: training stopped and the last good "
+                                 f"checkpoint was kept. Fix: lower the learning rates, or use --precision fp32.")
+    loss.backward()
+    average_gradients(params, world_size)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    return float(grad_norm)
+
+
+class Distiller:
+    """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step).
+
+    real_score = the frozen teacher; fake_score = a trainable copy of it (plus the GAN head on its bottleneck);
+    generator = another copy (official: --initialie_generator): all three start from the teacher's weights."""
+
+    def __init__(self, cfg, teacher, sample_shape, regression_pairs=None, rank=0, world_size=1, device="cpu"):
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, torch.device(device)
+        self.sample_shape, self.regression_pairs = tuple(sample_shape), regression_pairs
+        self.real_score = teacher.to(self.device).eval().requires_grad_(False)
+        self.fake_score = copy.deepcopy(self.real_score).train().requires_grad_(True)
+        self.generator = copy.deepcopy(self.real_score).train().requires_grad_(True)
+        with torch.no_grad():  # the bottleneck's shape decides the GAN head's layers
+            probe = torch.zeros(1, *sample_shape, device=self.device)
+            features = self.fake_score(probe, torch.ones(1, device=self.device), torch.zeros(1, cfg.num_classes,
+                                       device=self.device), return_bottleneck=True)
+        self.head = GANHead(features.shape[1], features.shape[-1] if features.ndim == 4 else 1).to(self.device)
+        if not cfg.gan:
+            self.head.requires_grad_(False)
+        self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+        self.critic_params = [p for p in [*self.fake_score.parameters(), *self.head.parameters()] if p.requires_grad]
+        self.opt_g = make_optimizer(self.generator.parameters(), cfg.generator_lr)
+        self.opt_d = make_optimizer(self.critic_params, cfg.guidance_lr)
+        self.sched_g = warmup_scheduler(self.opt_g, cfg.warmup_steps)
+        self.sched_d = warmup_scheduler(self.opt_d, cfg.warmup_steps)
+        self.sigmas = karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(self.device)
+        self.step_sigmas = generator_sigmas(cfg.generator_steps, self.sigmas, cfg.conditioning_sigma)
+        self.noise = SharedNoise(cfg.seed, rank, world_size, self.device)
+        self.lpips = load_lpips(cfg.regression_loss, self.device) if cfg.regression_loss_weight > 0 else None
+        self.step = 0
+
+    def needs_real_data(self):
+        cfg = self.cfg
+        return cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)
+
+    def generator_input(self, labels, shape, real):
+        """(x, sigma) fed to the generator: 80 z for one step; otherwise backward simulation or noised real data."""
+        cfg, n = self.cfg, shape[0]
+        if cfg.generator_steps == 1:
+            return self.noise.randn(shape) * self.step_sigmas[0], self.step_sigmas[0].expand(n)
+        if cfg.backward_simulation:
+            k = self.noise.shared_randint(0, cfg.generator_steps)
+            self.generator.eval()  # the rollout uses the current generator, deterministically
+            x, sigma = backward_simulation(self.generator, labels, self.step_sigmas, k, shape, self.noise.randn)
+            self.generator.train()
+            return x, sigma
+        k = self.noise.randint(0, cfg.generator_steps, n)
+        return noised_real_inputs(real[0], self.step_sigmas, k, self.noise.randn(shape))
+
+    def gan_logits(self, images, labels):
+        cfg, n = self.cfg, images.shape[0]
+        t = self.noise.randint(0, cfg.diffusion_gan_max_timestep if cfg.diffusion_gan else 1, n)
+        noise = self.noise.randn(images.shape) * (1.0 if cfg.diffusion_gan else 0.0)
+        return gan_logits(self.fake_score, self.head, images, labels, self.sigmas[t], noise)
+
+    def train_step(self, real=None):
+        """One iteration: a generator step every dfake_gen_update_ratio iterations (before the critic step, on
+        the same generated batch), and a critic step (fake score + GAN head, one optimiser) every iteration."""
+        cfg, step, logs = self.cfg, self.step, {}
+        shape = (cfg.batch_size, *self.sample_shape)
+        labels = onehot(self.noise.randint(0, cfg.num_classes, cfg.batch_size), cfg.num_classes)
+        real = None if real is None else (real[0].to(self.device), onehot(real[1].to(self.device), cfg.num_classes))
+        if real is not None and cfg.channels_last and real[0].ndim == 4:
+            real = (real[0].contiguous(memory_format=torch.channels_last), real[1])
+        update_generator = step % cfg.dfake_gen_update_ratio == 0  # official: COMPUTE_GENERATOR_GRADIENT
+        x_in, sigma_in = self.generator_input(labels, shape, real)
+        with torch.set_grad_enabled(update_generator):
+            fake = self.generator(x_in, sigma_in, labels).float()
+
+        if update_generator:
+            self.fake_score.requires_grad_(False)  # official: guidance_model.requires_grad_(False)
+            self.head.requires_grad_(False)
+            loss_g = torch.zeros((), device=self.device)
+            if cfg.dm_loss_weight > 0:
+                t = self.noise.randint(round(cfg.min_step_percent * cfg.num_train_timesteps),
+                                       round(cfg.max_step_percent * cfg.num_train_timesteps) + 1, cfg.batch_size)
+                loss_dm = distribution_matching_loss(fake, labels, self.real_score, self.fake_score, self.sigmas[t],
+                                                     self.noise.randn(shape))
+                loss_g = loss_g + cfg.dm_loss_weight * loss_dm
+                logs["loss_dm"] = loss_dm.item()
+            if cfg.gan:
+                loss_gan_g = gan_generator_loss(self.gan_logits(fake, labels))
+                loss_g = loss_g + cfg.gen_cls_loss_weight * loss_gan_g
+                logs["loss_gan_g"] = loss_gan_g.item()
+            if cfg.regression_loss_weight > 0:
+                loss_reg = self.regression_loss()
+                loss_g = loss_g + cfg.regression_loss_weight * loss_reg
+                logs["loss_reg"] = loss_reg.item()
+            logs["grad_norm_g"] = optimizer_step(loss_g, "the generator loss", list(self.generator.parameters()),
+                                                 self.opt_g, cfg, self.world_size, step)
+            self.opt_g.zero_grad(set_to_none=True)
+            self.fake_score.requires_grad_(True)
+            self.head.requires_grad_(cfg.gan)
+            if self.ema is not None:
+                with torch.no_grad():
+                    for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
+                        p_ema.lerp_(p, 1 - cfg.ema_decay)
+
+        # Critic turn: denoising loss on the detached fake batch, sigma index-uniform over all 1000 levels.
+        fake = fake.detach()
+        t = self.noise.randint(0, cfg.num_train_timesteps, cfg.batch_size)
+        loss_d = loss_fake = denoising_loss(self.fake_score, fake, labels, self.sigmas[t], self.noise.randn(shape),
+                                            cfg.sigma_data)
+        logs["loss_fake"] = loss_fake.item()
+        if cfg.gan:
+            loss_gan_d = gan_discriminator_loss(self.gan_logits(real[0], real[1]), self.gan_logits(fake, labels))
+            loss_d = loss_d + cfg.cls_loss_weight * loss_gan_d
+            logs["loss_gan_d"] = loss_gan_d.item()
+        logs["grad_norm_d"] = optimizer_step(loss_d, "the critic loss", self.critic_params, self.opt_d, cfg,
+                                             self.world_size, step)
+        self.opt_d.zero_grad(set_to_none=True)
+        # Both schedulers advance once per iteration, so warm-up counts iterations for both networks (the official
+        # generator scheduler does this; accelerate also stepped each one num_gpus times: quirk 4, not copied).
+        self.sched_g.step()
+        self.sched_d.step()
+        self.step += 1
+        return logs
+
+    def regression_loss(self):
+        """Original DMD's regression loss (DMD Sec. 3.3): the one-step generator maps the teacher's ODE noise to
+        the teacher's ODE output. LPIPS where its weights are on disk, otherwise mean squared error (stated)."""
+        noise, labels, target = self.regression_pairs
+        idx = self.noise.randint(0, len(labels), self.cfg.batch_size).cpu()
+        noise, target = noise[idx].to(self.device), target[idx].to(self.device)
+        labels = onehot(labels[idx].to(self.device), self.cfg.num_classes)
+        x = self.generator(noise * self.step_sigmas[0], self.step_sigmas[0].expand(noise.shape[0]), labels).float()
+        if self.lpips is None:
+            return F.mse_loss(x, target)
+        size = (224, 224) if x.shape[-1] < 224 else x.shape[-2:]  # original DMD upsamples to 224 for LPIPS
+        return self.lpips(F.interpolate(x, size, mode="bilinear"), F.interpolate(target, size, mode="bilinear")).mean()
+
+    def state_dict(self):
+        return dict(step=self.step, generator=self.generator.state_dict(), fake_score=self.fake_score.state_dict(),
+                    head=self.head.state_dict(), ema=None if self.ema is None else self.ema.state_dict(),
+                    opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(), sched_g=self.sched_g.state_dict(),
+                    sched_d=self.sched_d.state_dict(), noise=self.noise.gen.get_state())
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
+        self.generator.load_state_dict(state["generator"])
+        self.fake_score.load_state_dict(state["fake_score"])
+        self.head.load_state_dict(state["head"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        for name in ("opt_g", "opt_d", "sched_g", "sched_d"):
+            getattr(self, name).load_state_dict(state[name])
+        self.noise.gen.set_state(state["noise"])
+
+
+def load_lpips(kind, device):
+    """LPIPS(VGG) for the regression loss when kind is lpips, or auto and the VGG weights are already on disk;
+    None means the mean-squared-error fallback (no network here to fetch torchvision's VGG weights)."""
+    vgg_file = os.path.join(torch.hub.get_dir(), "checkpoints", "vgg16-397923af.pth")
+    if kind == "mse" or (kind == "auto" and not os.path.exists(vgg_file)):
+        if kind == "auto":
+            print(f"regression loss: LPIPS needs {vgg_file} (torchvision VGG16); using mean squared error instead")
+        return None
+    import lpips
+    return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
+
+
+def read_checkpoint(path):
+    """A training checkpoint (weights_only: nothing in the file is executed), with a clear error if unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path}: not a readable DMD2 checkpoint ({type(e).__name__}: {e}). Delete it to start "
+                           f"over, or pass another --run_name.") from None
+
+
+RESUME_FREE_FIELDS = {"iters", "log_every", "ckpt_every", "sample_every", "eval_samples", "eval_batch", "students",
+                      "device", "out_dir", "cache_dir", "data_path", "teacher"}
+
+
+def check_resumable(saved, cfg, path):
+    """A run folder resumes only the config that made it (except the fields that don't change the trajectory)."""
+    diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k not in RESUME_FREE_FIELDS and saved.get(k) != v]
+    if diff:
+        raise ValueError(f"{path} was written with another config ({'; '.join(diff[:4])}). Resume with the same "
+                         f"flags, pass another --run_name, or delete the folder.")
+
+
+def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=None, rank=0, world_size=1,
+          device="cpu", show=None, init=("", "")):
+    """Distil teacher into a cfg.generator_steps-step generator. Writes into run_dir: checkpoint.pt (atomic, every
+    ckpt_every iterations), log.jsonl, samples_XXXXXX.png, curves.png. If run_dir already holds a checkpoint, the
+    run resumes from it exactly (networks, optimisers, schedulers, step, noise and data RNG): re-running the same
+    command after a kill continues by itself. A fresh run can start from released weights: init = (generator state
+    dict path, DMD2 guidance state dict path). real_batches may be None when no loss needs real data.
+    Returns the Distiller."""
+    os.makedirs(run_dir, exist_ok=True)
+    distiller = Distiller(cfg, teacher, sample_shape, regression_pairs, rank, world_size, device)
+    ckpt_path, log_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
+    if os.path.exists(ckpt_path):
+        state = read_checkpoint(ckpt_path)
+        check_resumable(state["config"], cfg, ckpt_path)
+        distiller.load_state_dict(state["distiller"])
+        if real_batches is not None:
+            real_batches.load_state_dict(state["data"])
+        if rank == 0 and distiller.step < cfg.iters:
+            print(f"resuming {run_dir} at iteration {distiller.step}")
+    else:
+        initialise_from(distiller, *init)
+    if rank == 0:  # drop log lines written after the checkpoint we resume from
+        records = [r for r in read_log(log_path) if r["step"] < distiller.step]
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    show_noise = torch.randn((16, *sample_shape), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    show_labels = torch.arange(16) % cfg.num_classes
+
+    bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), disable=rank != 0, leave=False,
+               mininterval=2)
+    t0 = time.time()
+    for step in bar:
+        real = next(real_batches) if distiller.needs_real_data() else None
+        logs = distiller.train_step(real)
+        done = step + 1 == cfg.iters
+        if rank == 0 and (step % cfg.log_every == 0 or done):
+            record = dict(step=step, seconds=round(time.time() - t0, 3), lr_g=distiller.sched_g.get_last_lr()[0], **logs)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
+        if rank == 0 and ((step + 1) % cfg.sample_every == 0 or done):
+            net = distiller.ema or distiller.generator
+            samples = sample_student(net, show_noise, show_labels, distiller.step_sigmas, cfg.num_classes)
+            (show or save_samples)(samples, show_labels, os.path.join(run_dir, f"samples_{step + 1:06d}.png"))
+        if (step + 1) % cfg.ckpt_every == 0 or done:
+            data_state = None if real_batches is None else real_batches.state_dict()
+            if rank == 0:
+                atomic_save(dict(config=dataclasses.asdict(cfg), distiller=distiller.state_dict(), data=data_state,
+                                 arch=network_spec(distiller.generator)), ckpt_path)
+    if rank == 0:
+        plot_curves(read_log(log_path), os.path.join(run_dir, "curves.png"))
+    return distiller
+
+
+def load_weights(module, path, prefix=""):
+    """Strictly load the entries of a state-dict file that start with prefix (prefix removed) into module."""
+    state = read_checkpoint(path)
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"prefix {prefix!r}); is it a checkpoint of the same architecture?")
+
+
+def initialise_from(distiller, generator_path="", guidance_path=""):
+    """Released-weight starts (official --generator_ckpt_path / --ckpt_only_path, the FID 1.28 continuation): the
+    generator from a plain state dict (keys model.*), the fake score and, if present, the GAN head from a DMD2
+    guidance file (keys fake_unet.*, cls_pred_branch.*). Optimisers start fresh, as in the official code."""
+    if generator_path:
+        load_weights(distiller.generator, generator_path)
+    if guidance_path:
+        load_weights(distiller.fake_score, guidance_path, "fake_unet.")
+        if any(k.startswith("cls_pred_branch.") for k in read_checkpoint(guidance_path)):
+            load_weights(distiller.head, guidance_path, "cls_pred_branch.")
+
+
+def read_log(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(records, path):
+    """Loss curves of a run (matplotlib, one panel per logged quantity)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in ("loss_dm", "loss_fake", "loss_gan_g", "loss_gan_d", "loss_reg", "grad_norm_g")
+            if any(k in r for r in records)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), lw=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        if key in ("loss_fake", "grad_norm_g"):
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def build_network(spec):
+    """A network from its spec: {"kind": "edm", "kwargs": EDMPrecond kwargs} or {"kind": "toy", "kwargs": ...}.
+    The spec travels in checkpoints so `python dmd2.py sample` can rebuild the generator."""
+    net = edm_net.EDMPrecond(**spec["kwargs"]) if spec["kind"] == "edm" else ToyDenoiser(**spec["kwargs"])
+    net.spec = spec
+    return net
+
+
+def network_spec(net):
+    return net.spec
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Sampling and evaluation
+
+
+@torch.no_grad()
+def sample_student(generator, noise, labels, step_sigmas, num_classes, batch=256):
+    """Student samples for unit noise [N, ...] and integer labels [N], in batches; fresh re-noising drawn from a
+    generator seeded by the first noise value so a call is reproducible."""
+    was_training = generator.training
+    generator.eval()
+    device = step_sigmas.device
+    rng = torch.Generator(device).manual_seed(int(noise.flatten()[0].abs() * 1e6))
+    randn = lambda shape, device=device: torch.randn(shape, generator=rng, device=device)
+    out = [generate(generator, noise[i:i + batch].to(device), onehot(labels[i:i + batch].to(device), num_classes),
+                    step_sigmas, randn).float().cpu() for i in range(0, len(labels), batch)]
+    generator.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_teacher(teacher, noise, labels, num_classes, num_steps=18, batch=256):
+    """Teacher samples with EDM's deterministic Heun sampler (NFE = 2 num_steps - 1)."""
+    device = next(teacher.parameters()).device
+    out = [edm_net.edm_sampler(teacher, noise[i:i + batch].to(device),
+                               onehot(labels[i:i + batch].to(device), num_classes), num_steps=num_steps).float().cpu()
+           for i in range(0, len(labels), batch)]
+    return torch.cat(out)
+
+
+def save_samples(samples, labels, path):
+    """A PNG of samples: an image grid (one row per 8) or, for 2-D points, a scatter coloured by class."""
+    if samples.ndim == 4:
+        import torchvision
+        grid = torchvision.utils.make_grid(images_to_uint8(samples), nrow=8, padding=1)
+        torchvision.io.write_png(grid, path)
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(3.2, 3.2))
+    ax.scatter(samples[:, 0], samples[:, 1], c=labels, cmap="tab10", s=2, vmin=0, vmax=9)
+    ax.set_xlim(-1.6, 1.6)
+    ax.set_ylim(-1.6, 1.6)
+    ax.set_aspect("equal")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def toy2d_metrics(x, labels, seed=123):
+    """Distances of 2-D samples to FRESH samples of the true distribution: sliced Wasserstein-1 (128 directions),
+    MMD^2 with an RBF kernel (bandwidth 0.1), modes covered (a mode counts when it holds >= 25% of its expected
+    share of samples), and class accuracy (the nearest mode belongs to the sample's class and is within 3 std)."""
+    rng = torch.Generator().manual_seed(seed)
+    ref, _ = toy2d_sample(len(x), rng)
+    directions = F.normalize(torch.randn(128, 2, generator=rng), dim=1)
+    swd = (torch.sort(x @ directions.T, 0)[0] - torch.sort(ref @ directions.T, 0)[0]).abs().mean()
+    n = min(len(x), 2000)
+    k = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / (2 * 0.1 ** 2))
+    mmd = k(x[:n], x[:n]).mean() + k(ref[:n], ref[:n]).mean() - 2 * k(x[:n], ref[:n]).mean()
+    dist, mode = torch.cdist(x, TOY2D_MODES).min(dim=1)
+    counts = torch.bincount(mode[dist < 0.24], minlength=8).float()
+    covered = int((counts >= 0.25 * len(x) / 8).sum())
+    accuracy = ((mode % 4 == labels) & (dist < 0.24)).float().mean()
+    return {"SWD": float(swd), "MMD": float(mmd), "modes": covered, "accuracy": float(accuracy)}
+
+
+@torch.no_grad()
+def classifier_features(classifier, images, batch=500):
+    """Pooled features and predicted labels of the shapes classifier for float images in [-1, 1]."""
+    feats, preds = [], []
+    for i in range(0, len(images), batch):
+        x = images_to_uint8(images[i:i + batch]).float() / 127.5 - 1  # the evaluated images are the saved uint8 ones
+        f = classifier.features(x)
+        feats.append(f.double())
+        preds.append(classifier.fc(f).argmax(1))
+    return torch.cat(feats).numpy(), torch.cat(preds)
+
+
+def image_metrics(images, labels, classifier, ref_features):
+    """FD-cls (Frechet distance in the shapes classifier's features, NOT Inception FID) and class accuracy."""
+    feats, preds = classifier_features(classifier, images)
+    fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref_features.mean(0),
+                          np.cov(ref_features, rowvar=False))
+    return {"FD-cls": float(fd), "accuracy": float((preds == labels).float().mean())}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8b. FID: the Inception network, its weights, float64 statistics, the Frechet distance, the ImageNet-64 protocol.
+# EDM's fid.py is the protocol the paper's numbers use: NVIDIA's TF-ported Inception on uint8 images, TF1 bilinear
+# resize to 299, (x - 128) / 128, 2048-d pool features, float64 mean / unbiased covariance, sqrtm Frechet distance.
+# Here the same TF graph runs as our own module with pytorch-fid's weight file (no pickled code is executed). Both
+# weight files are ports of TF's inception-2015-12-05; they have not been byte-compared, so equality with NVIDIA's
+# detector is expected (torch-fidelity reports features within 1e-4 of TF), not verified here.
+
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's FID_WEIGHTS_URL
+
+
+class InceptionConv(nn.Module):
+    """Conv (no bias) + inference batch norm (eps 1e-3) + ReLU: torchvision's BasicConv2d names (conv, bn).
+    The batch norm is folded into the convolution at every call (w * s, beta - mean * s, s = gamma/sqrt(var+eps)):
+    one kernel instead of three, equal to the unfolded form up to float32 rounding."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=1e-3)  # TF Inception / pytorch-fid: eps 0.001
+
+    def folded(self):
+        scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
+        return self.conv.weight * scale[:, None, None, None], self.bn.bias - self.bn.running_mean * scale
+
+    def forward(self, x):
+        weight, bias = self.folded()
+        return F.relu(F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding), inplace=True)
+
+
+def parallel_1x1(x, *convs):
+    """Several 1x1 InceptionConvs that read the same input, run as one convolution (same result, fewer passes)."""
+    weights, biases = zip(*(c.folded() for c in convs))
+    y = F.relu(F.conv2d(x, torch.cat(weights), torch.cat(biases)), inplace=True)
+    return y.split([w.shape[0] for w in weights], dim=1)
+
+
+def avg_pool_3x3(x):
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # TF excludes the padding (pytorch-fid)
+
+
+class InceptionA(nn.Module):  # Mixed_5b..5d (pytorch-fid FIDInceptionA)
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = InceptionConv(in_channels, 64, 1)
+        self.branch5x5_1 = InceptionConv(in_channels, 48, 1)
+        self.branch5x5_2 = InceptionConv(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = InceptionConv(in_channels, 64, 1)
+        self.branch3x3dbl_2 = InceptionConv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = InceptionConv(96, 96, 3, padding=1)
+        self.branch_pool = InceptionConv(in_channels, pool_features, 1)
+
+    def forward(self, x):
+        a, b, c = parallel_1x1(x, self.branch1x1, self.branch5x5_1, self.branch3x3dbl_1)
+        b = self.branch5x5_2(b)
+        c = self.branch3x3dbl_3(self.branch3x3dbl_2(c))
+        return torch.cat([a, b, c, self.branch_pool(avg_pool_3x3(x))], 1)
+
+
+class InceptionB(nn.Module):  # Mixed_6a (torchvision InceptionB)
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3 = InceptionConv(in_channels, 384, 3, stride=2)
+        self.branch3x3dbl_1 = InceptionConv(in_channels, 64, 1)
+        self.branch3x3dbl_2 = InceptionConv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = InceptionConv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        c = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), c, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):  # Mixed_6b..6e (pytorch-fid FIDInceptionC)
+    def __init__(self, in_channels, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = InceptionConv(in_channels, 192, 1)
+        self.branch7x7_1 = InceptionConv(in_channels, c7, 1)
+        self.branch7x7_2 = InceptionConv(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = InceptionConv(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = InceptionConv(in_channels, c7, 1)
+        self.branch7x7dbl_2 = InceptionConv(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = InceptionConv(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = InceptionConv(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = InceptionConv(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = InceptionConv(in_channels, 192, 1)
+
+    def forward(self, x):
+        a, b, c = parallel_1x1(x, self.branch1x1, self.branch7x7_1, self.branch7x7dbl_1)
+        b = self.branch7x7_3(self.branch7x7_2(b))
+        c = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(c))))
+        return torch.cat([a, b, c, self.branch_pool(avg_pool_3x3(x))], 1)
+
+
+class InceptionD(nn.Module):  # Mixed_7a (torchvision InceptionD)
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3_1 = InceptionConv(in_channels, 192, 1)
+        self.branch3x3_2 = InceptionConv(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = InceptionConv(in_channels, 192, 1)
+        self.branch7x7x3_2 = InceptionConv(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = InceptionConv(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = InceptionConv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        a, b = parallel_1x1(x, self.branch3x3_1, self.branch7x7x3_1)
+        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(b)))
+        return torch.cat([self.branch3x3_2(a), b, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):  # Mixed_7b (FIDInceptionE_1, average pool) and Mixed_7c (FIDInceptionE_2, max pool)
+    def __init__(self, in_channels, max_pool):
+        super().__init__()
+        self.max_pool = max_pool  # a quirk of the TF graph kept by pytorch-fid: Mixed_7c pools with max
+        self.branch1x1 = InceptionConv(in_channels, 320, 1)
+        self.branch3x3_1 = InceptionConv(in_channels, 384, 1)
+        self.branch3x3_2a = InceptionConv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = InceptionConv(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = InceptionConv(in_channels, 448, 1)
+        self.branch3x3dbl_2 = InceptionConv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = InceptionConv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = InceptionConv(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = InceptionConv(in_channels, 192, 1)
+
+    def forward(self, x):
+        a, b, c = parallel_1x1(x, self.branch1x1, self.branch3x3_1, self.branch3x3dbl_1)
+        c = self.branch3x3dbl_2(c)
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool_3x3(x)
+        return torch.cat([a, self.branch3x3_2a(b), self.branch3x3_2b(b), self.branch3x3dbl_3a(c),
+                          self.branch3x3dbl_3b(c), self.branch_pool(pool)], 1)
+
+
+def tf1_resize_matrix(size_in, size_out):
+    """[size_out, size_in] matrix of TF1 bilinear resize (align_corners=False, no half-pixel centres): output i
+    samples source coordinate i * in/out, neighbours clamped at the border (EDM/NVIDIA detector, TTUR FID)."""
+    src = torch.arange(size_out, dtype=torch.float64) * (size_in / size_out)
+    lo = src.floor().long()
+    frac = src - lo
+    rows = torch.arange(size_out)
+    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
+    matrix.index_put_((rows, lo), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, (lo + 1).clamp(max=size_in - 1)), frac, accumulate=True)
+    return matrix
+
+
+def tf1_bilinear_resize(x, size=299):
+    """Resize float [N, C, H, W] to size x size with the TF1 rule, as two matrix products (separable bilinear)."""
+    rows = tf1_resize_matrix(x.shape[2], size).to(x)
+    cols = tf1_resize_matrix(x.shape[3], size).to(x)
+    return rows @ x @ cols.T
+
+
+class InceptionV3(nn.Module):
+    """The FID Inception network (TF inception-2015-12-05 graph) returning 2048-d pool features, float32.
+
+    Module tree and state-dict keys are torchvision's / pytorch-fid's, so pytorch-fid's
+    pt_inception-2015-12-05-6726825d.pth loads strictly (fc is kept only for that; features never use it).
+    Input: uint8 images [N, 3, H, W], any H, W. Preprocessing `mode`:
+      'edm'         TF1 bilinear resize to 299, (x - 128) / 128 (EDM fid.py / NVIDIA detector: the paper's FID);
+      'pytorch-fid' x / 255, F.interpolate bilinear (align_corners=False) to 299, 2x - 1 (pytorch-fid's numbers).
+    Runs in inference mode, channels_last, batch norm folded into the convolutions, float32 throughout."""
+
+    def __init__(self, mode="edm"):
+        super().__init__()
+        if mode not in ("edm", "pytorch-fid"):
+            raise ValueError(f"InceptionV3 mode must be 'edm' or 'pytorch-fid', got {mode!r}")
+        self.mode = mode
+        self.Conv2d_1a_3x3 = InceptionConv(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = InceptionConv(32, 32, 3)
+        self.Conv2d_2b_3x3 = InceptionConv(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = InceptionConv(64, 80, 1)
+        self.Conv2d_4a_3x3 = InceptionConv(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)  # the TF graph's 1008-way softmax layer; unused for FID
+        self.requires_grad_(False)
+        self.to(memory_format=torch.channels_last)
+
+    def preprocess(self, images):
+        x = images.to(self.fc.weight.device, torch.float32)
+        if self.mode == "edm":
+            return (tf1_bilinear_resize(x, 299) - 128) / 128
+        x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+
+    @torch.inference_mode()
+    def forward(self, images):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"InceptionV3 takes uint8 images [N, 3, H, W], got {images.dtype} "
+                             f"{list(images.shape)} (use images_to_uint8 for [-1, 1] floats)")
+        x = self.preprocess(images).contiguous(memory_format=torch.channels_last)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
+        x = F.max_pool2d(x, 3, stride=2)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        return x.mean(dim=(2, 3))  # pool_3: global average pool -> [N, 2048]
+
+
+def read_inception_weights(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable Inception weights file ({type(error).__name__}: {error}); "
+                         f"delete it and download {INCEPTION_URL} again") from None
+
+
+def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
+    """InceptionV3 in eval mode with pytorch-fid's weights, loaded strictly from `path`, else from the cache
+    (cache_dir, default $DMD2_CACHE or ~/.cache/dmd2), else downloaded into the cache (download_cached)."""
+    if path is None:
+        path = download_cached(INCEPTION_URL, cache_dir, flag="--inception")
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: Inception weights not found (get {INCEPTION_URL})")
+    net = InceptionV3(mode)
+    try:
+        net.load_state_dict(read_inception_weights(path), strict=True)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: not pytorch-fid's Inception state dict ({str(error).splitlines()[0]}); "
+                         f"expected the file {INCEPTION_URL}") from None
+    return net.to(device).eval()
+
+
+# Statistics and the Frechet distance.
+
+
+class FeatureStats:
+    """Streaming float64 mean and unbiased covariance of feature vectors from running sums (EDM fid.py:
+    mu = sum f / n, sigma = (sum f f^T - n mu mu^T) / (n - 1), equal to np.cov(rowvar=False)). Shards combine
+    exactly by adding their sums: merge() in one process, all_reduce() across torch.distributed ranks."""
+
+    def __init__(self, dim=2048, device="cpu"):
+        self.count = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def add(self, features):
+        f = torch.as_tensor(features).to(self.sum.device, torch.float64)
+        if f.ndim != 2 or f.shape[1] != self.sum.shape[0]:
+            raise ValueError(f"features must be [N, {self.sum.shape[0]}], got {list(f.shape)}")
+        self.count += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def merge(self, other):
+        self.count += other.count
+        self.sum += other.sum.to(self.sum.device)
+        self.outer += other.outer.to(self.outer.device)
+        return self
+
+    def all_reduce(self):
+        if dist.is_available() and dist.is_initialized():
+            count = torch.tensor([self.count], dtype=torch.float64, device=self.sum.device)
+            for t in (count, self.sum, self.outer):
+                dist.all_reduce(t)
+            self.count = int(count.item())
+        return self
+
+    def mu_sigma(self):
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
+        mu = self.sum / self.count
+        sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64 (EDM fid.py / TTUR). Like
+    pytorch-fid: a non-finite sqrtm is retried with eps*I added to both covariances (singular covariances, e.g.
+    fewer samples than dimensions), and an imaginary diagonal beyond 1e-3 is an error; else the real part."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / "
+                         f"{sigma2.shape}")
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # no `disp`: deprecated in SciPy 1.16, removed in 1.18
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"frechet_distance: sqrtm is not finite, adding {eps} to the covariance diagonals")
+        offset = eps * np.eye(d)
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"frechet_distance: sqrtm has imaginary components up to "
+                             f"{np.abs(covmean.imag).max():.3g}; the statistics are not valid covariances")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def save_stats(path, mu, sigma):
+    """EDM's reference-statistics layout: .npz with mu [D] and sigma [D, D] float64; written atomically."""
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"save_stats: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma)
+    os.replace(tmp, path)
+
+
+def load_stats(path, dim=2048):
+    """(mu, sigma) float64 from an EDM-layout .npz (e.g. EDM's fid-refs/imagenet-64x64.npz)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: reference statistics not found (make them with `fid --ref-from DATA "
+                                f"--out REF.npz`, or get EDM's from https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            stats = {k: f[k] for k in f.files}
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
+    if "mu" not in stats or "sigma" not in stats:
+        raise ValueError(f"{path}: reference statistics need arrays 'mu' and 'sigma', found {sorted(stats)}")
+    mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ValueError(f"{path}: expected mu [{dim}] and sigma [{dim}, {dim}] (Inception pool features), got "
+                         f"mu {list(mu.shape)} and sigma {list(sigma.shape)}")
+    return mu, sigma
+
+
+# Images: generator output to uint8, and a reader for EDM dataset_tool zips and image folders.
+
+
+def images_to_uint8(x, convention="edm"):
+    """[-1, 1] float images -> uint8 [N, C, H, W]. 'edm' (default): EDM generate.py, (x * 127.5 + 128) clipped
+    then truncated, i.e. rounding to nearest; the paper's numbers are on EDM's reference statistics. 'dmd2': the
+    official DMD2 evaluator (test_folder_edm.py), ((x + 1) * 127.5) clamped then truncated: half a grey level
+    darker on average, a documented quirk."""
+    if convention not in ("edm", "dmd2"):
+        raise ValueError(f"images_to_uint8 convention must be 'edm' or 'dmd2', got {convention!r}")
+    offset = 128.0 if convention == "edm" else 127.5
+    return (x.float() * 127.5 + offset).clamp(0, 255).to(torch.uint8)  # float32 first: bf16 cannot hold 255.5
+
+
+def image_to_chw(image, name):
+    """A decoded PIL image -> uint8 [3, H, W]; grayscale repeated to 3 channels (EDM fid.py); else a clear error."""
+    if image.mode == "P":
+        image = image.convert("RGB")  # palette indices are not intensities
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"{name}: {array.dtype} pixels (PIL mode {image.mode}); FID needs 8-bit images")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.shape[2] == 1:
+        array = array.repeat(3, axis=2)
+    if array.shape[2] != 3:
+        raise ValueError(f"{name}: {array.shape[2]} channels (PIL mode {image.mode}); FID needs RGB or grayscale")
+    return array.transpose(2, 0, 1)
+
+
+def iter_image_batches(source, batch_size=64, rank=0, world_size=1):
+    """uint8 [B, 3, H, W] batches of every PNG/JPG in an EDM dataset_tool zip or an image folder (recursive),
+    in sorted name order; rank r of world_size reads names r, r + world_size, ... All images must share one size."""
+    if os.path.isdir(source):
+        names = [os.path.relpath(os.path.join(root, f), source) for root, _, files in os.walk(source) for f in files]
+        archive, open_file = None, lambda name: open(os.path.join(source, name), "rb")
+    elif os.path.isfile(source) and zipfile.is_zipfile(source):
+        archive = zipfile.ZipFile(source)
+        names, open_file = archive.namelist(), archive.open
+    else:
+        raise FileNotFoundError(f"{source}: not an image folder or a zip file (EDM dataset_tool output)")
+    names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ValueError(f"{source}: no {'/'.join(IMAGE_EXTENSIONS)} images found")
+    batch, shape = [], None
+    try:
+        for name in names[rank::world_size]:
+            try:
+                with open_file(name) as f:
+                    image = PIL.Image.open(f)
+                    image.load()
+            except Exception as error:
+                raise ValueError(f"{source}/{name}: cannot decode image ({type(error).__name__}: {error})") from None
+            array = image_to_chw(image, f"{source}/{name}")
+            shape = shape or array.shape
+            if array.shape != shape:
+                raise ValueError(f"{source}/{name}: size {list(array.shape)} differs from the first image's "
+                                 f"{list(shape)}")
+            batch.append(array)
+            if len(batch) == batch_size:
+                yield torch.from_numpy(np.stack(batch))
+                batch = []
+        if batch:
+            yield torch.from_numpy(np.stack(batch))
+    finally:
+        if archive is not None:
+            archive.close()
+
+
+def _rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def image_stats(source, inception, batch_size=64, feature_dim=2048, device="cpu"):
+    """FeatureStats of every image of a zip / folder, sharded over torch.distributed ranks and reduced.
+    `inception` is any callable uint8 [N, 3, H, W] -> [N, feature_dim]; `device` holds the float64 sums."""
+    rank, world_size = _rank_world()
+    stats = FeatureStats(feature_dim, device)
+    for images in iter_image_batches(source, batch_size, rank, world_size):
+        stats.add(inception(images))
+    return stats.all_reduce()
+
+
+def compute_reference_stats(image_source, out_path=None, inception=None, batch_size=64, feature_dim=2048,
+                            device="cpu"):
+    """Reference statistics of a dataset (EDM fid.py ref: every image, no cap) -> (mu, sigma), saved to out_path."""
+    inception = inception or load_inception(device=device)
+    mu, sigma = image_stats(image_source, inception, batch_size, feature_dim, device).mu_sigma()
+    if out_path is not None and _rank_world()[0] == 0:
+        save_stats(out_path, mu, sigma)
+    return mu, sigma
+
+
+def generator_stats(generate_fn, inception, num_samples=50_000, num_classes=1000, batch_size=64, seed=0,
+                    noise_shape=(3, 64, 64), rank=None, world_size=None, feature_dim=2048, device="cpu"):
+    """Feature statistics of a generator under the ImageNet-64 protocol. `generate_fn(noise, labels)` gets unit
+    Gaussian noise [B, *noise_shape] and int64 class indices [B] on `device` (it scales the noise itself, e.g. by
+    sigma_max = 80, and one-hot encodes the labels) and returns images in [-1, 1]; `inception` maps uint8 images
+    to [N, feature_dim] features (an InceptionV3 on `device`).
+
+    Sample i of 0..num_samples-1 has label i % num_classes (official: arange % 1000, exactly 50 per class at 50k)
+    and noise of shape noise_shape from its own seed, seed + i (EDM generate.py --seeds=0-49999; the official DMD2
+    evaluator seeds each process with 10 + rank instead), so the result does not depend on batch_size or on the
+    number of processes (a multi-step generator that needs fresh noise per step takes it from a longer noise_shape,
+    e.g. (K, 3, 64, 64)). Rank r of world_size (default: torch.distributed) evaluates a contiguous run of whole
+    label cycles, so each rank's share is class-balanced and the union is exactly the single-process set (the
+    official evaluator repeats the label sequence on every GPU, which unbalances classes). Sums are reduced over
+    ranks; the returned FeatureStats is the global one."""
+    if num_samples % num_classes:
+        raise ValueError(f"num_samples {num_samples} must be a multiple of num_classes {num_classes}")
+    default_rank, default_world = _rank_world()
+    rank = default_rank if rank is None else rank
+    world_size = default_world if world_size is None else world_size
+    cycles = num_samples // num_classes
+    start = cycles * rank // world_size * num_classes
+    stop = cycles * (rank + 1) // world_size * num_classes
+    stats = FeatureStats(feature_dim, device)
+    for first in range(start, stop, batch_size):
+        index = torch.arange(first, min(first + batch_size, stop))
+        noise = torch.stack([torch.randn(noise_shape, generator=torch.Generator().manual_seed(seed + int(i)))
+                             for i in index])
+        with torch.no_grad():
+            images = generate_fn(noise.to(device), (index % num_classes).to(device))
+        stats.add(inception(images_to_uint8(images)))
+    return stats.all_reduce()
+
+
+def fid_of_generator(generate_fn, ref_path, inception=None, num_samples=50_000, num_classes=1000, batch_size=64,
+                     seed=0, noise_shape=(3, 64, 64), rank=None, world_size=None, feature_dim=2048, device="cpu"):
+    """FID of generate_fn(noise, labels) -> [-1, 1] images against EDM-layout reference statistics (EDM's
+    imagenet-64x64.npz for the paper's ImageNet numbers). Every rank returns the same value."""
+    ref_mu, ref_sigma = load_stats(ref_path, feature_dim)  # fail before sampling, not after
+    inception = inception or load_inception(device=device)
+    stats = generator_stats(generate_fn, inception, num_samples, num_classes, batch_size, seed, noise_shape,
+                            rank, world_size, feature_dim, device)
+    return frechet_distance(*stats.mu_sigma(), ref_mu, ref_sigma)
+
+
+def fid_main(argv=None):
+    """`python dmd2.py fid ...` (argv: the words after `fid`). Returns the FID, or None when writing statistics."""
+    parser = argparse.ArgumentParser(prog="dmd2.py fid", description="Inception FID (EDM protocol) of an image "
+                                     "folder / zip against reference statistics, or reference statistics of a dataset")
+    parser.add_argument("--images", help="folder or zip of generated PNG/JPG images")
+    parser.add_argument("--ref", help="reference statistics .npz (mu, sigma), e.g. EDM's imagenet-64x64.npz")
+    parser.add_argument("--ref-from", help="dataset (EDM dataset_tool zip or image folder) to compute statistics of")
+    parser.add_argument("--out", help="where --ref-from writes its .npz")
+    parser.add_argument("--inception", help=f"path of pt_inception-2015-12-05-6726825d.pth (default: the cache, "
+                        f"else downloaded from {INCEPTION_URL})")
+    parser.add_argument("--cache-dir", help="weights cache (default $DMD2_CACHE or ~/.cache/dmd2)")
+    parser.add_argument("--mode", default="edm", choices=["edm", "pytorch-fid"], help="preprocessing (default edm)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if not ((args.images and args.ref and not args.ref_from) or (args.ref_from and args.out and not args.images)):
+        parser.error("use either --images DIR_or_ZIP --ref REF.npz, or --ref-from DATASET --out REF.npz")
+    verbose = _rank_world()[0] == 0
+    if args.ref_from:
+        inception = load_inception(args.inception, args.cache_dir, args.mode, args.device)
+        compute_reference_stats(args.ref_from, args.out, inception, args.batch, device=args.device)
+        if verbose:
+            print(f"saved reference statistics of {args.ref_from} to {args.out}")
+        return None
+    ref_mu, ref_sigma = load_stats(args.ref)
+    inception = load_inception(args.inception, args.cache_dir, args.mode, args.device)
+    stats = image_stats(args.images, inception, args.batch, device=args.device)
+    fid = frechet_distance(*stats.mu_sigma(), ref_mu, ref_sigma)
+    if verbose:
+        print(f"FID {fid:.4f} ({stats.count} images from {args.images}; reference {args.ref}; mode {args.mode})")
+    return fid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The embedded rungs: a teacher and a classifier trained here (and cached), then students, then the table
+
+
+def resolve_device(cfg):
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def use_bf16(cfg, device):
+    """bf16 where the hardware has it (official --use_fp16 = bf16 compute with fp32 master weights)."""
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def prepare_network(net, cfg, device):
+    """Device, compute precision (EDMPrecond's use_fp16 flag, which means bf16 here) and memory layout."""
+    net = net.to(device)
+    if isinstance(net, edm_net.EDMPrecond):
+        net.use_fp16 = use_bf16(cfg, device)
+        if cfg.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if cfg.grad_checkpointing:
+            edm_net.set_gradient_checkpointing(net, True)
+    return net
+
+
+def cache_path(cfg, kind, settings):
+    """A file in the cache named by what made it (so a changed recipe never reuses a stale file)."""
+    folder = cfg.cache_dir or os.environ.get("DMD2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmd2")
+    os.makedirs(folder, exist_ok=True)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(folder, f"{kind}-{digest}.pt")
+
+
+def embedded_teacher(cfg, batches, sample_shape, device):
+    """Train (or load from the cache) the teacher of an embedded rung with the EDM loss: Adam (EDM's optimiser),
+    lr warm-up over 100 iterations, ln sigma ~ N(-1.2, 1.2^2), and an EMA (decay 0.999; EDM uses a 500 kimg
+    half-life, far longer than these runs). A partial state every 500 iterations survives a kill."""
+    if cfg.dataset == "toy2d":
+        spec = dict(kind="toy", kwargs=dict(num_classes=cfg.num_classes))
+    else:
+        spec = dict(kind="edm", kwargs=dict(img_resolution=cfg.resolution, img_channels=sample_shape[0],
+                                            label_dim=cfg.num_classes, **cfg.teacher_arch))
+    settings = dict(spec=spec, iters=cfg.teacher_iters, batch=cfg.teacher_batch, lr=cfg.teacher_lr, seed=cfg.seed,
+                    dataset=cfg.dataset, resolution=cfg.resolution)
+    path = cache_path(cfg, f"teacher-{cfg.dataset}", settings)
+    net = prepare_network(build_network(spec), cfg, device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    if os.path.exists(path) and read_checkpoint(path).get("done"):
+        ema.load_state_dict(read_checkpoint(path)["ema"])
+        return ema
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr)
+    scheduler = warmup_scheduler(optimizer, 100)
+    rng, start = torch.Generator(device).manual_seed(cfg.seed), 0
+    partial = path + ".partial"
+    if os.path.exists(partial):
+        state = read_checkpoint(partial)
+        for obj, key in ((net, "net"), (ema, "ema"), (optimizer, "opt"), (scheduler, "sched"), (batches, "data")):
+            obj.load_state_dict(state[key])
+        rng.set_state(state["rng"])
+        start = state["step"]
+    for step in tqdm(range(start, cfg.teacher_iters), desc="teacher (EDM loss)", initial=start,
+                     total=cfg.teacher_iters, leave=False, mininterval=2):
+        x, labels = next(batches)
+        x, labels = x.to(device), onehot(labels.to(device), cfg.num_classes)
+        sigma = (torch.randn(x.shape[0], device=device, generator=rng) * 1.2 - 1.2).exp()  # EDM P_mean, P_std
+        loss = denoising_loss(net, x, labels, sigma, torch.randn(x.shape, device=device, generator=rng))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"teacher loss is {loss.item()} at iteration {step}; lower --teacher_lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.lerp_(p, 1 - 0.999)
+        if (step + 1) % 500 == 0 and step + 1 < cfg.teacher_iters:
+            atomic_save(dict(step=step + 1, net=net.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(),
+                             sched=scheduler.state_dict(), data=batches.state_dict(), rng=rng.get_state()), partial)
+    atomic_save(dict(done=True, ema=ema.state_dict(), spec=spec), path)
+    if os.path.exists(partial):
+        os.remove(partial)
+    return ema
+
+
+def shapes_classifier(cfg, images, labels, device):
+    """Train (or load from the cache) the classifier behind FD-cls and class accuracy: AdamW 2e-3, 3 epochs."""
+    settings = dict(n=len(labels), resolution=cfg.resolution, seed=cfg.seed, epochs=3)
+    path = cache_path(cfg, "classifier-shapes", settings)
+    net = ShapesClassifier(cfg.num_classes)
+    if os.path.exists(path):
+        net.load_state_dict(read_checkpoint(path))
+        return net.eval()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(3):
+        for idx in torch.randperm(len(labels), generator=rng).split(128):
+            loss = F.cross_entropy(net(images[idx].float() / 127.5 - 1), labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    atomic_save(net.state_dict(), path)
+    return net.eval()
+
+
+def run_embedded(cfg):
+    """The main job of the embedded rungs: teacher, one student per entry of cfg.students, and the results table
+    (written to out_dir/<dataset>/results.md and results.json)."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg)
+    root = os.path.join(cfg.out_dir, cfg.dataset)
+    os.makedirs(root, exist_ok=True)
+    n = cfg.eval_samples
+    eval_labels = torch.arange(n) % cfg.num_classes  # class-balanced, as the official ImageNet evaluation
+    if cfg.dataset == "toy2d":
+        sample_shape = (2,)
+        teacher_data = Toy2DBatches(cfg.teacher_batch, cfg.seed)
+        real_data = Toy2DBatches(cfg.batch_size, cfg.seed + 3)
+        metrics = lambda x: toy2d_metrics(x, eval_labels)
+    else:
+        images, labels = shapes_dataset(20_000, cfg.resolution, seed=0)
+        sample_shape = tuple(images.shape[1:])
+        teacher_data = InMemoryBatches(images, labels, cfg.teacher_batch, cfg.seed)
+        real_data = InMemoryBatches(images, labels, cfg.batch_size, cfg.seed + 3)
+        classifier = shapes_classifier(cfg, images, labels, device="cpu")
+        ref_features, _ = classifier_features(classifier, shapes_dataset(n, cfg.resolution, seed=1)[0].float() / 127.5 - 1)
+        metrics = lambda x: image_metrics(x, eval_labels, classifier, ref_features)
+    eval_noise = torch.randn((n, *sample_shape), generator=torch.Generator().manual_seed(cfg.seed + 2))
+
+    t0 = time.time()
+    teacher = embedded_teacher(cfg, teacher_data, sample_shape, device)
+    print(f"teacher ready ({time.time() - t0:.0f} s)")
+    rows = []
+    start = time.time()
+    samples = sample_teacher(teacher, eval_noise, eval_labels, cfg.num_classes, cfg.teacher_eval_steps, cfg.eval_batch)
+    rows.append(dict(model=f"teacher (EDM Heun, {cfg.teacher_eval_steps} steps)", NFE=2 * cfg.teacher_eval_steps - 1,
+                     **metrics(samples), images_per_s=n / (time.time() - start)))
+    save_samples(samples[:64], eval_labels[:64], os.path.join(root, "teacher_samples.png"))
+    for steps in cfg.students:
+        student_cfg = dataclasses.replace(cfg, generator_steps=steps)
+        run_dir = os.path.join(root, cfg.run_name or f"student_{steps}step")
+        regression_pairs = None
+        if cfg.regression_loss_weight > 0:
+            regression_pairs = teacher_ode_pairs(cfg, teacher, sample_shape)
+        distiller = train(student_cfg, teacher, real_data, sample_shape, run_dir, regression_pairs, device=device)
+        generator = distiller.ema or distiller.generator
+        start = time.time()
+        samples = sample_student(generator, eval_noise, eval_labels, distiller.step_sigmas, cfg.num_classes,
+                                 cfg.eval_batch)
+        rows.append(dict(model=f"DMD2 student, {steps} step{'s' * (steps > 1)}", NFE=steps, **metrics(samples),
+                         images_per_s=n / (time.time() - start)))
+        save_samples(samples[:64], eval_labels[:64], os.path.join(run_dir, "eval_samples.png"))
+    table = results_table(rows)
+    print(table)
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return rows
+
+
+def teacher_ode_pairs(cfg, teacher, sample_shape):
+    """(noise, labels, teacher output) pairs from the teacher's deterministic Heun sampler, for the regression
+    loss of the original DMD (its Sec. 3.3); cached like the teacher."""
+    settings = dict(n=cfg.regression_pairs, steps=cfg.teacher_eval_steps, seed=cfg.seed,
+                    teacher=sum(float(p.double().sum()) for p in teacher.parameters()))
+    path = cache_path(cfg, f"odepairs-{cfg.dataset}", settings)
+    if os.path.exists(path):
+        state = read_checkpoint(path)
+        return state["noise"], state["labels"], state["target"]
+    rng = torch.Generator().manual_seed(cfg.seed + 4)
+    noise = torch.randn((cfg.regression_pairs, *sample_shape), generator=rng)
+    labels = torch.randint(0, cfg.num_classes, (cfg.regression_pairs,), generator=rng)
+    target = sample_teacher(teacher, noise, labels, cfg.num_classes, cfg.teacher_eval_steps, cfg.eval_batch)
+    atomic_save(dict(noise=noise, labels=labels, target=target), path)
+    return noise, labels, target
+
+
+def results_table(rows):
+    keys = [k for k in rows[0] if k != "model"]
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in rows:
+        cells = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The EDM rungs (cifar10, imagenet64): official teacher, real data on disk, one or many processes
+
+
+class FileBatches:
+    """Real batches from an image dataset on disk for the GAN (wraps real_batches). Its state is the number of
+    batches consumed, so a resumed run continues with exactly the batches it would have seen."""
+
+    def __init__(self, dataset, batch_size, seed, rank=0, world_size=1, num_workers=4):
+        self.args = (dataset, batch_size, seed, rank, world_size, num_workers)
+        self.load_state_dict({"consumed": 0})
+
+    def __next__(self):
+        self.consumed += 1
+        return next(self.batches)
+
+    def state_dict(self):
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state):
+        self.consumed = state["consumed"]
+        self.batches = real_batches(*self.args[:5], num_workers=self.args[5], start_batch=self.consumed)
+
+
+def setup_distributed():
+    """(rank, world_size) under torchrun (env WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPU), else (0, 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world_size
+
+
+def load_teacher(cfg, rank=0):
+    """The official EDM teacher (--teacher path or URL; default NVIDIA's pickle for the dataset, downloaded once to
+    the cache by rank 0), rebuilt with dropout 0 as DMD2 does (official: get_edm_network, dropout 0.0)."""
+    if rank == 0:
+        path = resolve_teacher(cfg.teacher or None, cfg.dataset, cfg.cache_dir or None)
+    if dist.is_initialized():
+        dist.barrier()
+    path = resolve_teacher(cfg.teacher or None, cfg.dataset, cfg.cache_dir or None)
+    teacher = edm_net.load_edm_pickle(path, dropout=0.0, expect=dict(img_resolution=cfg.resolution,
+                                                                      label_dim=cfg.num_classes))
+    teacher.spec = dict(kind="edm", kwargs=edm_net.init_kwargs(teacher))
+    return teacher
+
+
+def run_edm(cfg):
+    """Distil an official EDM teacher on real data (the paper's ImageNet-64 recipe with --dataset imagenet64).
+    Under torchrun every process runs this; rank 0 logs and writes checkpoints. At the end rank 0 also writes the
+    generator as a plain state dict (keys model.*, the released DMD2 pytorch_model.bin layout)."""
+    rank, world_size = setup_distributed()
+    device = resolve_device(cfg)
+    torch.manual_seed(cfg.seed)
+    teacher = prepare_network(load_teacher(cfg, rank), cfg, device)
+    if cfg.teacher_bf16_weights:  # memory option: the frozen teacher's weights in bf16 (official SD path does this)
+        teacher = teacher.to(torch.bfloat16)
+    real = None
+    if cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation):
+        if not cfg.data_path:
+            raise SystemExit(f"--dataset {cfg.dataset} trains its GAN on real images: pass --data_path (an EDM "
+                             f"dataset_tool zip or folder, or the official DMD2 LMDB), or --gan false. {PREPARE_HINT}")
+        dataset = open_image_dataset(cfg.data_path, cfg.resolution, 3, cfg.num_classes)
+        real = FileBatches(dataset, cfg.batch_size, cfg.seed, rank, world_size, cfg.num_workers)
+    run_dir = os.path.join(cfg.out_dir, cfg.dataset, cfg.run_name or f"student_{cfg.generator_steps}step")
+    shape = (3, cfg.resolution, cfg.resolution)
+    distiller = train(cfg, teacher, real, shape, run_dir, rank=rank, world_size=world_size, device=device,
+                      init=(cfg.generator_init, cfg.guidance_init))
+    if rank == 0:
+        path = os.path.join(run_dir, "pytorch_model.bin")
+        atomic_save({k: v.float().cpu() for k, v in (distiller.ema or distiller.generator).state_dict().items()}, path)
+        print(f"generator written to {path}; evaluate it with: python dmd2.py evaluate --generator {path} "
+              f"--dataset {cfg.dataset}")
+    return distiller
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_config(argv):
+    """Config from a preset (--dataset) and flags; every Config field is a flag: --iters 100 --gan false ..."""
+    parser = argparse.ArgumentParser(description="DMD2 distillation (python dmd2.py [--dataset NAME] [--flag value])")
+    for f in dataclasses.fields(Config):
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(f"--{f.name}", type=_parse_bool, metavar="true|false")
+        elif f.type in (list, "list"):
+            parser.add_argument(f"--{f.name}", type=int, nargs="+")
+        elif f.type in (dict, "dict"):
+            parser.add_argument(f"--{f.name}", type=json.loads, metavar="JSON")
+        else:
+            parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}.get(f.type, f.type))
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    dataset = given.get("dataset", Config.dataset)
+    if dataset not in PRESETS:
+        parser.error(f"unknown dataset {dataset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS[dataset], **given})
+    check_config(cfg)
+    return cfg
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def check_config(cfg):
+    problems = []
+    if cfg.regression_loss_weight > 0 and (cfg.generator_steps != 1 or cfg.students != [1] or cfg.regression_pairs < 1):
+        problems.append("the regression loss is for one-step students: use --students 1 and --regression_pairs N")
+    if cfg.gan and cfg.cls_loss_weight <= 0:
+        problems.append("--gan true needs --cls_loss_weight > 0")
+    if cfg.dm_loss_weight <= 0 and not cfg.gan and cfg.regression_loss_weight <= 0:
+        problems.append("the generator has no loss: enable the DM loss, the GAN or the regression loss")
+    if min(cfg.students + [cfg.generator_steps]) < 1 or cfg.dfake_gen_update_ratio < 1:
+        problems.append("--students, --generator_steps and --dfake_gen_update_ratio must be >= 1")
+    if problems:
+        raise SystemExit("config error: " + "; ".join(problems))
+
+
+def sample_main(argv):
+    """python dmd2.py sample --checkpoint PATH [--num 64] [--steps K] [--out grid.png] [--seed 0]"""
+    parser = argparse.ArgumentParser(description=sample_main.__doc__)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--num", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="samples.png")
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.checkpoint):
+        raise SystemExit(f"{args.checkpoint}: no such checkpoint (it is run_dir/checkpoint.pt of a dmd2.py run)")
+    state = read_checkpoint(args.checkpoint)
+    cfg = Config(**state["config"])
+    generator = build_network(state["arch"])
+    generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
+    sigmas = karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+    step_sigmas = generator_sigmas(cfg.generator_steps, sigmas, cfg.conditioning_sigma)
+    shape = (2,) if cfg.dataset == "toy2d" else (generator.img_channels, generator.img_resolution, generator.img_resolution)
+    noise = torch.randn((args.num, *shape), generator=torch.Generator().manual_seed(args.seed))
+    labels = torch.arange(args.num) % cfg.num_classes
+    save_samples(sample_student(generator, noise, labels, step_sigmas, cfg.num_classes), labels, args.out)
+    print(f"wrote {args.out}: {args.num} samples of a {cfg.generator_steps}-step student at iteration "
+          f"{state['distiller']['step']}")
+
+
+
+def load_generator(path, dataset):
+    """A one-step EDM generator from our checkpoint.pt, or from a plain state dict (keys model.*: the released
+    DMD2 pytorch_model.bin or the one run_edm writes) built with the dataset's official config, dropout 0."""
+    state = read_checkpoint(path)
+    if "distiller" in state:
+        generator = build_network(state["arch"])
+        generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
+        return generator.eval(), Config(**state["config"]).generator_steps
+    config = {"imagenet64": edm_net.imagenet64_config(dropout=0.0), "cifar10": edm_net.cifar10_config(dropout=0.0)}
+    if dataset not in config:
+        raise SystemExit(f"{path} is a plain state dict: pass --dataset imagenet64 or cifar10 for its architecture")
+    return edm_net.load_edm_state_dict(state, config[dataset], name=path).eval(), 1
+
+
+def evaluate_main(argv):
+    """Sample a grid and compute FID of a one-step generator with the ImageNet-64 protocol (50 per class, fixed
+    per-sample seeds, EDM's uint8 mapping and Inception preprocessing), sharded under torchrun:
+        python dmd2.py evaluate --released imagenet_gan_classifier_genloss3e-3_diffusion1000_lr5e-7_resume_fid1.28_checkpoint_model_548000
+        python dmd2.py evaluate --generator runs/imagenet64/student_1step/pytorch_model.bin --num 50000"""
+    parser = argparse.ArgumentParser(description=evaluate_main.__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--generator", help="our checkpoint.pt or a plain generator state dict (keys model.*)")
+    source.add_argument("--released", choices=sorted(DMD2_IMAGENET_RUNS), help="a released DMD2 ImageNet run")
+    parser.add_argument("--dataset", default="imagenet64", choices=["imagenet64", "cifar10"])
+    parser.add_argument("--ref", help="reference statistics .npz (default: EDM's for the dataset, downloaded)")
+    parser.add_argument("--num", type=int, default=50_000, help="samples (a multiple of the class count)")
+    parser.add_argument("--batch", type=int, default=128)  # official: --eval_batch_size 128
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", default="generator_grid.png")
+    parser.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: cache)")
+    parser.add_argument("--cache_dir", default=None)
+    args = parser.parse_args(argv)
+    rank, world_size = setup_distributed()
+    device = resolve_device(Config(device="auto"))
+    path = args.generator or download_dmd2_checkpoint(args.released, args.cache_dir)
+    ref = resolve_fid_ref(args.ref, args.dataset, args.cache_dir)
+    generator, steps = load_generator(path, args.dataset)
+    generator = generator.to(device)
+    num_classes, res = generator.label_dim, generator.img_resolution
+    sigmas = karras_sigmas().to(device)
+    step_sigmas = generator_sigmas(steps, sigmas)
+
+    def generate_fn(noise, labels):  # unit noise of shape (steps, 3, R, R) per sample: one slice per step
+        noise = noise.to(device).reshape(len(labels), steps, 3, res, res)
+        draws = iter(noise.unbind(1)[1:])
+        return generate(generator, noise[:, 0], onehot(labels.to(device), num_classes), step_sigmas,
+                        lambda shape, device=None: next(draws))
+
+    if rank == 0:
+        with torch.no_grad():
+            grid_noise = torch.randn(64, steps * 3, res, res, generator=torch.Generator().manual_seed(args.seed))
+            labels = torch.arange(64) * (num_classes // 64 or 1) % num_classes
+            save_samples(generate_fn(grid_noise, labels).cpu(), labels, args.grid)
+        print(f"wrote {args.grid}")
+    inception = load_inception(args.inception, args.cache_dir, device=device)
+    with torch.no_grad():
+        fid = fid_of_generator(generate_fn, ref, inception, num_samples=args.num, num_classes=num_classes,
+                               batch_size=args.batch, seed=args.seed, noise_shape=(steps * 3, res, res),
+                               device=device)
+    if rank == 0:
+        print(f"FID {fid:.4f} ({args.num} samples, {path} against {ref})")
+    return fid
+
+
+def main(argv):
+    commands = {"sample": sample_main, "evaluate": evaluate_main, "fid": fid_main, "sdxl": sdxl_main}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    cfg = parse_config(argv)
+    return run_embedded(cfg) if cfg.dataset in ("toy2d", "shapes") else run_edm(cfg)
+
+
+# ================================================================================================================
+# 9. The SDXL path: text-to-image in SDXL's latent space with diffusers UNets (pip install -r requirements-sdxl.txt)
+#
+# The method of sections 4-7 on SDXL base (official: main/sd_guidance.py, main/sd_unified_model.py, main/sdxl/*):
+#   * the real score, the fake score and the generator are copies of the teacher's UNet2DConditionModel, which
+#     predicts epsilon; every prediction is turned into x0 in float64 and the DM loss above acts on those x0;
+#   * noise is the DDPM forward process on alphas_cumprod (scaled_linear betas, T = 1000), not the Karras grid;
+#   * the real score uses classifier-free guidance (scale 8) with SDXL's all-zero unconditional embeddings;
+#   * the GAN head sits on the fake UNet's mid-block output (1280 x 32 x 32 at 1024 px);
+#   * the 4-step generator runs on timesteps [999, 749, 499, 249] with backward simulation; 1 step uses t = 399.
+# diffusers / transformers / peft are imported inside the functions, so the rest of dmd2.py runs without them.
+# Every function also takes small in-memory modules: sdxl_tiny_parts() builds SDXL-shaped random networks for CPU.
+
+
+SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # official: --model_id
+DMD2_REPO = "tianweiy/DMD2"  # released checkpoints (Hugging Face; cc-by-nc)
+DMD2_SDXL_FILES = {4: "dmd2_sdxl_4step_unet_fp16.bin", 1: "dmd2_sdxl_1step_unet_fp16.bin",
+                   "lora": "dmd2_sdxl_4step_lora_fp16.safetensors"}
+SDXL_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                     "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # official
+SDXL_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _hf():
+    """diffusers and transformers, imported on first use."""
+    try:
+        import diffusers
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"the SDXL path needs diffusers, transformers, peft and safetensors ({e}): "
+                          "pip install -r requirements-sdxl.txt") from None
+    return diffusers, transformers
+
+
+# --- DDPM noise, epsilon -> x0, conditioning ---------------------------------------------------------------------
+
+
+def sdxl_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
+    """alphas_cumprod of SDXL's scheduler (DDIMScheduler config: "scaled_linear" betas 0.00085..0.012, T = 1000),
+    computed in float32 exactly as diffusers does, returned as float64 (official: alphas_cumprod.double()).
+    alpha_bar(999) = 0.00466: not zero-terminal SNR, which is why t = 999 takes pure noise."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).double()
+
+
+def ddpm_add_noise(x0, noise, t, alphas_cumprod):
+    """DDPM forward process sqrt(a_t) x0 + sqrt(1 - a_t) noise at integer timesteps t [B] (scheduler.add_noise)."""
+    a = _per_sample(alphas_cumprod.to(x0.device)[t], x0)
+    return (a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()).to(x0.dtype)
+
+
+def eps_to_x0(x_t, eps, t, alphas_cumprod):
+    """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), in float64 (official: utils.get_x0_from_noise on .double())."""
+    a = _per_sample(alphas_cumprod.to(x_t.device)[t], x_t)
+    return (x_t.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
+
+
+def sdxl_time_ids(resolution, batch_size, device="cpu"):
+    """SDXL micro-conditioning [original H, W, crop top, left, target H, W] = [res, res, 0, 0, res, res]
+    (official: build_condition_input, --resolution 1024)."""
+    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32,
+                        device=device).repeat(batch_size, 1)
+
+
+@torch.no_grad()
+def encode_prompts(prompts, tokenizers, text_encoders):
+    """SDXL text conditioning (official: sdxl/sdxl_text_encoder.py): the penultimate hidden states of CLIP-L (768)
+    and OpenCLIP-bigG (1280), concatenated to [B, 77, 2048], and the pooled projection of encoder 2 [B, 1280]."""
+    hidden = []
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(encoder.device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1).float(), out[0].float()  # out[0] of encoder 2: text_embeds (pooled)
+
+
+def unet_eps(unet, x_t, t, embeds, pooled, time_ids):
+    """One epsilon prediction of a UNet2DConditionModel with SDXL conditioning, in the UNet's weight dtype."""
+    dtype = unet.dtype
+    cond = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+    return unet(x_t.to(dtype), t, embeds.to(dtype), added_cond_kwargs=cond).sample
+
+
+def cfg_eps(unet, x_t, t, embeds, pooled, time_ids, guidance_scale):
+    """Classifier-free guidance in the standard form eps_u + s (eps_c - eps_u) (official: sd_guidance.predict_noise;
+    NOT CausVid's cond + s (cond - uncond)). SDXL's unconditional input is ZERO prompt and pooled embeddings
+    (official: uncond_embedding = zeros_like). One batched call [uncond; cond]; s = 1 is a plain call."""
+    if guidance_scale == 1:
+        return unet_eps(unet, x_t, t, embeds, pooled, time_ids)
+    eps_u, eps_c = unet_eps(unet, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                            torch.cat([torch.zeros_like(embeds), embeds]),
+                            torch.cat([torch.zeros_like(pooled), pooled]), torch.cat([time_ids, time_ids])).chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+class _MidBlockReached(Exception):
+    def __init__(self, output):
+        self.output = output
+
+
+def unet_mid_features(unet, x_t, t, embeds, pooled, time_ids):
+    """The mid-block output (SDXL: [B, 1280, 32, 32]), the GAN head's input (official: classify_forward, a patched
+    UNet forward that returns after the mid block). Without touching diffusers: a forward hook on unet.mid_block
+    raises an exception carrying the output, so the forward stops there as the official one does (embeddings,
+    conv_in, down blocks, mid block; no up blocks, no extra cost). The autograd graph up to it stays intact."""
+    def stop(module, args, output):
+        raise _MidBlockReached(output)
+    handle = unet.mid_block.register_forward_hook(stop)
+    try:
+        unet_eps(unet, x_t, t, embeds, pooled, time_ids)
+    except _MidBlockReached as reached:
+        return reached.output
+    finally:
+        handle.remove()
+    raise RuntimeError("the UNet forward never reached unet.mid_block")
+
+
+# --- Losses in latent space -------------------------------------------------------------------------------------
+
+
+def sdxl_dm_loss(x0, real_unet, fake_unet, embeds, pooled, time_ids, alphas_cumprod, guidance_scale=8.0,
+                 min_step=20, max_step=980):
+    """DM loss of generated latents x0 (official: compute_distribution_matching_loss, SD path): t ~ randint(20, 981)
+    (--min/max_step_percent 0.02/0.98), one DDPM noising shared by both scores, the fake score in fp32 without
+    CFG, the real score with CFG at --real_guidance_scale 8 in its own weight dtype (bf16 under --use_fp16), both
+    converted to x0 in float64; then dm_loss() of section 4 (normalised by mean |x - pred_real|)."""
+    with torch.no_grad():
+        t = torch.randint(min_step, max_step + 1, (x0.shape[0],), device=x0.device)
+        x_t = ddpm_add_noise(x0.detach(), torch.randn_like(x0), t, alphas_cumprod)
+        pred_fake = eps_to_x0(x_t, unet_eps(fake_unet, x_t, t, embeds, pooled, time_ids), t, alphas_cumprod)
+        eps_real = cfg_eps(real_unet, x_t, t, embeds, pooled, time_ids, guidance_scale)
+        pred_real = eps_to_x0(x_t, eps_real, t, alphas_cumprod)
+    return dm_loss(x0.double(), pred_real, pred_fake).float()
+
+
+def sdxl_fake_loss(fake_unet, x0, embeds, pooled, time_ids, alphas_cumprod, autocast=contextlib.nullcontext()):
+    """Fake-score loss (official: compute_loss_fake, SD path): unweighted epsilon MSE on DETACHED generator latents,
+    t ~ randint(0, 1000), under bf16 autocast."""
+    x0 = x0.detach()
+    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), device=x0.device)
+    noise = torch.randn_like(x0)
+    with autocast:
+        eps = unet_eps(fake_unet, ddpm_add_noise(x0, noise, t, alphas_cumprod), t, embeds, pooled, time_ids)
+    return F.mse_loss(eps.float(), noise.float())
+
+
+def sdxl_gan_logits(fake_unet, head, latents, embeds, pooled, time_ids, alphas_cumprod,
+                    autocast=contextlib.nullcontext(), max_timestep=1000):
+    """Classifier logits [B, 1] (official: compute_cls_logits): diffusion-GAN noising at t ~ randint(0, 1000)
+    (--diffusion_gan_max_timestep 1000), the fake UNet's mid-block features under autocast, the head in fp32."""
+    t = torch.randint(0, max_timestep, (latents.shape[0],), device=latents.device)
+    noisy = ddpm_add_noise(latents, torch.randn_like(latents), t, alphas_cumprod)
+    with autocast:
+        features = unet_mid_features(fake_unet, noisy, t, embeds, pooled, time_ids)
+    return head(features.float())
+
+
+def sdxl_gan_head(unet):
+    """GANHead (section 5) for the UNet's mid block: 1280 channels at 32x32 for SDXL gives the official layout
+    k4s2 x3 -> k4s4 -> 1x1 (official: sd_guidance.cls_pred_branch, sdxl)."""
+    levels = len(unet.config.block_out_channels) - 1
+    return GANHead(unet.config.block_out_channels[-1], unet.config.sample_size // 2 ** levels)
+
+
+# --- Generators: 1-step, 4-step, backward simulation, sampler -------------------------------------------------
+
+
+def sdxl_generator_timesteps(steps, conditioning_timestep=399, num_train_timesteps=1000):
+    """Input timesteps of the generator. K > 1: range(999, 0, -1000 // K), i.e. [999, 749, 499, 249] for K = 4
+    (official: denoising_step_list). K = 1: [conditioning_timestep] with a pure-noise input (official SDXL 1-step:
+    --conditioning_timestep 399)."""
+    if steps == 1:
+        return [conditioning_timestep]
+    return list(range(num_train_timesteps - 1, 0, -(num_train_timesteps // steps)))[:steps]
+
+
+def generator_x0(generator, x_t, t, embeds, pooled, time_ids, alphas_cumprod):
+    """The generator's x0 (float32) from its epsilon prediction at integer timesteps t [B]."""
+    return eps_to_x0(x_t, unet_eps(generator, x_t, t, embeds, pooled, time_ids), t, alphas_cumprod).float()
+
+
+@torch.no_grad()
+def sdxl_backward_simulation(generator, step_timesteps, k, embeds, pooled, time_ids, alphas_cumprod, shape):
+    """Backward simulation (Sec. 4.3; official: SDUniModel.sample_backward): roll the CURRENT generator out for the
+    first k steps of the list from fresh noise, without gradient and in fp32, re-noising each x0 to the next
+    timestep with NEW independent noise (issue #9: correlated noise gave artifacts). Returns the last x0 (k >= 1)
+    or the fresh noise (k = 0, which the caller replaces by pure noise anyway)."""
+    device = embeds.device
+    x = torch.randn(shape, device=device)
+    x0 = x
+    for j in range(k):
+        t = torch.full((shape[0],), step_timesteps[j], dtype=torch.long, device=device)
+        x0 = generator_x0(generator, x, t, embeds, pooled, time_ids, alphas_cumprod)
+        x = ddpm_add_noise(x0, torch.randn_like(x0), torch.full_like(t, step_timesteps[j + 1]), alphas_cumprod)
+    return x0
+
+
+def sdxl_generator_input(generator, step_timesteps, noise, embeds, pooled, time_ids, alphas_cumprod,
+                         backward_simulation=True, real_latents=None):
+    """The generator's training input (x_t, t) (official: prepare_denoising_data / prepare_pure_generation_data).
+    With backward simulation ONE index k ~ randint(0, K) serves the whole batch; the rollout's x0 is re-noised to
+    t_k with `noise`. Without it (ablation), real latents are noised to a per-sample t from the list. The first
+    timestep of the list always takes pure noise: t = 999 (official pure_noise_mask) and the 1-step t = 399."""
+    batch = noise.shape[0]
+    if backward_simulation:
+        k = int(torch.randint(0, len(step_timesteps), ()))
+        clean = sdxl_backward_simulation(generator, step_timesteps, k, embeds, pooled, time_ids, alphas_cumprod,
+                                         noise.shape)
+        index = torch.full((batch,), k, dtype=torch.long, device=noise.device)
+    else:
+        clean = real_latents.to(noise)
+        index = torch.randint(0, len(step_timesteps), (batch,), device=noise.device)
+    t = torch.tensor(step_timesteps, device=noise.device)[index]
+    x_t = torch.where(_per_sample(index == 0, noise), noise, ddpm_add_noise(clean, noise, t, alphas_cumprod))
+    return x_t, t
+
+
+@torch.no_grad()
+def sdxl_sample(unet, embeds, pooled, time_ids, alphas_cumprod, latents, timesteps=(999, 749, 499, 249),
+                generator=None):
+    """Few-step sampling (official: demo/text_to_image_sdxl.py::sample): at each t, x0 from the UNet's epsilon, then
+    re-noise x0 to the next t with FRESH noise drawn from `generator`; returns the last x0 (float32 latents).
+    Equal to diffusers' LCMScheduler with timesteps=[999, 749, 499, 249] (or [399]) and guidance_scale=0."""
+    x = latents
+    for i, step in enumerate(timesteps):
+        t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
+        x0 = generator_x0(unet, x, t, embeds, pooled, time_ids, alphas_cumprod)
+        if i + 1 < len(timesteps):
+            fresh = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+            x = ddpm_add_noise(x0, fresh.to(x0.device), torch.full_like(t, timesteps[i + 1]), alphas_cumprod)
+    return x0
+
+
+@torch.no_grad()
+def decode_latents(vae, latents):
+    """Latents -> uint8 images [B, H, W, 3]: vae.decode(z / scaling_factor), ((x + 1) 127.5).clamp(0, 255) then
+    truncation as the official demo does. The SDXL VAE stays fp32 (official: it overflows in fp16)."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+    return ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# --- Networks: pretrained SDXL, released DMD2 weights, LoRA, tiny random SDXL ------------------------------------
+
+
+@dataclass
+class SDXLParts:
+    """The frozen pieces of SDXL plus the teacher UNet (real score; initialisation of fake score and generator)."""
+    unet: nn.Module
+    text_encoders: tuple  # (CLIPTextModel, CLIPTextModelWithProjection)
+    tokenizers: tuple  # (CLIP-L tokenizer, bigG tokenizer "tokenizer_2")
+    vae: nn.Module
+    alphas_cumprod: torch.Tensor  # float64 [1000]
+
+    @property
+    def resolution(self):  # pixels; SDXL: 128 latent x 8 = 1024
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device):
+        for module in (self.unet, self.vae, *self.text_encoders):
+            module.to(device)
+        return self
+
+
+def _frozen(*modules):
+    for module in modules:
+        module.requires_grad_(False).eval()
+
+
+def load_sdxl(model_id=SDXL_MODEL_ID):
+    """SDXL from a Hugging Face id or a local folder with the diffusers layout (unet, vae, text_encoder(_2),
+    tokenizer(_2), scheduler), all fp32 (official: from_pretrained(model_id, subfolder=...).float())."""
+    diffusers, transformers = _hf()
+    try:
+        unet = diffusers.UNet2DConditionModel.from_pretrained(model_id, subfolder="unet")
+        vae = diffusers.AutoencoderKL.from_pretrained(model_id, subfolder="vae")
+        encoders = (transformers.CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder"),
+                    transformers.CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2"))
+        tokenizers = (transformers.CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
+                      transformers.CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2"))
+        scheduler = diffusers.DDIMScheduler.from_pretrained(model_id, subfolder="scheduler")
+    except OSError as e:
+        raise RuntimeError(f"cannot load SDXL from {model_id!r} ({str(e).splitlines()[0]}). On a machine with "
+                           f"internet run `hf download {SDXL_MODEL_ID} --exclude '*.fp16.*' '*.ckpt' "
+                           "--local-dir sdxl-base` and pass --model_id sdxl-base") from None
+    _frozen(unet, vae, *encoders)
+    return SDXLParts(unet.float(), encoders, tokenizers, vae.float(), scheduler.alphas_cumprod.double())
+
+
+def sdxl_tiny_parts(seed=0):
+    """Random SDXL-shaped networks for a CPU (tests, benchmarks, `sdxl ... --tiny`; nothing downloaded). SDXL's
+    conditioning layout is kept: 77 tokens of 768 (CLIP-L) + 1280 (bigG) = 2048 dims, 1280-d pooled projection,
+    6 x 256 + 1280 = 2816 added-embedding inputs, linear-projection cross-attention, a factor-8 VAE with 4 latent
+    channels. Shrunk: UNet 2 levels of 32/64 channels (128 px -> 16x16 latents -> 8x8 mid block), 2-layer text
+    encoders, an 8/16-channel VAE; character-level CLIP tokenizers built in memory (tokenizer 2 pads with "!")."""
+    diffusers, transformers = _hf()
+    torch.manual_seed(seed)
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tokenizers = (transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+                  transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="!"))
+    text = dict(vocab_size=len(vocab), intermediate_size=64, num_hidden_layers=2, max_position_embeddings=77,
+                bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
+    encoders = (transformers.CLIPTextModel(transformers.CLIPTextConfig(
+                    hidden_size=768, num_attention_heads=2, hidden_act="quick_gelu", pad_token_id=text["eos_token_id"],
+                    **text)),
+                transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+                    hidden_size=1280, projection_dim=1280, num_attention_heads=2, hidden_act="gelu",
+                    pad_token_id=vocab["!"], **text)))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=2048,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        sample_size=128, scaling_factor=0.13025)  # SDXL VAE scaling factor
+    _frozen(unet, vae, *encoders)
+    return SDXLParts(unet, encoders, tokenizers, vae, sdxl_alphas_cumprod())
+
+
+def download_dmd2(filename):
+    """Path of a released DMD2 file (huggingface_hub cache), with a clear message when offline."""
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(DMD2_REPO, filename)
+    except OSError as e:
+        raise RuntimeError(f"cannot get {DMD2_REPO}/{filename} ({str(e).splitlines()[0]}). On a machine with "
+                           f"internet run `hf download {DMD2_REPO} {filename}` and pass --checkpoint PATH") from None
+
+
+def load_unet_weights(unet, path):
+    """Load a diffusers UNet state dict (.bin torch pickle, read weights-only, or .safetensors), e.g. the released
+    dmd2_sdxl_4step_unet_fp16.bin, strictly into `unet`, keeping the UNet's dtype."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    unet.load_state_dict(state, strict=True)
+    return unet
+
+
+def fuse_lora(parts, path):
+    """Fuse a LoRA file into parts.unet the way the official README does: pipeline.load_lora_weights(path), then
+    fuse_lora(lora_scale=1.0) (diffusers converts the released kohya-style dmd2_sdxl_4step_lora file)."""
+    diffusers, _ = _hf()
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
+        tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.unet,
+        scheduler=diffusers.LCMScheduler())
+    pipe.load_lora_weights(path)
+    pipe.fuse_lora(lora_scale=1.0)
+    return parts.unet
+
+
+def add_generator_lora(unet, rank=64, alpha=8):
+    """LoRA on the generator only (official: --generator_lora, LoraConfig(r=64, lora_alpha=8, lora_dropout=0) on
+    SDXL_LORA_TARGETS); the base weights freeze, only the adapters train."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ImportError("LoRA needs peft: pip install -r requirements-sdxl.txt") from None
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=SDXL_LORA_TARGETS))
+    return unet
+
+
+# --- Real data: captioned image folder -> VAE latents, encoded once and cached ----------------------------------
+
+
+def read_captioned_folder(folder):
+    """[(image path, caption)]: every png/jpg/jpeg/webp/bmp in `folder` with its caption in a same-named .txt."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder (--data wants a folder of images with .txt captions)")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(SDXL_IMAGE_EXTENSIONS))
+    if not names:
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(SDXL_IMAGE_EXTENSIONS)}); the GAN needs real images")
+    items = []
+    for name in names:
+        caption_file = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
+        if not os.path.exists(caption_file):
+            raise FileNotFoundError(f"{os.path.join(folder, name)} has no caption: write it to {caption_file}")
+        with open(caption_file, encoding="utf-8") as f:
+            items.append((os.path.join(folder, name), f.read().strip()))
+    return items
+
+
+def load_image(path, resolution):
+    """An RGB image as [3, res, res] in [-1, 1]: centre square crop, LANCZOS resize (official latents: /255*2-1)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read this image ({e}); remove it or replace it") from None
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def sdxl_latent_dataset(folder, vae, resolution, cache_path="", batch_size=4):
+    """{"latents": fp16 [N, 4, res/8, res/8], "captions": [N]} of a captioned folder, encoded ONCE with
+    vae.encode(x).latent_dist.sample() * scaling_factor (official: sdxl/generate_vae_latents.py, stored fp16) and
+    cached (default folder/.dmd2_sdxl_latents_<res>.pt); re-encoded when file names, sizes or captions change."""
+    items = read_captioned_folder(folder)
+    key = [f"{os.path.basename(p)}:{os.path.getsize(p)}" for p, _ in items]
+    captions = [c for _, c in items]
+    cache_path = cache_path or os.path.join(folder, f".dmd2_sdxl_latents_{resolution}.pt")
+    if os.path.exists(cache_path):
+        cached = torch.load(cache_path, weights_only=True)
+        if cached.get("key") == key and cached.get("captions") == captions:
+            return cached
+    device = next(vae.parameters()).device
+    latents = []
+    for i in range(0, len(items), batch_size):
+        images = torch.stack([load_image(p, resolution) for p, _ in items[i:i + batch_size]]).to(device, vae.dtype)
+        latents.append((vae.encode(images).latent_dist.sample() * vae.config.scaling_factor).half().cpu())
+    data = {"latents": torch.cat(latents), "captions": captions, "key": key}
+    atomic_save(data, cache_path)
+    return data
+
+
+# --- Training: one TTUR iteration and the loop ------------------------------------------------------------------
+
+
+@dataclass
+class SDXLConfig:
+    """Defaults: the official SDXL 4-step run (experiments/sdxl/sdxl_cond999_8node_lr5e-7_denoising4step_diffusion
+    1000_gan5e-3_guidance8_noinit_noode_backsim_scratch.sh) on one process; every field is a CLI flag."""
+    model_id: str = SDXL_MODEL_ID
+    data: str = ""  # folder of images with .txt captions (real latents for the GAN, prompts for the generator)
+    out_dir: str = "runs/sdxl"
+    tiny: bool = False  # random tiny SDXL-shaped networks (CPU smoke runs; nothing downloaded)
+    steps: int = 4  # generator steps: 4 (official --denoising --num_denoising_step 4) or 1
+    conditioning_timestep: int = 399  # 1-step input timestep (official SDXL 1-step: --conditioning_timestep 399)
+    backward_simulation: bool = True  # official --backward_simulation; false: noised real latents (Table 4 row)
+    real_guidance_scale: float = 8.0  # official --real_guidance_scale 8
+    min_step: int = 20  # official --min_step_percent 0.02
+    max_step: int = 980  # official --max_step_percent 0.98
+    dm_loss_weight: float = 1.0  # official --dm_loss_weight 1
+    gan: bool = True  # official --cls_on_clean_image --gen_cls_loss --diffusion_gan
+    gen_cls_loss_weight: float = 5e-3  # official --gen_cls_loss_weight 5e-3
+    guidance_cls_loss_weight: float = 1e-2  # official --guidance_cls_loss_weight 1e-2
+    dfake_gen_update_ratio: int = 5  # official --dfake_gen_update_ratio 5
+    lr: float = 0.0  # 0: official 5e-7 (generator and guidance), 5e-5 with --lora
+    warmup_steps: int = 500  # official --warmup_step 500
+    max_grad_norm: float = 10.0  # official --max_grad_norm 10
+    batch_size: int = 2  # per process (official: 2 per GPU x 64 GPUs)
+    iters: int = 20000  # critic iterations (official: 19k for the 4-step run)
+    precision: str = "bf16"  # bf16 (official --use_fp16 means bf16 autocast, bf16 real UNet) | fp32
+    gradient_checkpointing: bool = False  # official --gradient_checkpointing (generator; fake UNet in its loss)
+    lora: bool = False  # official --generator_lora --lora_rank 64 --lora_alpha 8
+    lora_rank: int = 64
+    lora_alpha: float = 8.0
+    seed: int = 10  # official --seed 10
+    device: str = "auto"
+    log_every: int = 10
+    ckpt_every: int = 500
+    resume: str = ""  # checkpoint.pt of an earlier run
+
+
+@dataclass
+class SDXLState:
+    """The networks, optimisers and iteration counter of an SDXL run."""
+    real_unet: nn.Module
+    fake_unet: nn.Module
+    generator: nn.Module
+    gan_head: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched_g: object
+    sched_d: object
+    step: int = 0
+
+
+def sdxl_training_state(parts, cfg, device):
+    """Real score (frozen; bf16 weights under bf16, official), fake score and generator copied from the teacher
+    (official: three from_pretrained loads of the same UNet), the GAN head, AdamW + warm-up for each side."""
+    lr = cfg.lr or (5e-5 if cfg.lora else 5e-7)  # official SDXL scripts: 5e-7; LoRA script: 5e-5 for both
+    real = copy.deepcopy(parts.unet).to(device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+    fake = copy.deepcopy(parts.unet).to(device).requires_grad_(True).train()
+    generator = copy.deepcopy(parts.unet).to(device).requires_grad_(True).train()
+    if cfg.lora:
+        add_generator_lora(generator, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.gradient_checkpointing:
+        generator.enable_gradient_checkpointing()
+    head = sdxl_gan_head(parts.unet).to(device)
+    opt_g = make_optimizer(generator.parameters(), lr)
+    opt_d = make_optimizer(list(fake.parameters()) + list(head.parameters()), lr)
+    return SDXLState(real.requires_grad_(False).eval(), fake, generator, head, opt_g, opt_d,
+                     warmup_scheduler(opt_g, cfg.warmup_steps), warmup_scheduler(opt_d, cfg.warmup_steps))
+
+
+def sdxl_train_step(state, parts, data, cfg):
+    """One TTUR iteration (official: train_sd.py train_one_step). The generator makes a batch every iteration; every
+    dfake_gen_update_ratio-th it also takes a step first (DM + GAN loss; fake UNet and head frozen). Then the fake
+    UNet + head step on the fake loss of that detached batch + the GAN classifier loss against a real batch."""
+    device = next(state.generator.parameters()).device
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16")
+    acp = parts.alphas_cumprod.to(device)
+    n, batch = len(data["captions"]), cfg.batch_size
+    gen_index, real_index = torch.randint(0, n, (batch,)), torch.randint(0, n, (batch,))  # official: two loaders
+    embeds, pooled = encode_prompts([data["captions"][i] for i in gen_index], parts.tokenizers, parts.text_encoders)
+    real_embeds, real_pooled = encode_prompts([data["captions"][i] for i in real_index], parts.tokenizers,
+                                              parts.text_encoders)
+    embeds, pooled, real_embeds, real_pooled = (x.to(device) for x in (embeds, pooled, real_embeds, real_pooled))
+    real = data["latents"][real_index].to(device, torch.float32)
+    time_ids = sdxl_time_ids(parts.resolution, batch, device)
+    noise = torch.randn(real.shape, device=device)
+    generator_turn = state.step % cfg.dfake_gen_update_ratio == 0
+    log = {}
+
+    x_t, t = sdxl_generator_input(state.generator, sdxl_generator_timesteps(cfg.steps, cfg.conditioning_timestep),
+                                  noise, embeds, pooled, time_ids, acp, cfg.backward_simulation,
+                                  data["latents"][gen_index].to(device, torch.float32))
+    with torch.set_grad_enabled(generator_turn), (autocast if generator_turn else contextlib.nullcontext()):
+        eps = unet_eps(state.generator, x_t, t, embeds, pooled, time_ids)  # official: no-grad turns run fp32
+    x0 = eps_to_x0(x_t, eps.float(), t, acp).float()
+    if generator_turn:
+        state.fake_unet.requires_grad_(False)
+        state.gan_head.requires_grad_(False)  # official: guidance_model.requires_grad_(False) for the G loss
+        loss = torch.zeros((), device=device)
+        if cfg.dm_loss_weight > 0:
+            log["loss_dm"] = sdxl_dm_loss(x0, state.real_unet, state.fake_unet, embeds, pooled, time_ids, acp,
+                                          cfg.real_guidance_scale, cfg.min_step, cfg.max_step)
+            loss = loss + cfg.dm_loss_weight * log["loss_dm"]
+        if cfg.gan:
+            log["gen_cls_loss"] = gan_generator_loss(sdxl_gan_logits(state.fake_unet, state.gan_head, x0, embeds,
+                                                                     pooled, time_ids, acp, autocast))
+            loss = loss + cfg.gen_cls_loss_weight * log["gen_cls_loss"]
+        loss.backward()
+        log["generator_grad_norm"] = torch.nn.utils.clip_grad_norm_(state.generator.parameters(), cfg.max_grad_norm)
+        state.opt_g.step()
+        state.opt_g.zero_grad(set_to_none=True)
+        state.fake_unet.requires_grad_(True)
+        state.gan_head.requires_grad_(True)
+    state.sched_g.step()  # official: the generator scheduler steps every iteration
+
+    if cfg.gradient_checkpointing:
+        state.fake_unet.enable_gradient_checkpointing()  # official: only for the fake loss
+    log["loss_fake"] = sdxl_fake_loss(state.fake_unet, x0, embeds, pooled, time_ids, acp, autocast)
+    if cfg.gradient_checkpointing:
+        state.fake_unet.disable_gradient_checkpointing()
+    loss = log["loss_fake"]
+    if cfg.gan:
+        logits_real = sdxl_gan_logits(state.fake_unet, state.gan_head, real, real_embeds, real_pooled, time_ids, acp,
+                                      autocast)
+        logits_fake = sdxl_gan_logits(state.fake_unet, state.gan_head, x0.detach(), embeds, pooled, time_ids, acp,
+                                      autocast)
+        log["guidance_cls_loss"] = gan_discriminator_loss(logits_real, logits_fake)
+        loss = loss + cfg.guidance_cls_loss_weight * log["guidance_cls_loss"]
+    loss.backward()
+    log["guidance_grad_norm"] = torch.nn.utils.clip_grad_norm_(
+        list(state.fake_unet.parameters()) + list(state.gan_head.parameters()), cfg.max_grad_norm)
+    state.opt_d.step()
+    state.opt_d.zero_grad(set_to_none=True)
+    state.sched_d.step()
+    state.step += 1
+    return {k: float(v.detach()) for k, v in log.items()}
+
+
+def sdxl_checkpoint(state, cfg):
+    """Everything to resume exactly; a LoRA generator stores only its adapter weights."""
+    generator = {k: v for k, v in state.generator.state_dict().items() if not cfg.lora or "lora" in k}
+    return {"generator": generator, "fake_unet": state.fake_unet.state_dict(), "gan_head": state.gan_head.state_dict(),
+            "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
+            "sched_g": state.sched_g.state_dict(), "sched_d": state.sched_d.state_dict(), "step": state.step,
+            "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def load_sdxl_checkpoint(path, state=None):
+    """Read a train_sdxl checkpoint (weights_only); with `state`, restore networks, optimisers, step and RNG."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint (it is out_dir/checkpoint.pt of `dmd2.py sdxl train`)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if state is not None:
+        state.generator.load_state_dict(ckpt["generator"], strict=not ckpt["config"]["lora"])  # LoRA: adapters only
+        state.fake_unet.load_state_dict(ckpt["fake_unet"])
+        state.gan_head.load_state_dict(ckpt["gan_head"])
+        for name in ("opt_g", "opt_d", "sched_g", "sched_d"):
+            getattr(state, name).load_state_dict(ckpt[name])
+        state.step = ckpt["step"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return ckpt
+
+
+def train_sdxl(cfg, parts=None, data=None):
+    """The SDXL training loop on one device: latents of cfg.data (encoded once), TTUR iterations, a log line every
+    log_every iterations, out_dir/checkpoint.pt every ckpt_every and at the end. Returns the training state.
+    Multi-GPU sharding (the official run: 64 GPUs with FSDP) is not part of this loop; see the README for memory."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    parts = (parts or (sdxl_tiny_parts(cfg.seed) if cfg.tiny else load_sdxl(cfg.model_id))).to(device)
+    data = data or sdxl_latent_dataset(cfg.data, parts.vae, parts.resolution)
+    torch.manual_seed(cfg.seed)  # after the (possibly cached) encoding: a run does not depend on the cache
+    state = sdxl_training_state(parts, cfg, device)
+    if cfg.resume:
+        load_sdxl_checkpoint(cfg.resume, state)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    path, start = os.path.join(cfg.out_dir, "checkpoint.pt"), time.time()
+    while state.step < cfg.iters:
+        log = sdxl_train_step(state, parts, data, cfg)
+        if state.step % cfg.log_every == 0 or state.step == cfg.iters:
+            print(f"sdxl iter {state.step}/{cfg.iters} " + " ".join(f"{k} {v:.4g}" for k, v in log.items())
+                  + f" ({time.time() - start:.1f} s)", flush=True)
+        if state.step % cfg.ckpt_every == 0 or state.step == cfg.iters:
+            atomic_save(sdxl_checkpoint(state, cfg), path)
+    return state
+
+
+# --- Command line: python dmd2.py sdxl sample|train ... ---------------------------------------------------------
+
+
+def _sdxl_sampling_unet(args):
+    """(parts, timesteps) with parts.unet set to the generator: a train_sdxl checkpoint (.pt, on the networks it was
+    trained from), a UNet state-dict file, or the released DMD2 UNet / LoRA (downloaded)."""
+    if args.checkpoint.endswith(".pt"):
+        ckpt = load_sdxl_checkpoint(args.checkpoint)
+        cfg = ckpt["config"]
+        parts = sdxl_tiny_parts(cfg["seed"]) if cfg["tiny"] else load_sdxl(cfg["model_id"])
+        if cfg["lora"]:
+            add_generator_lora(parts.unet, cfg["lora_rank"], cfg["lora_alpha"])
+        parts.unet.load_state_dict(ckpt["generator"], strict=not cfg["lora"])
+        return parts, sdxl_generator_timesteps(cfg["steps"], cfg["conditioning_timestep"])
+    parts = sdxl_tiny_parts() if args.tiny else load_sdxl(args.model_id)
+    if args.lora:
+        fuse_lora(parts, args.checkpoint or download_dmd2(DMD2_SDXL_FILES["lora"]))
+    elif args.checkpoint or not args.tiny:
+        load_unet_weights(parts.unet, args.checkpoint or download_dmd2(DMD2_SDXL_FILES[args.steps]))
+    return parts, sdxl_generator_timesteps(args.steps, 399)  # released 1-step model: t = 399 (official README)
+
+
+def sdxl_sample_main(argv):
+    """python dmd2.py sdxl sample --prompt TEXT [--prompt ...] [--steps 4|1] [--lora] [--checkpoint PATH] [--out DIR]"""
+    parser = argparse.ArgumentParser(description=sdxl_sample_main.__doc__)
+    parser.add_argument("--prompt", action="append", required=True)
+    parser.add_argument("--steps", type=int, choices=[1, 4], default=4)
+    parser.add_argument("--lora", action="store_true", help="the released 4-step LoRA on the SDXL base UNet")
+    parser.add_argument("--checkpoint", default="", help="default: the released DMD2 UNet from tianweiy/DMD2")
+    parser.add_argument("--out", default="sdxl_samples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num", type=int, default=1, help="images per prompt")
+    parser.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="")
+    parser.add_argument("--model_id", default=SDXL_MODEL_ID)
+    parser.add_argument("--tiny", action="store_true", help="random tiny SDXL-shaped networks (smoke test)")
+    args = parser.parse_args(argv)
+    if args.lora and args.steps != 4:
+        parser.error("the released LoRA is 4-step")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.precision or ("fp16" if device.type == "cuda" else "fp32")]
+    parts, timesteps = _sdxl_sampling_unet(args)
+    parts.to(device)
+    if dtype != torch.float32:
+        parts.unet.to(dtype)  # the VAE stays fp32 (official)
+    prompts = [p for p in args.prompt for _ in range(args.num)]
+    embeds, pooled = encode_prompts(prompts, parts.tokenizers, parts.text_encoders)
+    rng = torch.Generator(device).manual_seed(args.seed)
+    size = parts.unet.config.sample_size
+    noise = torch.randn((len(prompts), parts.unet.config.in_channels, size, size), generator=rng, device=device)
+    latents = sdxl_sample(parts.unet, embeds, pooled, sdxl_time_ids(parts.resolution, len(prompts), device),
+                          parts.alphas_cumprod, noise, timesteps, rng)
+    from PIL import Image
+    os.makedirs(args.out, exist_ok=True)
+    for i, image in enumerate(decode_latents(parts.vae, latents)):
+        Image.fromarray(image).save(os.path.join(args.out, f"{i:03d}.png"))
+    print(f"wrote {len(prompts)} images to {args.out}/ ({len(timesteps)} steps at t = {timesteps})")
+
+
+def sdxl_main(argv):
+    """python dmd2.py sdxl sample ... | python dmd2.py sdxl train --data FOLDER [--flag value ...]"""
+    if not argv or argv[0] not in ("sample", "train"):
+        raise SystemExit("usage: python dmd2.py sdxl sample --prompt TEXT [...] | python dmd2.py sdxl train --data DIR")
+    if argv[0] == "sample":
+        return sdxl_sample_main(argv[1:])
+    parser = argparse.ArgumentParser(description="DMD2 on SDXL: python dmd2.py sdxl train --data DIR [--flag value]")
+    for f in dataclasses.fields(SDXLConfig):
+        kind = {"bool": _parse_bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str)
+                                                                             else f.type.__name__]
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default)
+    cfg = SDXLConfig(**vars(parser.parse_args(argv[1:])))
+    if not cfg.data:
+        parser.error("--data FOLDER is required: images with same-named .txt captions")
+    if cfg.steps < 1 or cfg.dfake_gen_update_ratio < 1 or cfg.precision not in ("bf16", "fp32"):
+        parser.error("--steps and --dfake_gen_update_ratio must be >= 1; --precision is bf16 or fp32")
+    if cfg.dm_loss_weight <= 0 and not cfg.gan:
+        parser.error("the generator has no loss: keep --dm_loss_weight > 0 or --gan true")
+    return train_sdxl(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,305 @@
+"""The DMD2 method in dmd2.py: losses, GAN head, generators, the TTUR loop, checkpoints and resume."""
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dmd2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_cfg(**overrides):
+    """toy2d at test size: a few iterations of every piece of the loop."""
+    base = dict(dataset="toy2d", **{**dmd2.PRESETS["toy2d"], "teacher_iters": 30, "iters": 10, "batch_size": 16,
+                                   "log_every": 1, "ckpt_every": 5, "sample_every": 1000, "eval_samples": 200,
+                                   "warmup_steps": 2})
+    return dmd2.Config(**{**base, **overrides})
+
+
+def toy_teacher(seed=0):
+    torch.manual_seed(seed)
+    return dmd2.build_network(dict(kind="toy", kwargs=dict(num_classes=4, hidden=32, depth=2))).eval()
+
+
+def params(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+# ----- noise grid -----------------------------------------------------------------------------------------------
+
+def test_karras_grid_matches_official_values():
+    s = dmd2.karras_sigmas()
+    assert len(s) == 1000
+    assert s[0].item() == pytest.approx(0.002, rel=1e-5) and s[-1].item() == pytest.approx(80.0, rel=1e-6)
+    assert bool((s[1:] > s[:-1]).all())
+    # sample values listed in the reference (official get_sigmas_karras, flipped)
+    for idx, value in [(20, 0.00323), (100, 0.0168), (250, 0.170), (500, 2.53), (750, 17.6), (980, 72.05)]:
+        assert s[idx].item() == pytest.approx(value, rel=5e-3)
+
+
+def test_generator_sigmas_one_and_four_steps():
+    s = dmd2.karras_sigmas()
+    assert dmd2.generator_sigmas(1, s, 80.0).tolist() == [80.0]
+    four = dmd2.generator_sigmas(4, s)
+    assert torch.equal(four, s[[999, 749, 499, 249]])  # the paper's [999, 749, 499, 249] on the EDM grid
+
+
+# ----- losses ---------------------------------------------------------------------------------------------------
+
+def test_dm_loss_gradient_is_the_normalised_score_difference():
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    pred_real, pred_fake = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    loss = dmd2.dm_loss(x, pred_real, pred_fake)
+    loss.backward()
+    p_real, p_fake = x.detach() - pred_real, x.detach() - pred_fake
+    grad = (p_real - p_fake) / p_real.abs().mean(dim=(1, 2, 3), keepdim=True)  # official definition
+    assert torch.allclose(x.grad, grad / x.numel(), rtol=1e-12, atol=1e-15)
+    assert loss.item() == pytest.approx(0.5 * grad.pow(2).mean().item(), rel=1e-12)
+
+
+def test_dm_loss_maps_nan_to_zero_gradient():
+    x = torch.ones(2, 3, requires_grad=True)
+    pred = torch.ones(2, 3)  # p_real = 0 -> 0/0 = nan -> nan_to_num -> 0
+    dmd2.dm_loss(x, pred, pred).backward()
+    assert torch.equal(x.grad, torch.zeros(2, 3))
+
+
+def test_denoising_loss_uses_edm_weighting():
+    net = lambda x, sigma, labels: torch.zeros_like(x)  # D = 0 -> loss = mean(lambda * x^2)
+    x = torch.full((2, 1), 0.5)
+    sigma = torch.tensor([0.1, 2.0])
+    loss = dmd2.denoising_loss(net, x, None, sigma, torch.zeros_like(x))
+    weights = 1 / sigma ** 2 + 4
+    assert loss.item() == pytest.approx((weights * 0.25).mean().item(), rel=1e-6)
+
+
+def test_gan_losses_softplus_forms():
+    lf, lr = torch.tensor([[0.3], [-1.0]]), torch.tensor([[2.0], [0.1]])
+    sp = lambda t: torch.log1p(torch.exp(t))
+    assert dmd2.gan_generator_loss(lf).item() == pytest.approx(sp(-lf).mean().item(), rel=1e-6)
+    assert dmd2.gan_discriminator_loss(lr, lf).item() == pytest.approx((sp(lf).mean() + sp(-lr).mean()).item(),
+                                                                        rel=1e-6)
+
+
+def test_distribution_matching_loss_gives_no_gradient_to_scores():
+    real, fake = toy_teacher(0), toy_teacher(1)
+    x = torch.randn(8, 2, requires_grad=True)
+    labels = dmd2.onehot(torch.arange(8) % 4, 4)
+    loss = dmd2.distribution_matching_loss(x, labels, real, fake, torch.full((8,), 0.5), torch.randn(8, 2))
+    loss.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in [*real.parameters(), *fake.parameters()])
+
+
+# ----- GAN head -------------------------------------------------------------------------------------------------
+
+def test_gan_head_on_adm_bottleneck_matches_official_layout():
+    head = dmd2.GANHead(768, 8)
+    keys = sorted({k.split(".")[0] for k in head.state_dict()})
+    assert keys == ["0", "1", "3", "4", "6"]  # official cls_pred_branch.{0,1,3,4,6}
+    assert head[0].weight.shape == (768, 768, 4, 4) and head[0].stride == (2, 2)
+    assert head[3].stride == (4, 4) and head[6].weight.shape == (1, 768, 1, 1)
+    assert head(torch.randn(2, 768, 8, 8, dtype=torch.bfloat16)).shape == (2, 1)
+    assert len(dmd2.GANHead(1280, 32)) == 3 * 3 + 3 + 1  # SDXL mid-block: three k4 s2 stages, then k4 s4
+    assert dmd2.GANHead(64, 1)(torch.randn(5, 64)).shape == (5, 1)
+    with pytest.raises(ValueError, match="square bottleneck"):
+        dmd2.GANHead(64, 6)
+
+
+# ----- generators and backward simulation -----------------------------------------------------------------------
+
+class CountingGenerator(torch.nn.Module):
+    """x0 = scale * x / sigma: records every call and whether autograd was on."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+        self.calls = []
+
+    def forward(self, x, sigma, labels):
+        self.calls.append((float(sigma.reshape(-1)[0]), torch.is_grad_enabled()))
+        return self.scale * x / dmd2._per_sample(sigma, x)
+
+
+def test_backward_simulation_rolls_out_current_generator_without_grad():
+    step_sigmas = dmd2.generator_sigmas(4, dmd2.karras_sigmas())
+    gen = CountingGenerator()
+    torch.manual_seed(0)
+    x, sigma = dmd2.backward_simulation(gen, None, step_sigmas, 3, (4, 2))
+    assert [c[0] for c in gen.calls] == pytest.approx(step_sigmas[:3].tolist())
+    assert not any(c[1] for c in gen.calls)  # the rollout has no autograd graph
+    assert torch.equal(sigma, step_sigmas[3].expand(4)) and not x.requires_grad
+    # the rollout uses the current weights: with scale 0 every x0 is 0, so x_3 is pure noise at sigma_3
+    with torch.no_grad():
+        gen.scale.zero_()
+    torch.manual_seed(0)
+    noise = [torch.randn(4, 2) for _ in range(4)]
+    torch.manual_seed(0)
+    x0, _ = dmd2.backward_simulation(gen, None, step_sigmas, 3, (4, 2))
+    assert torch.allclose(x0, step_sigmas[3] * noise[3])
+    x_k0, s_k0 = dmd2.backward_simulation(gen, None, step_sigmas, 0, (4, 2))
+    assert s_k0[0] == step_sigmas[0] and x_k0.std() > 10  # k = 0: pure noise at sigma 80
+
+
+def test_few_step_training_gets_gradient_only_through_last_step():
+    cfg = tiny_cfg(generator_steps=4, gan=False, dfake_gen_update_ratio=1)
+    d = dmd2.Distiller(cfg, toy_teacher(), (2,))
+    calls = []
+    d.generator.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    d.noise.gen.manual_seed(3)
+    d.noise.randint(0, cfg.num_classes, cfg.batch_size)  # the labels, drawn first by train_step
+    k = d.noise.shared_randint(0, 4)  # the step index the next iteration will draw
+    d.noise.gen.manual_seed(3)
+    d.train_step()
+    assert calls == [False] * k + [True]
+
+
+def test_noised_real_inputs_level_zero_is_pure_noise():
+    step_sigmas = dmd2.generator_sigmas(4, dmd2.karras_sigmas())
+    real, noise = torch.ones(4, 2), torch.randn(4, 2)
+    x, sigma = dmd2.noised_real_inputs(real, step_sigmas, torch.tensor([0, 1, 2, 3]), noise)
+    assert torch.allclose(x[0], noise[0] * 80.0)
+    assert torch.allclose(x[2], 1 + step_sigmas[2] * noise[2])
+    assert torch.equal(sigma, step_sigmas)
+
+
+# ----- the TTUR loop ----------------------------------------------------------------------------------------------
+
+def test_ttur_generator_steps_once_per_ratio_and_teacher_untouched():
+    cfg = tiny_cfg(dfake_gen_update_ratio=5)
+    teacher = toy_teacher()
+    before = params(teacher)
+    d = dmd2.Distiller(cfg, teacher, (2,))
+    real = dmd2.Toy2DBatches(cfg.batch_size, 0)
+    g_steps = []
+    for i in range(11):
+        g_before = params(d.generator)
+        logs = d.train_step(next(real))
+        changed = any(not torch.equal(g_before[k], v) for k, v in d.generator.state_dict().items())
+        g_steps.append(changed)
+        assert ("loss_dm" in logs) == (i % 5 == 0)
+        # the critic step never leaves gradients on the generator, and none reach the teacher
+        assert all(p.grad is None for p in d.generator.parameters())
+        assert all(p.grad is None for p in d.real_score.parameters())
+    assert g_steps == [i % 5 == 0 and i > 0 for i in range(11)]  # step 0 runs at warm-up lr 0 (constant_with_warmup)
+    assert d.opt_g.state_dict()["state"][0]["step"] == 3  # AdamW stepped at iterations 0, 5, 10
+    assert d.opt_d.state_dict()["state"][0]["step"] == 11
+    assert all(torch.equal(before[k], v) for k, v in d.real_score.state_dict().items())
+
+
+def test_generator_loss_does_not_train_the_critic():
+    cfg = tiny_cfg(dfake_gen_update_ratio=1, warmup_steps=0)
+    d = dmd2.Distiller(cfg, toy_teacher(), (2,))
+    grads = {}
+    orig = dmd2.optimizer_step
+
+    def spy(loss, name, params_, optimizer, *args):
+        norm = orig(loss, name, params_, optimizer, *args)
+        grads[name] = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in d.critic_params]
+        return norm
+    dmd2.optimizer_step = spy
+    try:
+        d.train_step(next(dmd2.Toy2DBatches(cfg.batch_size, 0)))
+    finally:
+        dmd2.optimizer_step = orig
+    assert not any(grads["the generator loss"])  # critic frozen while the generator learns
+    assert all(grads["the critic loss"])
+
+
+def test_nan_loss_stops_without_touching_the_checkpoint(tmp_path):
+    cfg = tiny_cfg(iters=10, ckpt_every=5)
+    real = dmd2.Toy2DBatches(cfg.batch_size, 0)
+    dmd2.train(cfg, toy_teacher(), real, (2,), str(tmp_path), show=lambda *a: None)
+    ckpt = tmp_path / "checkpoint.pt"
+    saved = ckpt.read_bytes()
+
+    class NaNBatches(dmd2.Toy2DBatches):
+        def __next__(self):
+            x, y = super().__next__()
+            return x * float("nan"), y
+    with pytest.raises(FloatingPointError, match="the critic loss is nan at iteration 10.*last good checkpoint"):
+        dmd2.train(dataclasses.replace(cfg, iters=20), toy_teacher(), NaNBatches(cfg.batch_size, 0), (2,),
+                   str(tmp_path), show=lambda *a: None)
+    assert ckpt.read_bytes() == saved
+
+
+def test_resume_is_bit_identical(tmp_path):
+    cfg = tiny_cfg(iters=12, ckpt_every=4, generator_steps=4, ema_decay=0.9)
+    full = dmd2.train(cfg, toy_teacher(), dmd2.Toy2DBatches(cfg.batch_size, 0), (2,), str(tmp_path / "a"),
+                      show=lambda *a: None)
+    dmd2.train(dataclasses.replace(cfg, iters=8), toy_teacher(), dmd2.Toy2DBatches(cfg.batch_size, 0), (2,),
+               str(tmp_path / "b"), show=lambda *a: None)
+    resumed = dmd2.train(cfg, toy_teacher(), dmd2.Toy2DBatches(cfg.batch_size, 0), (2,), str(tmp_path / "b"),
+                         show=lambda *a: None)
+    for name in ("generator", "fake_score", "head", "ema"):
+        a, b = getattr(full, name).state_dict(), getattr(resumed, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(12))  # no duplicated lines after the resume
+
+
+def test_resume_refuses_another_config(tmp_path):
+    cfg = tiny_cfg(iters=5)
+    dmd2.train(cfg, toy_teacher(), dmd2.Toy2DBatches(16, 0), (2,), str(tmp_path), show=lambda *a: None)
+    with pytest.raises(ValueError, match="another config.*generator_lr"):
+        dmd2.train(dataclasses.replace(cfg, generator_lr=0.5), toy_teacher(), dmd2.Toy2DBatches(16, 0), (2,),
+                   str(tmp_path), show=lambda *a: None)
+
+
+def test_corrupt_checkpoint_gives_clear_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="checkpoint.pt: not a readable DMD2 checkpoint"):
+        dmd2.train(tiny_cfg(), toy_teacher(), dmd2.Toy2DBatches(16, 0), (2,), str(tmp_path), show=lambda *a: None)
+
+
+# ----- command line -----------------------------------------------------------------------------------------------
+
+def test_cli_presets_flags_and_errors(capsys):
+    cfg = dmd2.parse_config(["--dataset", "toy2d", "--iters", "7", "--gan", "false", "--students", "1", "4"])
+    assert (cfg.iters, cfg.gan, cfg.students, cfg.num_classes) == (7, False, [1, 4], 4)
+    assert dmd2.parse_config([]).dataset == "shapes"
+    with pytest.raises(SystemExit):
+        dmd2.parse_config(["--dataset", "mnist"])
+    assert "unknown dataset 'mnist'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="regression loss is for one-step"):
+        dmd2.parse_config(["--dataset", "toy2d", "--regression_loss_weight", "0.25"])
+    with pytest.raises(SystemExit, match="no loss"):
+        dmd2.parse_config(["--dataset", "toy2d", "--gan", "false", "--dm_loss_weight", "0"])
+
+
+def run_cli(args, tmp_path, **popen):
+    env = {**os.environ, "DMD2_CACHE": str(tmp_path / "cache"), "PYTHONPATH": ROOT}
+    cmd = [sys.executable, os.path.join(ROOT, "dmd2.py"), "--dataset", "toy2d", "--out_dir", str(tmp_path / "runs"),
+           "--teacher_iters", "20", "--students", "1", "--iters", "300", "--batch_size", "8", "--ckpt_every", "20",
+           "--eval_samples", "100", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_killed_run_resumes_by_itself(tmp_path):
+    ckpt = tmp_path / "runs" / "toy2d" / "student_1step" / "checkpoint.pt"
+    proc = run_cli([], tmp_path)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert ckpt.exists(), "no checkpoint was written before the kill"
+    step_at_kill = torch.load(ckpt, weights_only=True)["distiller"]["step"]
+    assert 0 < step_at_kill < 300
+    out, _ = run_cli([], tmp_path).communicate(timeout=300)
+    assert f"resuming {ckpt.parent} at iteration {step_at_kill}" in out
+    assert torch.load(ckpt, weights_only=True)["distiller"]["step"] == 300
+    assert "| DMD2 student, 1 step |" in out
+    # sampling from the finished checkpoint
+    grid = tmp_path / "grid.png"
+    subprocess.run([sys.executable, os.path.join(ROOT, "dmd2.py"), "sample", "--checkpoint", str(ckpt), "--out",
+                    str(grid), "--num", "32"], check=True, capture_output=True)
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
