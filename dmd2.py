@@ -128,16 +128,17 @@ class Config:
 
 PRESETS = {
     # 2-D class-conditional mixture; MLP teacher trained in seconds.
-    "toy2d": dict(students=[1, 4], resolution=0, num_classes=4, teacher_iters=2000, teacher_batch=256, teacher_lr=2e-3,
+    "toy2d": dict(students=[1, 4], resolution=0, num_classes=4, teacher_iters=4000, teacher_batch=256, teacher_lr=1e-3,
                   iters=600, batch_size=256, generator_lr=1e-3, guidance_lr=1e-3, warmup_steps=20,
                   gen_cls_loss_weight=3e-2, teacher_eval_steps=18, eval_samples=4000, eval_batch=4000,
                   log_every=20, ckpt_every=200, sample_every=200, precision="fp32", channels_last=False),
     # Embedded default: 16 px procedural shapes, narrow ADM teacher trained here.
-    "shapes": dict(students=[1, 4], resolution=16, num_classes=10, teacher_iters=3000, teacher_batch=64, teacher_lr=1e-3,
-                   teacher_arch=dict(model_type="DhariwalUNet", model_channels=32, channel_mult=[1, 2, 2],
-                                     num_blocks=1, attn_resolutions=[4], dropout=0.0),
+    "shapes": dict(students=[1, 4], resolution=16, num_classes=10, teacher_iters=1800, teacher_batch=64,
+                   teacher_lr=1e-3, teacher_arch=dict(model_type="DhariwalUNet", model_channels=32,
+                                                      channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[],
+                                                      dropout=0.0),
                    iters=400, batch_size=32, generator_lr=1e-4, guidance_lr=1e-4, warmup_steps=20,
-                   log_every=10, ckpt_every=100, sample_every=100),
+                   log_every=10, ckpt_every=100, sample_every=100, precision="fp32", channels_last=False),
     # The paper's recipe (official experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_
     # scratch.sh): batch 40 per GPU, lr 2e-6, ratio 5, GAN 3e-3 / 1e-2, diffusion GAN over 1000 levels, bf16.
     "imagenet64": dict(resolution=64, num_classes=1000, iters=400_000, batch_size=40, generator_lr=2e-6,
@@ -758,6 +759,7 @@ class ToyDenoiser(nn.Module):
         self.out = nn.Linear(hidden, 2)
 
     def forward(self, x, sigma, class_labels, return_bottleneck=False):
+        x = x.float()  # as EDMPrecond: the sampler works in float64, the network in float32
         sigma = sigma.reshape(-1, 1).float().expand(x.shape[0], 1)
         c_skip, c_out, c_in, c_noise = edm_net.edm_precondition(sigma, self.sigma_data)
         angles = c_noise * self.freqs * 100
@@ -1186,7 +1188,7 @@ def save_samples(samples, labels, path):
     if samples.ndim == 4:
         import torchvision
         grid = torchvision.utils.make_grid(images_to_uint8(samples), nrow=8, padding=1)
-        torchvision.io.write_png(grid, path)
+        PIL.Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
         return
     import matplotlib
     matplotlib.use("Agg")
@@ -1786,15 +1788,15 @@ def cache_path(cfg, kind, settings):
 
 def embedded_teacher(cfg, batches, sample_shape, device):
     """Train (or load from the cache) the teacher of an embedded rung with the EDM loss: Adam (EDM's optimiser),
-    lr warm-up over 100 iterations, ln sigma ~ N(-1.2, 1.2^2), and an EMA (decay 0.999; EDM uses a 500 kimg
-    half-life, far longer than these runs). A partial state every 500 iterations survives a kill."""
+    lr warm-up over 100 iterations, ln sigma ~ N(-1.2, 1.2^2), and EDM's EMA: half-life min(500 kimg, 5% of the images
+    seen so far) (EDM: --ema 0.5 Mimg, ema_rampup_ratio 0.05). A partial state every 500 iterations survives a kill."""
     if cfg.dataset == "toy2d":
         spec = dict(kind="toy", kwargs=dict(num_classes=cfg.num_classes))
     else:
         spec = dict(kind="edm", kwargs=dict(img_resolution=cfg.resolution, img_channels=sample_shape[0],
                                             label_dim=cfg.num_classes, **cfg.teacher_arch))
     settings = dict(spec=spec, iters=cfg.teacher_iters, batch=cfg.teacher_batch, lr=cfg.teacher_lr, seed=cfg.seed,
-                    dataset=cfg.dataset, resolution=cfg.resolution)
+                    dataset=cfg.dataset, resolution=cfg.resolution, ema="edm")
     path = cache_path(cfg, f"teacher-{cfg.dataset}", settings)
     net = prepare_network(build_network(spec), cfg, device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -1824,8 +1826,10 @@ def embedded_teacher(cfg, batches, sample_shape, device):
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
+            halflife = min(500_000, (step + 1) * cfg.teacher_batch * 0.05)  # in images
+            decay = 0.5 ** (cfg.teacher_batch / halflife)
             for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - 0.999)
+                p_ema.lerp_(p, 1 - decay)
         if (step + 1) % 500 == 0 and step + 1 < cfg.teacher_iters:
             atomic_save(dict(step=step + 1, net=net.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(),
                              sched=scheduler.state_dict(), data=batches.state_dict(), rng=rng.get_state()), partial)

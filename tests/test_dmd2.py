@@ -278,7 +278,7 @@ def test_cli_presets_flags_and_errors(capsys):
 def run_cli(args, tmp_path, **popen):
     env = {**os.environ, "DMD2_CACHE": str(tmp_path / "cache"), "PYTHONPATH": ROOT}
     cmd = [sys.executable, os.path.join(ROOT, "dmd2.py"), "--dataset", "toy2d", "--out_dir", str(tmp_path / "runs"),
-           "--teacher_iters", "20", "--students", "1", "--iters", "300", "--batch_size", "8", "--ckpt_every", "20",
+           "--teacher_iters", "20", "--students", "1", "--iters", "120", "--batch_size", "8", "--ckpt_every", "10",
            "--eval_samples", "100", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
@@ -293,10 +293,10 @@ def test_killed_run_resumes_by_itself(tmp_path):
     proc.wait()
     assert ckpt.exists(), "no checkpoint was written before the kill"
     step_at_kill = torch.load(ckpt, weights_only=True)["distiller"]["step"]
-    assert 0 < step_at_kill < 300
+    assert 0 < step_at_kill < 120
     out, _ = run_cli([], tmp_path).communicate(timeout=300)
     assert f"resuming {ckpt.parent} at iteration {step_at_kill}" in out
-    assert torch.load(ckpt, weights_only=True)["distiller"]["step"] == 300
+    assert torch.load(ckpt, weights_only=True)["distiller"]["step"] == 120
     assert "| DMD2 student, 1 step |" in out
     # sampling from the finished checkpoint
     grid = tmp_path / "grid.png"
