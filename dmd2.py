@@ -129,7 +129,7 @@ class Config:
 PRESETS = {
     # 2-D class-conditional mixture; MLP teacher trained in seconds.
     "toy2d": dict(students=[1, 4], resolution=0, num_classes=4, teacher_iters=4000, teacher_batch=256, teacher_lr=1e-3,
-                  iters=600, batch_size=256, generator_lr=1e-3, guidance_lr=1e-3, warmup_steps=20,
+                  iters=2000, batch_size=256, generator_lr=3e-4, guidance_lr=3e-4, warmup_steps=20,
                   gen_cls_loss_weight=3e-2, teacher_eval_steps=18, eval_samples=4000, eval_batch=4000,
                   log_every=20, ckpt_every=200, sample_every=200, precision="fp32", channels_last=False),
     # Embedded default: 16 px procedural shapes, narrow ADM teacher trained here.
@@ -252,10 +252,9 @@ class Toy2DBatches:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Real images: EDM dataset_tool zips / folders and the official DMD2 LMDB
-# ----------------------------------------------------------------------------------------------------------------
+# 2b. Real images: EDM dataset_tool zips / folders and the official DMD2 LMDB
 # Every reader returns (uint8 CHW numpy image, int64 label). Real images feed only the GAN discriminator
-# (reference 1.4); there is no augmentation, as in the official pipeline.
+# (official lmdb_dataset.py); there is no augmentation, as in the official pipeline.
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 PREPARE_HINT = ("prepare data with EDM's dataset_tool, e.g. `python dataset_tool.py --source=cifar-10-python.tar.gz "
@@ -467,8 +466,7 @@ def real_batches(dataset, batch_size, seed, rank=0, world_size=1, num_workers=0,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Downloads: teacher pickles, FID statistics, released DMD2 checkpoints
-# ----------------------------------------------------------------------------------------------------------------
+# 2c. Downloads: teacher pickles, FID statistics, released DMD2 checkpoints
 
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm"  # reference edm_fid.md 2.4
 EDM_TEACHER_URLS = {"imagenet64": f"{EDM_URL}/pretrained/edm-imagenet-64x64-cond-adm.pkl",
@@ -787,7 +785,7 @@ class ShapesClassifier(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Optimisation helpers shared by every path
+# 7. The TTUR training loop: optimisers, multi-process gradients, one iteration, train()
 
 
 def make_optimizer(params, lr):
@@ -1017,13 +1015,13 @@ def load_lpips(kind, device):
     return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
 
 
-def read_checkpoint(path):
-    """A training checkpoint (weights_only: nothing in the file is executed), with a clear error if unreadable."""
+def read_checkpoint(path, what="DMD2 checkpoint", fix="Delete it to start over, or pass another --run_name.",
+                    error=RuntimeError):
+    """A torch file read with weights_only (nothing in it is executed), with a clear error if unreadable."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"{path}: not a readable DMD2 checkpoint ({type(e).__name__}: {e}). Delete it to start "
-                           f"over, or pass another --run_name.") from None
+        raise error(f"{path}: not a readable {what} ({type(e).__name__}: {e}). {fix}") from None
 
 
 RESUME_FREE_FIELDS = {"iters", "log_every", "ckpt_every", "sample_every", "eval_samples", "eval_batch", "students",
@@ -1451,11 +1449,7 @@ class InceptionV3(nn.Module):
 
 
 def read_inception_weights(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable Inception weights file ({type(error).__name__}: {error}); "
-                         f"delete it and download {INCEPTION_URL} again") from None
+    return read_checkpoint(path, "Inception weights file", f"Delete it and download {INCEPTION_URL} again.", ValueError)
 
 
 def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
@@ -1746,7 +1740,7 @@ def fid_main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The embedded rungs: a teacher and a classifier trained here (and cached), then students, then the table
+# 8c. The embedded rungs: a teacher and a classifier trained here (and cached), then students, then the table
 
 
 def resolve_device(cfg):
@@ -1943,7 +1937,7 @@ def results_table(rows):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The EDM rungs (cifar10, imagenet64): official teacher, real data on disk, one or many processes
+# 8d. The EDM rungs (cifar10, imagenet64): official teacher, real data on disk, one or many processes
 
 
 class FileBatches:
@@ -2022,7 +2016,7 @@ def run_edm(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line
+# 10. Command line: python dmd2.py [sample|evaluate|fid|sdxl] ...
 
 
 def parse_config(argv):

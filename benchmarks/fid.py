@@ -11,7 +11,6 @@ Writes benchmarks/results/fid.json.
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -19,29 +18,12 @@ import time
 
 import torch
 
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dmd2.py (after PYTHONPATH)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import pytorch_fid.inception as pfid_inception  # noqa: E402
 
 from dmd2 import InceptionV3  # noqa: E402
-
-
-def random_inception_state(seed=0):
-    """pytorch-fid's layout with random values scaled so activations stay O(1) through the 94 conv layers."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, value in InceptionV3().state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            continue
-        if name.endswith("conv.weight"):
-            t = torch.randn(value.shape, generator=g) * math.sqrt(2 / value[0].numel())
-        elif name.endswith(("bn.weight", "running_var")):
-            t = 0.5 + torch.rand(value.shape, generator=g)
-        elif name.endswith(("bn.bias", "running_mean")):
-            t = 0.1 * torch.randn(value.shape, generator=g)
-        else:
-            t = 0.01 * torch.randn(value.shape, generator=g)
-        state[name] = t.contiguous()
-    return state
+from test_fid import random_inception_state  # noqa: E402  (the tests' random weights in pytorch-fid's layout)
 
 
 def main():

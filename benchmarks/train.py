@@ -5,7 +5,8 @@
 Measured in one run, on the embedded default's networks (16 px, narrow ADM teacher), batch 32:
   1. one TTUR cycle (dfake_gen_update_ratio = 5 iterations: 5 critic steps, 1 generator step) against the sum of
      the network passes it is made of, each timed alone: the overhead of the loop itself (target <= 15%);
-  2. the same cycle with bf16 compute + channels_last against float32 (target >= 2x);
+  2. bf16 compute + channels_last against float32: on the same cycle, and on one forward+backward of the full
+     ImageNet-64 ADM at batch 4, where AMX bf16 matters (target >= 2x);
   3. student (1 and 4 steps) against teacher (EDM Heun, 18 steps = 35 NFE) images per second.
 """
 import argparse
@@ -109,8 +110,26 @@ def main():
     out["cycle"] = results
     out["bf16_channels_last_speedup"] = results["fp32"]["cycle_s"] / results["bf16+channels_last"]["cycle_s"]
 
+    # bf16 at ImageNet size: one forward+backward of the 296M-parameter ADM, batch 4
+    import edm_net
+    net = edm_net.EDMPrecond(**edm_net.imagenet64_config(dropout=0.0))
+    x, sigma, y = torch.randn(4, 3, 64, 64), torch.full((4,), 2.0), dmd2.onehot(torch.arange(4), 1000)
+    adm = {}
+    for name, bf16, channels_last in [("fp32", False, False), ("bf16+channels_last", True, True)]:
+        net.use_fp16 = bf16
+        net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # in place
+        inp = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+        def fwd_bwd():
+            net(inp, sigma, y).float().mean().backward()
+            net.zero_grad(set_to_none=True)
+        adm[name] = timed(fwd_bwd, args.repeats)
+        print(f"ImageNet-64 ADM forward+backward, batch 4, {name}: {adm[name]:.2f} s")
+    out["imagenet_adm_fwd_bwd_s"] = adm
+    out["imagenet_adm_bf16_channels_last_speedup"] = adm["fp32"] / adm["bf16+channels_last"]
+
     # images per second, with the precision the default run uses
-    d, _ = make_distiller("auto", True, args.batch)
+    d, _ = make_distiller(dmd2.PRESETS["shapes"]["precision"], dmd2.PRESETS["shapes"]["channels_last"], args.batch)
     n = 256
     noise, labels = torch.randn(n, 3, 16, 16), torch.arange(n) % 10
     teacher_s = timed(lambda: dmd2.sample_teacher(d.real_score, noise, labels, 10, 18, 256), 1)

@@ -1,5 +1,4 @@
 """The DMD2 method in dmd2.py: losses, GAN head, generators, the TTUR loop, checkpoints and resume."""
-import copy
 import dataclasses
 import json
 import os
