@@ -137,7 +137,7 @@ PRESETS = {
                    teacher_lr=1e-3, teacher_arch=dict(model_type="DhariwalUNet", model_channels=32,
                                                       channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[],
                                                       dropout=0.0),
-                   iters=400, batch_size=32, generator_lr=1e-4, guidance_lr=1e-4, warmup_steps=20,
+                   iters=800, batch_size=32, generator_lr=2e-4, guidance_lr=2e-4, warmup_steps=20,
                    log_every=10, ckpt_every=100, sample_every=100, precision="fp32", channels_last=False),
     # The paper's recipe (official experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_
     # scratch.sh): batch 40 per GPU, lr 2e-6, ratio 5, GAN 3e-3 / 1e-2, diffusion GAN over 1000 levels, bf16.
