@@ -1040,7 +1040,7 @@ def check_resumable(saved, cfg, path):
 def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=None, rank=0, world_size=1,
           device="cpu", show=None, init=("", "")):
     """Distil teacher into a cfg.generator_steps-step generator. Writes into run_dir: checkpoint.pt (atomic, every
-    ckpt_every iterations), log.jsonl, samples_XXXXXX.png, curves.png. If run_dir already holds a checkpoint, the
+    ckpt_every iterations), log.jsonl, samples_<iteration>.png, curves.png. If run_dir already holds a checkpoint, the
     run resumes from it exactly (networks, optimisers, schedulers, step, noise and data RNG): re-running the same
     command after a kill continues by itself. A fresh run can start from released weights: init = (generator state
     dict path, DMD2 guidance state dict path). real_batches may be None when no loss needs real data.
