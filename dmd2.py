@@ -30,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 import urllib.parse
 import urllib.request
 import warnings
@@ -114,6 +115,7 @@ class Config:
     max_grad_norm: float = 10.0  # official: --max_grad_norm 10
     ema_decay: float = 0.0  # generator EMA; 0 = off (official: none)
     grad_checkpointing: bool = False  # memory option for one GPU
+    micro_batch: int = 0  # memory option: run each batch in chunks of this size, accumulating gradients (0 = whole)
     teacher_bf16_weights: bool = False  # memory option: frozen teacher stored in bf16
     generator_init: str = ""  # start G from a generator state dict (official: --generator_ckpt_path)
     guidance_init: str = ""  # start the fake score from a DMD2 pytorch_model_1.bin (official: --ckpt_only_path)
@@ -133,11 +135,11 @@ PRESETS = {
                   gen_cls_loss_weight=3e-2, teacher_eval_steps=18, eval_samples=4000, eval_batch=4000,
                   log_every=20, ckpt_every=200, sample_every=200, precision="fp32", channels_last=False),
     # Embedded default: 16 px procedural shapes, narrow ADM teacher trained here.
-    "shapes": dict(students=[1, 4], resolution=16, num_classes=10, teacher_iters=1800, teacher_batch=64,
+    "shapes": dict(students=[1, 4], resolution=16, num_classes=10, teacher_iters=800, teacher_batch=64,
                    teacher_lr=1e-3, teacher_arch=dict(model_type="DhariwalUNet", model_channels=32,
                                                       channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[],
                                                       dropout=0.0),
-                   iters=800, batch_size=32, generator_lr=2e-4, guidance_lr=2e-4, warmup_steps=20,
+                   iters=400, batch_size=32, generator_lr=2e-4, guidance_lr=2e-4, warmup_steps=20,
                    log_every=10, ckpt_every=100, sample_every=100, precision="fp32", channels_last=False),
     # The paper's recipe (official experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_
     # scratch.sh): batch 40 per GPU, lr 2e-6, ratio 5, GAN 3e-3 / 1e-2, diffusion GAN over 1000 levels, bf16.
@@ -694,7 +696,7 @@ def gan_logits(fake_score, head, images, labels, sigma, noise):
 
 def generator_sigmas(num_steps, sigmas, conditioning_sigma=80.0):
     """Input sigmas of a K-step generator. K=1: [conditioning_sigma] (official: --conditioning_sigma 80).
-    K>1: Karras-grid levels 999, 999-1000/K, ... i.e. [80, 17.6, 2.53, 0.170] for K=4: the paper's SDXL timesteps
+    K>1: Karras-grid levels 999, 999-1000/K, ... i.e. [80, 17.5, 2.50, 0.168] for K=4: the paper's SDXL timesteps
     [999, 749, 499, 249] (official: denoising_step_list) carried over to the EDM grid (the EDM code is 1-step only)."""
     if num_steps == 1:
         return torch.tensor([conditioning_sigma], device=sigmas.device)
@@ -841,16 +843,33 @@ def average_gradients(params, world_size):
         g.copy_(synced)
 
 
-def optimizer_step(loss, name, params, optimizer, cfg, world_size, step):
-    """backward, average over processes, clip to max_grad_norm (official 10), AdamW step. A non-finite loss
-    stops training with a clear message before anything is updated or saved."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{name} is {loss.item()} at iteration {step}: training stopped and the last good "
+def micro_batches(batch_size, micro_batch):
+    """Slices of the per-process batch run one at a time (--micro_batch); the whole batch when micro_batch is 0."""
+    size = micro_batch or batch_size
+    return [slice(i, i + size) for i in range(0, batch_size, size)]
+
+
+def accumulate(losses, part, batch_size, logs, name, step):
+    """Backward of one micro-batch's weighted losses {key: (weight, mean loss over the micro-batch)}, scaled by the
+    micro-batch's share of the batch; logs get the whole-batch means. A non-finite loss stops training with a clear
+    message before any parameter is updated or anything saved."""
+    share = (part.stop - part.start) / batch_size
+    total = sum(weight * loss for weight, loss in losses.values())
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"{name} is {total.item()} at iteration {step}: training stopped and the last good "
                                  f"checkpoint was kept. Fix: lower the learning rates, or use --precision fp32.")
-    loss.backward()
+    (share * total).backward()
+    for key, (_, loss) in losses.items():
+        logs[key] = logs.get(key, 0.0) + share * loss.item()
+
+
+def optimizer_step(params, optimizer, cfg, world_size):
+    """After the last micro-batch: average the gradients over processes, clip to max_grad_norm (official 10), AdamW
+    step, clear the gradients. Returns the gradient norm before clipping."""
     average_gradients(params, world_size)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
 
 
@@ -870,7 +889,9 @@ class Distiller:
             probe = torch.zeros(1, *sample_shape, device=self.device)
             features = self.fake_score(probe, torch.ones(1, device=self.device), torch.zeros(1, cfg.num_classes,
                                        device=self.device), return_bottleneck=True)
-        self.head = GANHead(features.shape[1], features.shape[-1] if features.ndim == 4 else 1).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # head initialised from cfg.seed: the same on every rank, and
+            torch.manual_seed(cfg.seed)           # independent of whatever drew from the global RNG before
+            self.head = GANHead(features.shape[1], features.shape[-1] if features.ndim == 4 else 1).to(self.device)
         if not cfg.gan:
             self.head.requires_grad_(False)
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
@@ -903,68 +924,84 @@ class Distiller:
         k = self.noise.randint(0, cfg.generator_steps, n)
         return noised_real_inputs(real[0], self.step_sigmas, k, self.noise.randn(shape))
 
-    def gan_logits(self, images, labels):
-        cfg, n = self.cfg, images.shape[0]
-        t = self.noise.randint(0, cfg.diffusion_gan_max_timestep if cfg.diffusion_gan else 1, n)
-        noise = self.noise.randn(images.shape) * (1.0 if cfg.diffusion_gan else 0.0)
-        return gan_logits(self.fake_score, self.head, images, labels, self.sigmas[t], noise)
+    def gan_noise(self, shape):
+        """Diffusion-GAN noising of a batch: per-sample sigma = sigmas[randint(0, 1000)] and its noise; without the
+        diffusion GAN, sigmas[0] and no noise (official: compute_cls_logits)."""
+        cfg = self.cfg
+        t = self.noise.randint(0, cfg.diffusion_gan_max_timestep if cfg.diffusion_gan else 1, shape[0])
+        return self.sigmas[t], self.noise.randn(shape) * (1.0 if cfg.diffusion_gan else 0.0)
 
     def train_step(self, real=None):
         """One iteration: a generator step every dfake_gen_update_ratio iterations (before the critic step, on
-        the same generated batch), and a critic step (fake score + GAN head, one optimiser) every iteration."""
-        cfg, step, logs = self.cfg, self.step, {}
-        shape = (cfg.batch_size, *self.sample_shape)
-        labels = onehot(self.noise.randint(0, cfg.num_classes, cfg.batch_size), cfg.num_classes)
+        the same generated batch), and a critic step (fake score + GAN head, one optimiser) every iteration.
+
+        Every random number is drawn for the whole batch first; the network passes with gradient then run in
+        micro-batches of cfg.micro_batch (memory option) whose losses are weighted by their share of the batch, so
+        the accumulated gradient is the whole-batch gradient (every loss is a mean over the batch)."""
+        cfg, step, logs, n = self.cfg, self.step, {}, self.cfg.batch_size
+        shape = (n, *self.sample_shape)
+        labels = onehot(self.noise.randint(0, cfg.num_classes, n), cfg.num_classes)
         real = None if real is None else (real[0].to(self.device), onehot(real[1].to(self.device), cfg.num_classes))
         if real is not None and cfg.channels_last and real[0].ndim == 4:
             real = (real[0].contiguous(memory_format=torch.channels_last), real[1])
         update_generator = step % cfg.dfake_gen_update_ratio == 0  # official: COMPUTE_GENERATOR_GRADIENT
         x_in, sigma_in = self.generator_input(labels, shape, real)
-        with torch.set_grad_enabled(update_generator):
-            fake = self.generator(x_in, sigma_in, labels).float()
+        parts = micro_batches(n, cfg.micro_batch)
 
         if update_generator:
             self.fake_score.requires_grad_(False)  # official: guidance_model.requires_grad_(False)
             self.head.requires_grad_(False)
-            loss_g = torch.zeros((), device=self.device)
-            if cfg.dm_loss_weight > 0:
-                t = self.noise.randint(round(cfg.min_step_percent * cfg.num_train_timesteps),
-                                       round(cfg.max_step_percent * cfg.num_train_timesteps) + 1, cfg.batch_size)
-                loss_dm = distribution_matching_loss(fake, labels, self.real_score, self.fake_score, self.sigmas[t],
-                                                     self.noise.randn(shape))
-                loss_g = loss_g + cfg.dm_loss_weight * loss_dm
-                logs["loss_dm"] = loss_dm.item()
+            if cfg.dm_loss_weight > 0:  # DM-loss sigma index uniform in [20, 980] (min/max_step_percent)
+                t_dm = self.noise.randint(round(cfg.min_step_percent * cfg.num_train_timesteps),
+                                          round(cfg.max_step_percent * cfg.num_train_timesteps) + 1, n)
+                noise_dm = self.noise.randn(shape)
             if cfg.gan:
-                loss_gan_g = gan_generator_loss(self.gan_logits(fake, labels))
-                loss_g = loss_g + cfg.gen_cls_loss_weight * loss_gan_g
-                logs["loss_gan_g"] = loss_gan_g.item()
+                sigma_gan, noise_gan = self.gan_noise(shape)
             if cfg.regression_loss_weight > 0:
-                loss_reg = self.regression_loss()
-                loss_g = loss_g + cfg.regression_loss_weight * loss_reg
-                logs["loss_reg"] = loss_reg.item()
-            logs["grad_norm_g"] = optimizer_step(loss_g, "the generator loss", list(self.generator.parameters()),
-                                                 self.opt_g, cfg, self.world_size, step)
-            self.opt_g.zero_grad(set_to_none=True)
+                pairs = self.noise.randint(0, len(self.regression_pairs[1]), n).cpu()
+            fakes = []
+            for part in parts:
+                fake = self.generator(x_in[part], sigma_in[part], labels[part]).float()
+                losses = {}
+                if cfg.dm_loss_weight > 0:
+                    losses["loss_dm"] = (cfg.dm_loss_weight, distribution_matching_loss(
+                        fake, labels[part], self.real_score, self.fake_score, self.sigmas[t_dm[part]], noise_dm[part]))
+                if cfg.gan:
+                    losses["loss_gan_g"] = (cfg.gen_cls_loss_weight, gan_generator_loss(gan_logits(
+                        self.fake_score, self.head, fake, labels[part], sigma_gan[part], noise_gan[part])))
+                if cfg.regression_loss_weight > 0:
+                    losses["loss_reg"] = (cfg.regression_loss_weight, self.regression_loss(pairs[part]))
+                accumulate(losses, part, n, logs, "the generator loss", step)
+                fakes.append(fake.detach())
+            logs["grad_norm_g"] = optimizer_step(list(self.generator.parameters()), self.opt_g, cfg, self.world_size)
             self.fake_score.requires_grad_(True)
             self.head.requires_grad_(cfg.gan)
             if self.ema is not None:
                 with torch.no_grad():
                     for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
                         p_ema.lerp_(p, 1 - cfg.ema_decay)
+            fake = torch.cat(fakes)
+        else:
+            with torch.no_grad():
+                fake = self.generator(x_in, sigma_in, labels).float()
 
         # Critic turn: denoising loss on the detached fake batch, sigma index-uniform over all 1000 levels.
-        fake = fake.detach()
-        t = self.noise.randint(0, cfg.num_train_timesteps, cfg.batch_size)
-        loss_d = loss_fake = denoising_loss(self.fake_score, fake, labels, self.sigmas[t], self.noise.randn(shape),
-                                            cfg.sigma_data)
-        logs["loss_fake"] = loss_fake.item()
+        t = self.noise.randint(0, cfg.num_train_timesteps, n)
+        noise = self.noise.randn(shape)
         if cfg.gan:
-            loss_gan_d = gan_discriminator_loss(self.gan_logits(real[0], real[1]), self.gan_logits(fake, labels))
-            loss_d = loss_d + cfg.cls_loss_weight * loss_gan_d
-            logs["loss_gan_d"] = loss_gan_d.item()
-        logs["grad_norm_d"] = optimizer_step(loss_d, "the critic loss", self.critic_params, self.opt_d, cfg,
-                                             self.world_size, step)
-        self.opt_d.zero_grad(set_to_none=True)
+            sigma_real, noise_real = self.gan_noise(real[0].shape)
+            sigma_fake, noise_fake = self.gan_noise(shape)
+        for part in parts:
+            losses = {"loss_fake": (1.0, denoising_loss(self.fake_score, fake[part], labels[part], self.sigmas[t[part]],
+                                                         noise[part], cfg.sigma_data))}
+            if cfg.gan:
+                logits_real = gan_logits(self.fake_score, self.head, real[0][part], real[1][part], sigma_real[part],
+                                         noise_real[part])
+                logits_fake = gan_logits(self.fake_score, self.head, fake[part], labels[part], sigma_fake[part],
+                                         noise_fake[part])
+                losses["loss_gan_d"] = (cfg.cls_loss_weight, gan_discriminator_loss(logits_real, logits_fake))
+            accumulate(losses, part, n, logs, "the critic loss", step)
+        logs["grad_norm_d"] = optimizer_step(self.critic_params, self.opt_d, cfg, self.world_size)
         # Both schedulers advance once per iteration, so warm-up counts iterations for both networks (the official
         # generator scheduler does this; accelerate also stepped each one num_gpus times: quirk 4, not copied).
         self.sched_g.step()
@@ -972,13 +1009,12 @@ class Distiller:
         self.step += 1
         return logs
 
-    def regression_loss(self):
-        """Original DMD's regression loss (DMD Sec. 3.3): the one-step generator maps the teacher's ODE noise to
-        the teacher's ODE output. LPIPS where its weights are on disk, otherwise mean squared error (stated)."""
-        noise, labels, target = self.regression_pairs
-        idx = self.noise.randint(0, len(labels), self.cfg.batch_size).cpu()
-        noise, target = noise[idx].to(self.device), target[idx].to(self.device)
-        labels = onehot(labels[idx].to(self.device), self.cfg.num_classes)
+    def regression_loss(self, pairs):
+        """Original DMD's regression loss (DMD Sec. 3.3) on the teacher ODE pairs with indices `pairs`: the one-step
+        generator maps the teacher's ODE noise to the teacher's ODE output. LPIPS where its weights are on disk,
+        otherwise mean squared error (stated)."""
+        noise, labels, target = (v[pairs].to(self.device) for v in self.regression_pairs)
+        labels = onehot(labels, self.cfg.num_classes)
         x = self.generator(noise * self.step_sigmas[0], self.step_sigmas[0].expand(noise.shape[0]), labels).float()
         if self.lpips is None:
             return F.mse_loss(x, target)
@@ -1030,8 +1066,9 @@ RESUME_FREE_FIELDS = {"iters", "log_every", "ckpt_every", "sample_every", "eval_
 
 def check_resumable(saved, cfg, path):
     """A run folder resumes only the config that made it (except the fields that don't change the trajectory)."""
-    diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-            if k not in RESUME_FREE_FIELDS and saved.get(k) != v]
+    defaults = dataclasses.asdict(Config())  # what a checkpoint written before a field existed implicitly used
+    diff = [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k not in RESUME_FREE_FIELDS and saved.get(k, defaults[k]) != v]
     if diff:
         raise ValueError(f"{path} was written with another config ({'; '.join(diff[:4])}). Resume with the same "
                          f"flags, pass another --run_name, or delete the folder.")
@@ -1121,13 +1158,13 @@ def read_log(path):
 
 
 def plot_curves(records, path):
-    """Loss curves of a run (matplotlib, one panel per logged quantity)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss curves of a run (matplotlib, one panel per logged quantity). A bare Figure (no pyplot) leaves the
+    caller's backend alone, e.g. inline plots in a notebook."""
+    from matplotlib.figure import Figure
     keys = [k for k in ("loss_dm", "loss_fake", "loss_gan_g", "loss_gan_d", "loss_reg", "grad_norm_g")
             if any(k in r for r in records)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(keys), 2.6))
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in records if key in r]
         ax.plot(*zip(*points), lw=1)
@@ -1137,7 +1174,6 @@ def plot_curves(records, path):
             ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def build_network(spec):
@@ -1188,16 +1224,14 @@ def save_samples(samples, labels, path):
         grid = torchvision.utils.make_grid(images_to_uint8(samples), nrow=8, padding=1)
         PIL.Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(3.2, 3.2))
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(3.2, 3.2))
+    ax = fig.subplots()
     ax.scatter(samples[:, 0], samples[:, 1], c=labels, cmap="tab10", s=2, vmin=0, vmax=9)
     ax.set_xlim(-1.6, 1.6)
     ax.set_ylim(-1.6, 1.6)
     ax.set_aspect("equal")
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def toy2d_metrics(x, labels, seed=123):
@@ -1853,53 +1887,88 @@ def shapes_classifier(cfg, images, labels, device):
     return net.eval()
 
 
-def run_embedded(cfg):
-    """The main job of the embedded rungs: teacher, one student per entry of cfg.students, and the results table
-    (written to out_dir/<dataset>/results.md and results.json)."""
+def embedded_rung(cfg):
+    """What every run of an embedded rung shares: device, data, the (cached) teacher, evaluation noise and labels
+    (class-balanced, as the official ImageNet evaluation) and the metric. Notebooks build it once per rung."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg)
-    root = os.path.join(cfg.out_dir, cfg.dataset)
-    os.makedirs(root, exist_ok=True)
     n = cfg.eval_samples
-    eval_labels = torch.arange(n) % cfg.num_classes  # class-balanced, as the official ImageNet evaluation
+    eval_labels = torch.arange(n) % cfg.num_classes
     if cfg.dataset == "toy2d":
         sample_shape = (2,)
         teacher_data = Toy2DBatches(cfg.teacher_batch, cfg.seed)
-        real_data = Toy2DBatches(cfg.batch_size, cfg.seed + 3)
+        real_batches = lambda batch_size: Toy2DBatches(batch_size, cfg.seed + 3)
         metrics = lambda x: toy2d_metrics(x, eval_labels)
     else:
         images, labels = shapes_dataset(20_000, cfg.resolution, seed=0)
         sample_shape = tuple(images.shape[1:])
         teacher_data = InMemoryBatches(images, labels, cfg.teacher_batch, cfg.seed)
-        real_data = InMemoryBatches(images, labels, cfg.batch_size, cfg.seed + 3)
+        real_batches = lambda batch_size: InMemoryBatches(images, labels, batch_size, cfg.seed + 3)
         classifier = shapes_classifier(cfg, images, labels, device="cpu")
         ref_features, _ = classifier_features(classifier, shapes_dataset(n, cfg.resolution, seed=1)[0].float() / 127.5 - 1)
         metrics = lambda x: image_metrics(x, eval_labels, classifier, ref_features)
     eval_noise = torch.randn((n, *sample_shape), generator=torch.Generator().manual_seed(cfg.seed + 2))
-
     t0 = time.time()
     teacher = embedded_teacher(cfg, teacher_data, sample_shape, device)
     print(f"teacher ready ({time.time() - t0:.0f} s)")
-    rows = []
+    return types.SimpleNamespace(cfg=cfg, device=device, sample_shape=sample_shape, teacher=teacher,
+                                 real_batches=real_batches, metrics=metrics, eval_noise=eval_noise,
+                                 eval_labels=eval_labels)
+
+
+def teacher_fingerprint(teacher):
+    return sum(float(p.double().sum()) for p in teacher.parameters())
+
+
+def evaluate_teacher(rung):
+    """The teacher's row of the results table (EDM Heun, cfg.teacher_eval_steps steps) and its samples. Cached with
+    the teacher (the sampler is deterministic), so a run with a cached teacher skips the slow sampling; the cached
+    images_per_s is the speed measured when the cache was written."""
+    cfg = rung.cfg
+    settings = dict(teacher=teacher_fingerprint(rung.teacher), steps=cfg.teacher_eval_steps, n=cfg.eval_samples,
+                    seed=cfg.seed)
+    path = cache_path(cfg, f"teacher-eval-{cfg.dataset}", settings)
+    if os.path.exists(path):
+        state = read_checkpoint(path)
+        return state["row"], state["samples"]
     start = time.time()
-    samples = sample_teacher(teacher, eval_noise, eval_labels, cfg.num_classes, cfg.teacher_eval_steps, cfg.eval_batch)
-    rows.append(dict(model=f"teacher (EDM Heun, {cfg.teacher_eval_steps} steps)", NFE=2 * cfg.teacher_eval_steps - 1,
-                     **metrics(samples), images_per_s=n / (time.time() - start)))
-    save_samples(samples[:64], eval_labels[:64], os.path.join(root, "teacher_samples.png"))
+    samples = sample_teacher(rung.teacher, rung.eval_noise, rung.eval_labels, cfg.num_classes,
+                             cfg.teacher_eval_steps, cfg.eval_batch)
+    row = dict(model=f"teacher (EDM Heun, {cfg.teacher_eval_steps} steps)", NFE=2 * cfg.teacher_eval_steps - 1,
+               **rung.metrics(samples), images_per_s=len(samples) / (time.time() - start))
+    atomic_save(dict(row=row, samples=samples), path)
+    return row, samples
+
+
+def distil(cfg, rung, run_dir, name=None, show=None):
+    """Train (or resume, or reload when finished) one student of an embedded rung with cfg, then evaluate it on the
+    rung's evaluation noise. Returns (results row, its samples, the Distiller)."""
+    regression_pairs = teacher_ode_pairs(cfg, rung.teacher, rung.sample_shape) if cfg.regression_loss_weight > 0 else None
+    distiller = train(cfg, rung.teacher, rung.real_batches(cfg.batch_size), rung.sample_shape, run_dir,
+                      regression_pairs, device=rung.device, show=show)
+    generator, start = distiller.ema or distiller.generator, time.time()
+    samples = sample_student(generator, rung.eval_noise, rung.eval_labels, distiller.step_sigmas, cfg.num_classes,
+                             cfg.eval_batch)
+    steps = cfg.generator_steps
+    row = dict(model=name or f"DMD2 student, {steps} step{'s' * (steps > 1)}", NFE=steps, **rung.metrics(samples),
+               images_per_s=len(samples) / (time.time() - start))
+    return row, samples, distiller
+
+
+def run_embedded(cfg):
+    """The main job of the embedded rungs: teacher, one student per entry of cfg.students, and the results table
+    (written to out_dir/<dataset>/results.md and results.json)."""
+    root = os.path.join(cfg.out_dir, cfg.dataset)
+    os.makedirs(root, exist_ok=True)
+    rung = embedded_rung(cfg)
+    row, samples = evaluate_teacher(rung)
+    rows = [row]
+    save_samples(samples[:64], rung.eval_labels[:64], os.path.join(root, "teacher_samples.png"))
     for steps in cfg.students:
-        student_cfg = dataclasses.replace(cfg, generator_steps=steps)
         run_dir = os.path.join(root, cfg.run_name or f"student_{steps}step")
-        regression_pairs = None
-        if cfg.regression_loss_weight > 0:
-            regression_pairs = teacher_ode_pairs(cfg, teacher, sample_shape)
-        distiller = train(student_cfg, teacher, real_data, sample_shape, run_dir, regression_pairs, device=device)
-        generator = distiller.ema or distiller.generator
-        start = time.time()
-        samples = sample_student(generator, eval_noise, eval_labels, distiller.step_sigmas, cfg.num_classes,
-                                 cfg.eval_batch)
-        rows.append(dict(model=f"DMD2 student, {steps} step{'s' * (steps > 1)}", NFE=steps, **metrics(samples),
-                         images_per_s=n / (time.time() - start)))
-        save_samples(samples[:64], eval_labels[:64], os.path.join(run_dir, "eval_samples.png"))
+        row, samples, _ = distil(dataclasses.replace(cfg, generator_steps=steps), rung, run_dir)
+        rows.append(row)
+        save_samples(samples[:64], rung.eval_labels[:64], os.path.join(run_dir, "eval_samples.png"))
     table = results_table(rows)
     print(table)
     with open(os.path.join(root, "results.md"), "w") as f:
@@ -1913,7 +1982,7 @@ def teacher_ode_pairs(cfg, teacher, sample_shape):
     """(noise, labels, teacher output) pairs from the teacher's deterministic Heun sampler, for the regression
     loss of the original DMD (its Sec. 3.3); cached like the teacher."""
     settings = dict(n=cfg.regression_pairs, steps=cfg.teacher_eval_steps, seed=cfg.seed,
-                    teacher=sum(float(p.double().sum()) for p in teacher.parameters()))
+                    teacher=teacher_fingerprint(teacher))
     path = cache_path(cfg, f"odepairs-{cfg.dataset}", settings)
     if os.path.exists(path):
         state = read_checkpoint(path)
@@ -2056,6 +2125,9 @@ def check_config(cfg):
         problems.append("--gan true needs --cls_loss_weight > 0")
     if cfg.dm_loss_weight <= 0 and not cfg.gan and cfg.regression_loss_weight <= 0:
         problems.append("the generator has no loss: enable the DM loss, the GAN or the regression loss")
+    if cfg.micro_batch < 0 or (cfg.micro_batch and cfg.batch_size % cfg.micro_batch):
+        problems.append(f"--micro_batch {cfg.micro_batch} must divide --batch_size {cfg.batch_size} (or be 0: no "
+                        "micro-batching)")
     if min(cfg.students + [cfg.generator_steps]) < 1 or cfg.dfake_gen_update_ratio < 1:
         problems.append("--students, --generator_steps and --dfake_gen_update_ratio must be >= 1")
     if problems:

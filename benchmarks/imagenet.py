@@ -1,7 +1,7 @@
 """Full ImageNet-64 architecture on this CPU: seconds per TTUR iteration and peak memory, written to
 benchmarks/results/imagenet.json.
 
-    python benchmarks/imagenet.py [--batch 2] [--precision bf16]
+    python benchmarks/imagenet.py [--batch 2] [--precision bf16] [--micro_batch 0]
 
 Three copies of the 296M-parameter ADM (frozen teacher, fake score + GAN head, generator), two AdamW optimisers,
 the paper's loss weights; random weights (the timing does not depend on them). One generator iteration (DM + GAN
@@ -27,9 +27,11 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--grad_checkpointing", type=dmd2._parse_bool, default=False)
+    parser.add_argument("--micro_batch", type=int, default=0)
     args = parser.parse_args()
     cfg = dmd2.Config(**{**dmd2.PRESETS["imagenet64"], "dataset": "imagenet64", "batch_size": args.batch,
-                         "precision": args.precision, "warmup_steps": 0, "grad_checkpointing": args.grad_checkpointing})
+                         "precision": args.precision, "warmup_steps": 0, "grad_checkpointing": args.grad_checkpointing,
+                         "micro_batch": args.micro_batch})
     torch.manual_seed(0)
     start = time.perf_counter()
     teacher = edm_net.EDMPrecond(**edm_net.imagenet64_config(dropout=0.0))
@@ -44,13 +46,15 @@ def main():
         distiller.train_step(real)
         times.append(time.perf_counter() - start)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    out = dict(batch=args.batch, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
+    out = dict(batch=args.batch, micro_batch=args.micro_batch, precision=args.precision,
+               grad_checkpointing=args.grad_checkpointing,
                parameters_per_network=sum(p.numel() for p in teacher.parameters()), build_s=round(build_s, 1),
                generator_iteration_s=round(times[0], 2), critic_iteration_s=round(min(times[1:]), 2),
                ttur_cycle_s=round(times[0] + 4 * min(times[1:]), 2), peak_rss_gb=round(peak_gb, 2))
     print(json.dumps(out, indent=1))
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", f"imagenet_{args.precision}.json"), "w") as f:
+    name = f"imagenet_{args.precision}" + (f"_batch{args.batch}_micro{args.micro_batch}" if args.micro_batch else "")
+    with open(os.path.join(os.path.dirname(__file__), "results", f"{name}.json"), "w") as f:
         json.dump(out, f, indent=1)
 
 

@@ -1,4 +1,5 @@
 """The DMD2 method in dmd2.py: losses, GAN head, generators, the TTUR loop, checkpoints and resume."""
+import copy
 import dataclasses
 import json
 import os
@@ -200,10 +201,10 @@ def test_generator_loss_does_not_train_the_critic():
     grads = {}
     orig = dmd2.optimizer_step
 
-    def spy(loss, name, params_, optimizer, *args):
-        norm = orig(loss, name, params_, optimizer, *args)
+    def spy(params_, optimizer, *args):
+        name = "the generator loss" if optimizer is d.opt_g else "the critic loss"
         grads[name] = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in d.critic_params]
-        return norm
+        return orig(params_, optimizer, *args)
     dmd2.optimizer_step = spy
     try:
         d.train_step(next(dmd2.Toy2DBatches(cfg.batch_size, 0)))
@@ -230,6 +231,55 @@ def test_nan_loss_stops_without_touching_the_checkpoint(tmp_path):
     assert ckpt.read_bytes() == saved
 
 
+def copy_of(net):
+    return copy.deepcopy(net)
+
+
+def tiny_image_teacher():
+    torch.manual_seed(0)
+    return dmd2.build_network(dict(kind="edm", kwargs=dict(
+        img_resolution=8, img_channels=3, label_dim=4, model_type="DhariwalUNet", model_channels=16,
+        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0))).eval()
+
+
+@pytest.mark.parametrize("setting", ["toy2d", "toy2d 4-step", "toy2d regression", "edm 8px"])
+@pytest.mark.parametrize("micro_batch", [1, 2])
+def test_micro_batching_equals_the_whole_batch(setting, micro_batch):
+    cfg = tiny_cfg(batch_size=4, warmup_steps=0, diffusion_gan=True, gan=True,
+                   generator_steps=4 if "4-step" in setting else 1)
+    if "regression" in setting:
+        pairs = (torch.randn(8, 2), torch.arange(8) % 4, torch.randn(8, 2))
+        cfg = dataclasses.replace(cfg, regression_loss_weight=0.25, regression_pairs=8, regression_loss="mse")
+    teacher, shape = toy_teacher(), (2,)
+    real = lambda: dmd2.Toy2DBatches(cfg.batch_size, 0)
+    if setting == "edm 8px":
+        cfg = dataclasses.replace(cfg, num_classes=4, channels_last=False)
+        teacher, shape = tiny_image_teacher(), (3, 8, 8)
+        images = torch.rand(16, 3, 8, 8) * 2 - 1
+        real = lambda: dmd2.InMemoryBatches(images, torch.arange(16) % 4, cfg.batch_size, 0)
+    runs = []
+    for mb in (0, micro_batch):
+        d = dmd2.Distiller(dataclasses.replace(cfg, micro_batch=mb), copy_of(teacher), shape,
+                           regression_pairs=pairs if "regression" in setting else None)
+        batches = real()
+        runs.append((d, [d.train_step(next(batches)) for _ in range(cfg.dfake_gen_update_ratio + 1)]))  # 2 G steps
+    (whole, whole_logs), (micro, micro_logs) = runs
+    for name in ("generator", "fake_score", "head"):
+        a, b = getattr(whole, name).state_dict(), getattr(micro, name).state_dict()
+        assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 2e-5, name
+    assert whole_logs[0].keys() == micro_logs[0].keys() and "loss_dm" in whole_logs[0]
+    for w, m in zip(whole_logs, micro_logs):
+        assert all(w[k] == pytest.approx(m[k], rel=1e-4, abs=1e-6) for k in w), (w, m)
+
+
+def test_micro_batch_must_divide_the_batch():
+    with pytest.raises(SystemExit, match="--micro_batch 3 must divide --batch_size 4"):
+        dmd2.parse_config(["--dataset", "toy2d", "--batch_size", "4", "--micro_batch", "3"])
+    assert dmd2.parse_config(["--dataset", "toy2d", "--batch_size", "4", "--micro_batch", "2"]).micro_batch == 2
+    assert [(s.start, s.stop) for s in dmd2.micro_batches(6, 2)] == [(0, 2), (2, 4), (4, 6)]
+    assert dmd2.micro_batches(6, 0) == [slice(0, 6)]
+
+
 def test_resume_is_bit_identical(tmp_path):
     cfg = tiny_cfg(iters=12, ckpt_every=4, generator_steps=4, ema_decay=0.9)
     full = dmd2.train(cfg, toy_teacher(), dmd2.Toy2DBatches(cfg.batch_size, 0), (2,), str(tmp_path / "a"),
@@ -243,6 +293,18 @@ def test_resume_is_bit_identical(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
     log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
     assert [r["step"] for r in log] == list(range(12))  # no duplicated lines after the resume
+
+
+def test_cached_teacher_gives_the_same_students(tmp_path):
+    """The second run loads teacher and teacher row from the cache (no sampling, so no draws from the global RNG);
+    its students must still equal the first run's: the GAN head is initialised from cfg.seed alone."""
+    cfg = tiny_cfg(students=[1, 2], cache_dir=str(tmp_path / "cache"), eval_samples=64, teacher_eval_steps=3)
+    first = dmd2.run_embedded(dataclasses.replace(cfg, out_dir=str(tmp_path / "first")))
+    torch.randn(7)  # whatever ran before must not matter either
+    second = dmd2.run_embedded(dataclasses.replace(cfg, out_dir=str(tmp_path / "second")))
+    assert len(first) == 3 and [r["model"] for r in first] == [r["model"] for r in second]
+    for a, b in zip(first, second):
+        assert {k: v for k, v in a.items() if k != "images_per_s"} == {k: v for k, v in b.items() if k != "images_per_s"}
 
 
 def test_resume_refuses_another_config(tmp_path):
