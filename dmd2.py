@@ -1917,6 +1917,7 @@ def embedded_rung(cfg):
 
 
 def teacher_fingerprint(teacher):
+    """A cache key for a teacher's weights (their sum in float64): cached results of another teacher are not reused."""
     return sum(float(p.double().sum()) for p in teacher.parameters())
 
 

@@ -231,10 +231,6 @@ def test_nan_loss_stops_without_touching_the_checkpoint(tmp_path):
     assert ckpt.read_bytes() == saved
 
 
-def copy_of(net):
-    return copy.deepcopy(net)
-
-
 def tiny_image_teacher():
     torch.manual_seed(0)
     return dmd2.build_network(dict(kind="edm", kwargs=dict(
@@ -259,7 +255,7 @@ def test_micro_batching_equals_the_whole_batch(setting, micro_batch):
         real = lambda: dmd2.InMemoryBatches(images, torch.arange(16) % 4, cfg.batch_size, 0)
     runs = []
     for mb in (0, micro_batch):
-        d = dmd2.Distiller(dataclasses.replace(cfg, micro_batch=mb), copy_of(teacher), shape,
+        d = dmd2.Distiller(dataclasses.replace(cfg, micro_batch=mb), copy.deepcopy(teacher), shape,
                            regression_pairs=pairs if "regression" in setting else None)
         batches = real()
         runs.append((d, [d.train_step(next(batches)) for _ in range(cfg.dfake_gen_update_ratio + 1)]))  # 2 G steps
