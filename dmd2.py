@@ -615,6 +615,13 @@ def dm_loss(x, pred_real, pred_fake):
     return 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
 
 
+def dm_index_range(cfg):
+    """[low, high) of the DM loss's sigma index: [20, 981) for 0.02/0.98 of 1000 levels (official: min_step =
+    int(min_step_percent * T), max_step = int(max_step_percent * T), randint(min_step, min(max_step + 1, T)))."""
+    T = cfg.num_train_timesteps
+    return int(cfg.min_step_percent * T), min(int(cfg.max_step_percent * T) + 1, T)
+
+
 def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
     """DM loss of a generated batch x (with grad) under one-hot labels, at per-sample sigma [B] with noise like x.
 
@@ -951,9 +958,8 @@ class Distiller:
         if update_generator:
             self.fake_score.requires_grad_(False)  # official: guidance_model.requires_grad_(False)
             self.head.requires_grad_(False)
-            if cfg.dm_loss_weight > 0:  # DM-loss sigma index uniform in [20, 980] (min/max_step_percent)
-                t_dm = self.noise.randint(round(cfg.min_step_percent * cfg.num_train_timesteps),
-                                          round(cfg.max_step_percent * cfg.num_train_timesteps) + 1, n)
+            if cfg.dm_loss_weight > 0:
+                t_dm = self.noise.randint(*dm_index_range(cfg), n)
                 noise_dm = self.noise.randn(shape)
             if cfg.gan:
                 sigma_gan, noise_gan = self.gan_noise(shape)
