@@ -838,16 +838,13 @@ class SharedNoise:
         return int(torch.randint(low, high, (1,), generator=self.gen, device=self.device))
 
 
-def average_gradients(params, world_size):
-    """Mean of the gradients over processes, as DistributedDataParallel computes it (one flat all-reduce)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world_size == 1 or not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world_size
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
+def data_parallel(module, world_size, device):
+    """DistributedDataParallel over the processes: gradients are averaged in buckets while backward runs (official:
+    accelerate's DDP). One process: the module itself. Buffers are constants here, so they are not re-broadcast."""
+    if world_size == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                               broadcast_buffers=False)
 
 
 def micro_batches(batch_size, micro_batch):
@@ -856,42 +853,58 @@ def micro_batches(batch_size, micro_batch):
     return [slice(i, i + size) for i in range(0, batch_size, size)]
 
 
-def accumulate(losses, part, batch_size, logs, name, step):
+def accumulate(losses, part, batch_size, logs, trained):
     """Backward of one micro-batch's weighted losses {key: (weight, mean loss over the micro-batch)}, scaled by the
-    micro-batch's share of the batch; logs get the whole-batch means. A non-finite loss stops training with a clear
-    message before any parameter is updated or anything saved."""
+    micro-batch's share of the batch; logs get the whole-batch means (as tensors: no host sync here). The DDP modules
+    in `trained` all-reduce their gradients only on the batch's last micro-batch (no_sync before it)."""
     share = (part.stop - part.start) / batch_size
-    total = sum(weight * loss for weight, loss in losses.values())
-    if not torch.isfinite(total):
-        raise FloatingPointError(f"{name} is {total.item()} at iteration {step}: training stopped and the last good "
-                                 f"checkpoint was kept. Fix: lower the learning rates, or use --precision fp32.")
-    (share * total).backward()
+    with contextlib.ExitStack() as stack:
+        if part.stop < batch_size:
+            for module in trained:
+                if isinstance(module, nn.parallel.DistributedDataParallel):
+                    stack.enter_context(module.no_sync())
+        (share * sum(weight * loss for weight, loss in losses.values())).backward()
     for key, (_, loss) in losses.items():
-        logs[key] = logs.get(key, 0.0) + share * loss.item()
+        logs[key] = logs.get(key, 0.0) + share * loss.detach().float()
 
 
-def optimizer_step(params, optimizer, cfg, world_size):
-    """After the last micro-batch: average the gradients over processes, clip to max_grad_norm (official 10), AdamW
-    step, clear the gradients. Returns the gradient norm before clipping."""
-    average_gradients(params, world_size)
+def optimizer_step(params, optimizer, cfg, logs, name, step):
+    """After the last micro-batch: clip to max_grad_norm (official 10), AdamW step, clear the gradients. The losses
+    and the gradient norm reach the host in one transfer; anything non-finite stops training with a clear message
+    before a parameter is updated or anything saved. Returns (logs as floats, gradient norm before clipping)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    values = torch.stack([*logs.values(), grad_norm.to(torch.float32)]).tolist()  # the one sync of this turn
+    if not all(map(math.isfinite, values)):
+        bad = {k: v for k, v in zip([*logs, "gradient norm"], values) if not math.isfinite(v)}
+        raise FloatingPointError(f"{name} is not finite at iteration {step} ({bad}): training stopped and the last "
+                                 "good checkpoint was kept. Fix: lower the learning rates, or use --precision fp32.")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return dict(zip(logs, values)), values[-1]
 
 
 class Distiller:
     """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step).
 
     real_score = the frozen teacher; fake_score = a trainable copy of it (plus the GAN head on its bottleneck);
-    generator = another copy (official: --initialie_generator): all three start from the teacher's weights."""
+    generator = another copy (official: --initialie_generator): all three start from the teacher's weights. The
+    trainable copies and their AdamW states are float32 whatever the teacher's dtype; only the frozen real score may
+    be stored in bf16 (--teacher_bf16_weights). With several processes the trainable networks run through
+    DistributedDataParallel (ddp_* attributes; the plain modules are used where no gradient is synchronised).
+
+    The teacher passed in must hold float32 weights (its copies are made from them)."""
 
     def __init__(self, cfg, teacher, sample_shape, regression_pairs=None, rank=0, world_size=1, device="cpu"):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, torch.device(device)
         self.sample_shape, self.regression_pairs = tuple(sample_shape), regression_pairs
+        if any(p.dtype != torch.float32 for p in teacher.parameters()):
+            raise ValueError("Distiller needs the teacher's float32 weights (its trainable copies are made from them); "
+                             "pass cfg.teacher_bf16_weights=True to store the frozen real score in bf16 instead")
         self.real_score = teacher.to(self.device).eval().requires_grad_(False)
         self.fake_score = copy.deepcopy(self.real_score).train().requires_grad_(True)
         self.generator = copy.deepcopy(self.real_score).train().requires_grad_(True)
+        if cfg.teacher_bf16_weights:  # memory option: only the frozen real score in bf16 (official SD path does this)
+            self.real_score.to(torch.bfloat16)
         with torch.no_grad():  # the bottleneck's shape decides the GAN head's layers
             probe = torch.zeros(1, *sample_shape, device=self.device)
             features = self.fake_score(probe, torch.ones(1, device=self.device), torch.zeros(1, cfg.num_classes,
@@ -907,6 +920,9 @@ class Distiller:
         self.opt_d = make_optimizer(self.critic_params, cfg.guidance_lr)
         self.sched_g = warmup_scheduler(self.opt_g, cfg.warmup_steps)
         self.sched_d = warmup_scheduler(self.opt_d, cfg.warmup_steps)
+        self.ddp_generator = data_parallel(self.generator, world_size, self.device)
+        self.ddp_fake_score = data_parallel(self.fake_score, world_size, self.device)
+        self.ddp_head = data_parallel(self.head, world_size, self.device) if cfg.gan else self.head
         self.sigmas = karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(self.device)
         self.step_sigmas = generator_sigmas(cfg.generator_steps, self.sigmas, cfg.conditioning_sigma)
         self.noise = SharedNoise(cfg.seed, rank, world_size, self.device)
@@ -965,9 +981,9 @@ class Distiller:
                 sigma_gan, noise_gan = self.gan_noise(shape)
             if cfg.regression_loss_weight > 0:
                 pairs = self.noise.randint(0, len(self.regression_pairs[1]), n).cpu()
-            fakes = []
+            fakes, turn = [], {}
             for part in parts:
-                fake = self.generator(x_in[part], sigma_in[part], labels[part]).float()
+                fake = self.ddp_generator(x_in[part], sigma_in[part], labels[part]).float()
                 losses = {}
                 if cfg.dm_loss_weight > 0:
                     losses["loss_dm"] = (cfg.dm_loss_weight, distribution_matching_loss(
@@ -977,9 +993,11 @@ class Distiller:
                         self.fake_score, self.head, fake, labels[part], sigma_gan[part], noise_gan[part])))
                 if cfg.regression_loss_weight > 0:
                     losses["loss_reg"] = (cfg.regression_loss_weight, self.regression_loss(pairs[part]))
-                accumulate(losses, part, n, logs, "the generator loss", step)
+                accumulate(losses, part, n, turn, [self.ddp_generator])
                 fakes.append(fake.detach())
-            logs["grad_norm_g"] = optimizer_step(list(self.generator.parameters()), self.opt_g, cfg, self.world_size)
+            turn, logs["grad_norm_g"] = optimizer_step(list(self.generator.parameters()), self.opt_g, cfg, turn,
+                                                       "the generator loss", step)
+            logs.update(turn)
             self.fake_score.requires_grad_(True)
             self.head.requires_grad_(cfg.gan)
             if self.ema is not None:
@@ -997,17 +1015,17 @@ class Distiller:
         if cfg.gan:
             sigma_real, noise_real = self.gan_noise(real[0].shape)
             sigma_fake, noise_fake = self.gan_noise(shape)
+        turn, critic, head = {}, self.ddp_fake_score, self.ddp_head
         for part in parts:
-            losses = {"loss_fake": (1.0, denoising_loss(self.fake_score, fake[part], labels[part], self.sigmas[t[part]],
+            losses = {"loss_fake": (1.0, denoising_loss(critic, fake[part], labels[part], self.sigmas[t[part]],
                                                          noise[part], cfg.sigma_data))}
             if cfg.gan:
-                logits_real = gan_logits(self.fake_score, self.head, real[0][part], real[1][part], sigma_real[part],
-                                         noise_real[part])
-                logits_fake = gan_logits(self.fake_score, self.head, fake[part], labels[part], sigma_fake[part],
-                                         noise_fake[part])
+                logits_real = gan_logits(critic, head, real[0][part], real[1][part], sigma_real[part], noise_real[part])
+                logits_fake = gan_logits(critic, head, fake[part], labels[part], sigma_fake[part], noise_fake[part])
                 losses["loss_gan_d"] = (cfg.cls_loss_weight, gan_discriminator_loss(logits_real, logits_fake))
-            accumulate(losses, part, n, logs, "the critic loss", step)
-        logs["grad_norm_d"] = optimizer_step(self.critic_params, self.opt_d, cfg, self.world_size)
+            accumulate(losses, part, n, turn, [critic, head])
+        turn, logs["grad_norm_d"] = optimizer_step(self.critic_params, self.opt_d, cfg, turn, "the critic loss", step)
+        logs.update(turn)
         # Both schedulers advance once per iteration, so warm-up counts iterations for both networks (the official
         # generator scheduler does this; accelerate also stepped each one num_gpus times: quirk 4, not copied).
         self.sched_g.step()
@@ -1021,7 +1039,7 @@ class Distiller:
         otherwise mean squared error (stated)."""
         noise, labels, target = (v[pairs].to(self.device) for v in self.regression_pairs)
         labels = onehot(labels, self.cfg.num_classes)
-        x = self.generator(noise * self.step_sigmas[0], self.step_sigmas[0].expand(noise.shape[0]), labels).float()
+        x = self.ddp_generator(noise * self.step_sigmas[0], self.step_sigmas[0].expand(noise.shape[0]), labels).float()
         if self.lpips is None:
             return F.mse_loss(x, target)
         size = (224, 224) if x.shape[-1] < 224 else x.shape[-2:]  # original DMD upsamples to 224 for LPIPS
@@ -1150,6 +1168,8 @@ def initialise_from(distiller, generator_path="", guidance_path=""):
     guidance file (keys fake_unet.*, cls_pred_branch.*). Optimisers start fresh, as in the official code."""
     if generator_path:
         load_weights(distiller.generator, generator_path)
+        if distiller.ema is not None:  # the EMA starts from the loaded generator, not from the teacher
+            distiller.ema.load_state_dict(distiller.generator.state_dict())
     if guidance_path:
         load_weights(distiller.fake_score, guidance_path, "fake_unet.")
         if any(k.startswith("cls_pred_branch.") for k in read_checkpoint(guidance_path)):
@@ -2070,8 +2090,6 @@ def run_edm(cfg):
     device = resolve_device(cfg)
     torch.manual_seed(cfg.seed)
     teacher = prepare_network(load_teacher(cfg, rank), cfg, device)
-    if cfg.teacher_bf16_weights:  # memory option: the frozen teacher's weights in bf16 (official SD path does this)
-        teacher = teacher.to(torch.bfloat16)
     real = None
     if cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation):
         if not cfg.data_path:

@@ -225,7 +225,7 @@ def test_nan_loss_stops_without_touching_the_checkpoint(tmp_path):
         def __next__(self):
             x, y = super().__next__()
             return x * float("nan"), y
-    with pytest.raises(FloatingPointError, match="the critic loss is nan at iteration 10.*last good checkpoint"):
+    with pytest.raises(FloatingPointError, match="the critic loss is not finite at iteration 10.*last good checkpoint"):
         dmd2.train(dataclasses.replace(cfg, iters=20), toy_teacher(), NaNBatches(cfg.batch_size, 0), (2,),
                    str(tmp_path), show=lambda *a: None)
     assert ckpt.read_bytes() == saved
