@@ -439,27 +439,24 @@ def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
     return dataset
 
 
-def epoch_indices(num_items, seed, epoch, rank=0, world_size=1):
-    """This rank's shard of one epoch: torch DistributedSampler(shuffle=True, drop_last=True) semantics, i.e. a
-    randperm seeded with seed + epoch, cut to a multiple of world_size, every world_size-th index from rank."""
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch))
-    return order[:num_items // world_size * world_size][rank::world_size]
-
-
 def real_batches(dataset, batch_size, seed, rank=0, world_size=1, num_workers=0, start_batch=0):
-    """Infinite iterator of (images float32 in [-1,1], labels int64) for this rank: shuffled per epoch, shards
-    disjoint across ranks, incomplete batches dropped (official: DataLoader shuffle=True, drop_last=True,
-    num_workers 12, sharded by accelerate, whose split of a permutation over ranks differs from
-    DistributedSampler's used here; each rank still sees uniform draws without replacement). Batch k is a pure function of (seed, k, rank, world_size, len(dataset)), so
-    exact resume is real_batches(..., start_batch=batches_consumed): skipped batches are never decoded."""
-    batches_per_epoch = len(dataset) // world_size // batch_size
+    """Infinite iterator of (images float32 in [-1,1], labels int64) for this rank. Each epoch is a permutation
+    seeded with seed + epoch, cut into GLOBAL batches of world_size * batch_size (incomplete ones dropped), and rank r
+    keeps the r-th slice of each: W processes with batch B read exactly the batches of one process with batch W*B, as
+    they draw its noise (SharedNoise). Official: DataLoader(shuffle=True, drop_last=True, num_workers=12) sharded by
+    accelerate, whose per-rank split differs (each rank still draws uniformly without replacement). Batch k is a pure
+    function of (seed, k, rank, world_size, len(dataset)), so exact resume is real_batches(..., start_batch=batches
+    consumed): skipped batches are never decoded."""
+    global_batch = batch_size * world_size
+    batches_per_epoch = len(dataset) // global_batch
     if batches_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images over {world_size} ranks cannot fill one batch of {batch_size}; "
+        raise ValueError(f"{len(dataset)} images cannot fill one global batch of {world_size} x {batch_size}; "
                          "use a smaller batch size or more data")
     epoch, skip = divmod(start_batch, batches_per_epoch)
     while True:
-        indices = epoch_indices(len(dataset), seed, epoch, rank, world_size)
-        indices = indices[skip * batch_size: batches_per_epoch * batch_size].tolist()
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
+        order = order[:batches_per_epoch * global_batch].view(batches_per_epoch, world_size, batch_size)
+        indices = order[skip:, rank].flatten().tolist()
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True,
                                              num_workers=num_workers)
         for images, labels in loader:

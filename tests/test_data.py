@@ -206,31 +206,33 @@ def test_batches_values_and_determinism():
     assert (x[y == 0] == -1).all() and (x[y == 255] == 1).all()
 
 
-def test_shards_disjoint_and_match_distributed_sampler():
-    n, batch = 21, 2
+def test_ranks_read_slices_of_the_one_process_batch():
+    """W processes with batch B read exactly the batches of one process with batch W*B, split in rank order; every
+    epoch is a permutation (no image twice), incomplete global batches dropped."""
+    n, batch, world = 21, 2, 3  # global batch 6: 3 per epoch, 3 images dropped
+    single = [y for _, y in take(dmd2.real_batches(IndexDataset(n), batch * world, seed=3), 7)]
+    ranks = [[y for _, y in take(dmd2.real_batches(IndexDataset(n), batch, seed=3, rank=r, world_size=world), 7)]
+             for r in range(world)]
+    for k in range(7):
+        assert torch.equal(torch.cat([ranks[r][k] for r in range(world)]), single[k])
     for epoch in range(2):
-        shards = []
-        for rank in range(2):
-            ours = dmd2.epoch_indices(n, seed=3, epoch=epoch, rank=rank, world_size=2).tolist()
-            sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=2, rank=rank, shuffle=True,
-                                                          seed=3, drop_last=True)
-            sampler.set_epoch(epoch)
-            assert ours == list(sampler)
-            it = dmd2.real_batches(IndexDataset(n), batch, seed=3, rank=rank, world_size=2, start_batch=5 * epoch)
-            shards.append(torch.cat([y for _, y in take(it, 5)]).tolist())  # 10 per rank -> 5 batches/epoch
-            assert shards[-1] == ours
-        assert not set(shards[0]) & set(shards[1]) and len(set(shards[0]) | set(shards[1])) == 20
+        seen = torch.cat(single[3 * epoch: 3 * epoch + 3]).tolist()
+        assert len(set(seen)) == 18
+    assert torch.cat(single[:3]).tolist() != torch.cat(single[3:6]).tolist()  # a new permutation each epoch
+    resumed = [y for _, y in take(dmd2.real_batches(IndexDataset(n), batch, seed=3, rank=2, world_size=world,
+                                                    start_batch=4), 3)]
+    assert all(torch.equal(u, v) for u, v in zip(resumed, ranks[2][4:]))
 
 
 def test_resume_equals_continuing_without_decoding_skipped():
     ds = IndexDataset(11)  # 3 batches of 3 per epoch
-    full = [y for _, y in take(dmd2.real_batches(ds, 3, seed=1, rank=1, world_size=1), 10)]
+    full = [y for _, y in take(dmd2.real_batches(ds, 3, seed=1), 10)]
     for k in (0, 2, 3, 7):
         counting = IndexDataset(11)
-        resumed = [y for _, y in take(dmd2.real_batches(counting, 3, seed=1, rank=1, start_batch=k), 10 - k)]
+        resumed = [y for _, y in take(dmd2.real_batches(counting, 3, seed=1, start_batch=k), 10 - k)]
         assert all(torch.equal(u, v) for u, v in zip(full[k:], resumed))
         assert counting.reads == 3 * (10 - k)  # skipped batches are never read
-    with pytest.raises(ValueError, match="cannot fill one batch of 6"):
+    with pytest.raises(ValueError, match="cannot fill one global batch of 2 x 6"):
         next(dmd2.real_batches(IndexDataset(11), 6, seed=0, world_size=2))
 
 
