@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import hashlib
 import http.client
 import io
@@ -120,6 +121,7 @@ class Config:
     generator_init: str = ""  # start G from a generator state dict (official: --generator_ckpt_path)
     guidance_init: str = ""  # start the fake score from a DMD2 pytorch_model_1.bin (official: --ckpt_only_path)
     num_workers: int = 4  # data loader processes (official: --num_workers 12)
+    dist_timeout: float = 30.0  # minutes a process waits in a collective (e.g. while its node fetches the teacher)
     # logging, checkpoints, evaluation
     log_every: int = 10
     ckpt_every: int = 100
@@ -1076,7 +1078,7 @@ def read_checkpoint(path, what="DMD2 checkpoint", fix="Delete it to start over, 
                     error=RuntimeError):
     """A torch file read with weights_only (nothing in it is executed), with a clear error if unreadable."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: pages read on demand
     except Exception as e:
         raise error(f"{path}: not a readable {what} ({type(e).__name__}: {e}). {fix}") from None
 
@@ -1095,6 +1097,33 @@ def check_resumable(saved, cfg, path):
                          f"flags, pass another --run_name, or delete the folder.")
 
 
+def file_digest(path, chunk=1 << 20):
+    """Fingerprint of a checkpoint file: its size and the SHA-256 of its first and last MiB (a torch zip file ends
+    with its directory, which holds every record's CRC-32), cheap even for a file of many GB."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(chunk)
+        f.seek(max(0, size - chunk))
+        return f"{size}:{hashlib.sha256(head + f.read()).hexdigest()[:16]}"
+
+
+def agree_on_checkpoint(path, world_size=1):
+    """Whether a run resumes from path. Rank 0 decides, and every rank must see the same file (same digest), or the
+    run stops with one line on every rank, before any collective of training could hang or mix different states
+    (e.g. node-local run folders where only the first node holds the checkpoint)."""
+    mine = file_digest(path) if os.path.exists(path) else "none"
+    if world_size == 1:
+        return mine != "none"
+    digests = [None] * world_size
+    dist.all_gather_object(digests, mine)
+    others = [r for r, d in enumerate(digests) if d != digests[0]]
+    if others:
+        raise SystemExit(f"{path}: ranks {others} see {'another checkpoint' if digests[others[0]] != 'none' else 'none'}"
+                         f" than rank 0 ({'resuming' if digests[0] != 'none' else 'starting fresh'}); put --out_dir on "
+                         "a filesystem shared by every node, or copy the run folder to each node.")
+    return digests[0] != "none"
+
+
 def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=None, rank=0, world_size=1,
           device="cpu", show=None, init=("", "")):
     """Distil teacher into a cfg.generator_steps-step generator. Writes into run_dir: checkpoint.pt (atomic, every
@@ -1106,7 +1135,7 @@ def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=No
     os.makedirs(run_dir, exist_ok=True)
     distiller = Distiller(cfg, teacher, sample_shape, regression_pairs, rank, world_size, device)
     ckpt_path, log_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
-    if os.path.exists(ckpt_path):
+    if agree_on_checkpoint(ckpt_path, world_size):
         state = read_checkpoint(ckpt_path)
         check_resumable(state["config"], cfg, ckpt_path)
         distiller.load_state_dict(state["distiller"])
@@ -1801,19 +1830,20 @@ def fid_main(argv=None):
 
 
 def resolve_device(cfg):
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
+    """--device auto: this process's GPU (LOCAL_RANK under torchrun) when CUDA is there, else the CPU; --device cuda
+    without an index also means the LOCAL_RANK-th GPU."""
+    name = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    return torch.device(name)
 
 
 def use_bf16(cfg, device):
     """bf16 where the hardware has it (official --use_fp16 = bf16 compute with fp32 master weights)."""
     if cfg.precision != "auto":
         return cfg.precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # native bf16 only (Ampere and newer), not the emulated kind of older GPUs
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -2053,23 +2083,33 @@ class FileBatches:
         self.batches = real_batches(*self.args[:5], num_workers=self.args[5], start_batch=self.consumed)
 
 
-def setup_distributed():
-    """(rank, world_size) under torchrun (env WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPU), else (0, 1)."""
+@contextlib.contextmanager
+def distributed(device, timeout_minutes=30.0):
+    """(rank, world_size, local_rank) under torchrun (env WORLD_SIZE/RANK/LOCAL_RANK), else (0, 1, 0). The backend
+    follows --device (NCCL for CUDA, gloo otherwise), collectives time out after timeout_minutes (not NCCL's default
+    10), and the process group is destroyed on the way out, error or not."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world_size
+    if world_size == 1 or dist.is_initialized():
+        yield (dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))) if world_size > 1 \
+            else (0, 1, 0)
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", 0))
+    finally:
+        dist.destroy_process_group()
 
 
-def load_teacher(cfg, rank=0):
-    """The official EDM teacher (--teacher path or URL; default NVIDIA's pickle for the dataset, downloaded once to
-    the cache by rank 0), rebuilt with dropout 0 as DMD2 does (official: get_edm_network, dropout 0.0)."""
-    if rank == 0:
-        path = resolve_teacher(cfg.teacher or None, cfg.dataset, cfg.cache_dir or None)
+def load_teacher(cfg, local_rank=0):
+    """The official EDM teacher (--teacher path or URL; default NVIDIA's pickle for the dataset), rebuilt with dropout
+    0 as DMD2 does (official: get_edm_network, dropout 0.0). Fetched once per node, by its local rank 0, while the
+    node's other processes wait (within --dist_timeout) and then read the cached file."""
+    if local_rank == 0:
+        resolve_teacher(cfg.teacher or None, cfg.dataset, cfg.cache_dir or None)
     if dist.is_initialized():
         dist.barrier()
     path = resolve_teacher(cfg.teacher or None, cfg.dataset, cfg.cache_dir or None)
@@ -2079,30 +2119,47 @@ def load_teacher(cfg, rank=0):
     return teacher
 
 
+def check_edm_run(cfg, run_dir):
+    """Everything cheap, before any process group, download or network: the real data (path, format, resolution,
+    labels), the files to start from, and a run folder's checkpoint (readable, same config). Returns the dataset."""
+    for flag, path in (("--generator_init", cfg.generator_init), ("--guidance_init", cfg.guidance_init)):
+        if path and not os.path.exists(path):
+            raise SystemExit(f"{flag} {path}: no such file (a state dict: the released pytorch_model.bin layout)")
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    if os.path.exists(ckpt_path):
+        check_resumable(read_checkpoint(ckpt_path)["config"], cfg, ckpt_path)
+    if not (cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)):
+        return None
+    if not cfg.data_path:
+        raise SystemExit(f"--dataset {cfg.dataset} trains its GAN on real images: pass --data_path (an EDM "
+                         f"dataset_tool zip or folder, or the official DMD2 LMDB), or --gan false. {PREPARE_HINT}")
+    return open_image_dataset(cfg.data_path, cfg.resolution, 3, cfg.num_classes)
+
+
 def run_edm(cfg):
     """Distil an official EDM teacher on real data (the paper's ImageNet-64 recipe with --dataset imagenet64).
-    Under torchrun every process runs this; rank 0 logs and writes checkpoints. At the end rank 0 also writes the
-    generator as a plain state dict (keys model.*, the released DMD2 pytorch_model.bin layout)."""
-    rank, world_size = setup_distributed()
-    device = resolve_device(cfg)
-    torch.manual_seed(cfg.seed)
-    teacher = prepare_network(load_teacher(cfg, rank), cfg, device)
-    real = None
-    if cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation):
-        if not cfg.data_path:
-            raise SystemExit(f"--dataset {cfg.dataset} trains its GAN on real images: pass --data_path (an EDM "
-                             f"dataset_tool zip or folder, or the official DMD2 LMDB), or --gan false. {PREPARE_HINT}")
-        dataset = open_image_dataset(cfg.data_path, cfg.resolution, 3, cfg.num_classes)
-        real = FileBatches(dataset, cfg.batch_size, cfg.seed, rank, world_size, cfg.num_workers)
+    Under torchrun every process runs this (DistributedDataParallel); rank 0 logs and writes checkpoints. At the end
+    rank 0 also writes the generator as a plain state dict (keys model.*, the released DMD2 pytorch_model.bin
+    layout)."""
     run_dir = os.path.join(cfg.out_dir, cfg.dataset, cfg.run_name or f"student_{cfg.generator_steps}step")
-    shape = (3, cfg.resolution, cfg.resolution)
-    distiller = train(cfg, teacher, real, shape, run_dir, rank=rank, world_size=world_size, device=device,
-                      init=(cfg.generator_init, cfg.guidance_init))
-    if rank == 0:
-        path = os.path.join(run_dir, "pytorch_model.bin")
-        atomic_save({k: v.float().cpu() for k, v in (distiller.ema or distiller.generator).state_dict().items()}, path)
-        print(f"generator written to {path}; evaluate it with: python dmd2.py evaluate --generator {path} "
-              f"--dataset {cfg.dataset}")
+    dataset = check_edm_run(cfg, run_dir)
+    device = resolve_device(cfg)
+    if device.type == "cuda":  # official: TF32 matmul and cuDNN for training; cuDNN picks its fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    with distributed(device, cfg.dist_timeout) as (rank, world_size, local_rank):
+        torch.manual_seed(cfg.seed)
+        teacher = prepare_network(load_teacher(cfg, local_rank), cfg, device)
+        real = None if dataset is None else FileBatches(dataset, cfg.batch_size, cfg.seed, rank, world_size,
+                                                        cfg.num_workers)
+        distiller = train(cfg, teacher, real, (3, cfg.resolution, cfg.resolution), run_dir, rank=rank,
+                          world_size=world_size, device=device, init=(cfg.generator_init, cfg.guidance_init))
+        if rank == 0:
+            path = os.path.join(run_dir, "pytorch_model.bin")
+            atomic_save({k: v.float().cpu() for k, v in (distiller.ema or distiller.generator).state_dict().items()},
+                        path)
+            print(f"generator written to {path}; evaluate it with: python dmd2.py evaluate --generator {path} "
+                  f"--dataset {cfg.dataset}")
     return distiller
 
 
@@ -2213,10 +2270,22 @@ def evaluate_main(argv):
     parser.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: cache)")
     parser.add_argument("--cache_dir", default=None)
     args = parser.parse_args(argv)
-    rank, world_size = setup_distributed()
     device = resolve_device(Config(device="auto"))
-    path = args.generator or download_dmd2_checkpoint(args.released, args.cache_dir)
-    ref = resolve_fid_ref(args.ref, args.dataset, args.cache_dir)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # FID in exact float32
+    with distributed(device) as (rank, _, local_rank):
+        return evaluate_generator(args, device, rank, local_rank)
+
+
+def evaluate_generator(args, device, rank=0, local_rank=0):
+    """The body of `python dmd2.py evaluate` on one process of the group: downloads once per node, then FID."""
+    def fetch():
+        return (args.generator or download_dmd2_checkpoint(args.released, args.cache_dir),
+                resolve_fid_ref(args.ref, args.dataset, args.cache_dir))
+    if local_rank == 0:
+        fetch()
+    if dist.is_initialized():
+        dist.barrier()
+    path, ref = fetch()
     generator, steps = load_generator(path, args.dataset)
     generator = generator.to(device)
     num_classes, res = generator.label_dim, generator.img_resolution

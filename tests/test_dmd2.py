@@ -2,6 +2,7 @@
 import copy
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -360,3 +361,44 @@ def test_killed_run_resumes_by_itself(tmp_path):
     subprocess.run([sys.executable, os.path.join(ROOT, "dmd2.py"), "sample", "--checkpoint", str(ckpt), "--out",
                     str(grid), "--num", "32"], check=True, capture_output=True)
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----- memory options and released-weight starts -------------------------------------------------------------
+
+def test_teacher_bf16_weights_keeps_trainable_networks_and_adam_in_fp32():
+    """Only the frozen real score is bf16; the copies train in fp32 (a bf16 copy at lr 2e-6 barely moves)."""
+    cfg = tiny_cfg(num_classes=4, resolution=8, teacher_bf16_weights=True, generator_lr=2e-6, guidance_lr=2e-6,
+                   warmup_steps=0, batch_size=4, dfake_gen_update_ratio=1, gan=False)
+    teacher = tiny_image_teacher()
+    with torch.no_grad():  # as if trained: EDM's zero-initialised output layers would block every other gradient
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d = dmd2.Distiller(cfg, teacher, (3, 8, 8))
+    d.train_step()  # the critic moves off the teacher, so the next DM gradient is not zero
+    before = params(d.generator)
+    d.train_step()
+    assert {p.dtype for p in d.real_score.parameters()} == {torch.bfloat16}
+    for net in (d.generator, d.fake_score, d.head):
+        assert {p.dtype for p in net.parameters()} == {torch.float32}
+    for opt in (d.opt_g, d.opt_d):
+        assert {t.dtype for s in opt.state.values() for t in s.values() if t.ndim} == {torch.float32}
+    changed = [(v != before[k]).float().mean() for k, v in d.generator.state_dict().items() if v.is_floating_point()]
+    assert float(sum(changed) / len(changed)) > 0.5  # most weights took the step (bf16 copies: ~0.1%)
+    with pytest.raises(ValueError, match="float32 weights"):
+        dmd2.Distiller(cfg, tiny_image_teacher().to(torch.bfloat16), (3, 8, 8))
+
+
+def test_ema_starts_from_the_generator_init(tmp_path):
+    teacher = toy_teacher()
+    released = toy_teacher(seed=1)
+    torch.save(released.state_dict(), tmp_path / "pytorch_model.bin")
+    d = dmd2.Distiller(tiny_cfg(ema_decay=0.99), teacher, (2,))
+    dmd2.initialise_from(d, str(tmp_path / "pytorch_model.bin"))
+    for k, v in released.state_dict().items():
+        assert torch.equal(d.generator.state_dict()[k], v) and torch.equal(d.ema.state_dict()[k], v), k
+
+
+def test_max_step_percent_one_trains():
+    d = dmd2.Distiller(tiny_cfg(max_step_percent=1.0, batch_size=64), toy_teacher(), (2,))
+    images, labels = dmd2.toy2d_sample(64, torch.Generator().manual_seed(0))
+    assert math.isfinite(d.train_step((images, labels))["loss_dm"])

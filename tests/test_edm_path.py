@@ -64,14 +64,38 @@ def test_imagenet_path_rejects_wrong_teacher_and_data(tmp_path):
                                  model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
     write_edm_pickle(teacher, str(tmp_path / "t.pkl"))
     write_dataset_zip(tmp_path / "d.zip", 4, 16, 10)
+    write_dataset_zip(tmp_path / "d64.zip", 4, 64, 1000)
     base = ["--dataset", "imagenet64", "--teacher", str(tmp_path / "t.pkl"), "--out_dir", str(tmp_path / "runs"),
             "--iters", "1", "--batch_size", "2", "--num_workers", "0"]
     with pytest.raises(Exception, match="t.pkl.*64"):  # the preset expects 64 px: the 16 px teacher is refused
-        dmd2.main(base + ["--data_path", str(tmp_path / "d.zip")])
+        dmd2.main(base + ["--data_path", str(tmp_path / "d64.zip")])
     with pytest.raises(Exception, match="d.zip.*16x16.*expected 3x32x32|expected.*32"):
         dmd2.main(base + ["--data_path", str(tmp_path / "d.zip"), "--resolution", "32", "--num_classes", "10"])
     with pytest.raises(SystemExit, match="--data_path"):
         dmd2.main(base + ["--resolution", "16", "--num_classes", "10"])
+
+
+@pytest.mark.parametrize("problem", ["missing", "resolution", "labels", "corrupt", "generator_init", "run folder"])
+def test_bad_input_is_reported_before_any_download(tmp_path, problem, monkeypatch):
+    """Data, start files and the run folder are checked before the teacher is fetched (here: an unreachable URL)."""
+    monkeypatch.setattr(dmd2, "download_cached", lambda *a, **k: pytest.fail("download attempted before the check"))
+    write_dataset_zip(tmp_path / "d.zip", 4, 16, 10)
+    data = {"missing": tmp_path / "none.zip", "resolution": tmp_path / "d.zip", "corrupt": tmp_path / "bad.zip"}
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    if problem == "labels":
+        write_dataset_zip(tmp_path / "l.zip", 4, 16, 1000)
+    args = ["--dataset", "cifar10", "--teacher", "https://unreachable.invalid/t.pkl", "--out_dir", str(tmp_path),
+            "--data_path", str(data.get(problem, tmp_path / ("l.zip" if problem == "labels" else "d.zip"))),
+            "--resolution", "32" if problem == "resolution" else "16"]
+    if problem == "generator_init":
+        args += ["--generator_init", str(tmp_path / "nope.bin")]
+    if problem == "run folder":
+        (tmp_path / "cifar10" / "student_1step").mkdir(parents=True)
+        (tmp_path / "cifar10" / "student_1step" / "checkpoint.pt").write_bytes(b"garbage")
+    expected = {"missing": "none.zip.*not found", "resolution": "expected 3x32x32", "labels": "outside 0..9",
+                "corrupt": "bad.zip", "generator_init": "nope.bin: no such file", "run folder": "checkpoint.pt"}[problem]
+    with pytest.raises((SystemExit, ValueError, FileNotFoundError, RuntimeError), match=expected):
+        dmd2.main(args)
 
 
 @pytest.mark.slow
