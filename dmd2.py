@@ -73,7 +73,7 @@ class Config:
     seed: int = 10  # official: --seed 10
     device: str = "auto"
     precision: str = "auto"  # bf16 | fp32 | auto (bf16 where the hardware has it; official --use_fp16 means bf16)
-    channels_last: bool = True
+    channels_last: bool = False  # NHWC layout; off: on CUDA each GroupNorm forces a layout change (gpu_check measures)
     # data and teacher
     resolution: int = 16
     num_classes: int = 10
@@ -147,7 +147,7 @@ PRESETS = {
     # scratch.sh): batch 40 per GPU, lr 2e-6, ratio 5, GAN 3e-3 / 1e-2, diffusion GAN over 1000 levels, bf16.
     "imagenet64": dict(resolution=64, num_classes=1000, iters=400_000, batch_size=40, generator_lr=2e-6,
                        guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
-                       eval_samples=50_000, eval_batch=128, channels_last=True),
+                       eval_samples=50_000, eval_batch=128),
     # CIFAR-10 on EDM's conditional VP teacher. Not an official DMD2 recipe: the ImageNet values, batch 56 (EDM).
     "cifar10": dict(resolution=32, num_classes=10, iters=200_000, batch_size=56, generator_lr=2e-6,
                     guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
@@ -1084,7 +1084,8 @@ def read_checkpoint(path, what="DMD2 checkpoint", fix="Delete it to start over, 
 
 
 RESUME_FREE_FIELDS = {"iters", "log_every", "ckpt_every", "sample_every", "eval_samples", "eval_batch", "students",
-                      "device", "out_dir", "cache_dir", "data_path", "teacher"}
+                      "device", "out_dir", "cache_dir", "data_path", "teacher", "num_workers", "dist_timeout",
+                      "channels_last"}
 
 
 def check_resumable(saved, cfg, path):
