@@ -839,11 +839,11 @@ class SharedNoise:
 
 def data_parallel(module, world_size, device):
     """DistributedDataParallel over the processes: gradients are averaged in buckets while backward runs (official:
-    accelerate's DDP). One process: the module itself. Buffers are constants here, so they are not re-broadcast."""
+    accelerate's DDP). One process: the module itself. Buffers are constants here: synced at init, not per forward."""
     if world_size == 1:
         return module
     return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+                                               forward_sync_buffers=False)
 
 
 def micro_batches(batch_size, micro_batch):
