@@ -123,7 +123,8 @@ class GroupNorm(torch.nn.Module):
 
 def attention_weights(q, k):
     """softmax over keys of q.k / sqrt(c), computed in float32 and cast back (official AttentionOp). q, k: [N, c, HW].
-    Autocast is switched off here so an outer bf16 autocast cannot push the softmax back to low precision."""
+    Autocast is switched off here so an outer bf16 autocast cannot push the softmax back to low precision. Used by
+    UNetBlocks set to attention 'official' (set_attention); the default 'sdpa' never materialises these weights."""
     no_autocast = (torch.autocast(q.device.type, enabled=False) if torch.amp.is_autocast_available(q.device.type)
                    else contextlib.nullcontext())
     with no_autocast:
@@ -177,6 +178,7 @@ class UNetBlock(torch.nn.Module):
         self.dropout = dropout
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
+        self.attention_op = 'sdpa'  # how attention is computed, see set_attention(); not in the state dict
 
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter,
@@ -209,8 +211,14 @@ class UNetBlock(torch.nn.Module):
         if self.num_heads:
             # qkv channels are interleaved per head: channel = head*3c + ch*3 + {0: q, 1: k, 2: v} (official layout).
             n, c, h, w = x.shape
-            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
-            a = torch.einsum('nqk,nck->ncq', attention_weights(q, k), v)
+            qkv = self.qkv(self.norm2(x)).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
+            if self.attention_op == 'sdpa':
+                # [3, n, heads, HW, c_head], contiguous so the fused CUDA kernels accept it (last dim stride 1).
+                q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
+                a = F.scaled_dot_product_attention(q, k, v).transpose(2, 3)  # default scale 1/sqrt(c_head)
+            else:  # official AttentionOp: materialised float32 softmax weights
+                q, k, v = qkv.reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
+                a = torch.einsum('nqk,nck->ncq', attention_weights(q, k), v)
             x = (self.proj(a.reshape(n, c, h, w)) + x) * self.skip_scale
         return x
 
@@ -230,6 +238,34 @@ def set_gradient_checkpointing(net, enabled=True):
         raise ValueError(f'set_gradient_checkpointing: {type(net).__name__} contains no SongUNet or DhariwalUNet')
     for unet in unets:
         unet.gradient_checkpointing = bool(enabled)
+    return net
+
+def set_attention(net, op):
+    """How every attention UNetBlock inside `net` computes attention (a plain attribute; the state dict and the
+    parameters do not change):
+    - 'sdpa' (default): F.scaled_dot_product_attention on q/k/v in the compute dtype. In float32 it equals the
+      official op to float32 round-off; in bf16 (use_fp16) it rounds where the official AttentionOp does (bf16
+      q/k/v in, softmax in float32, bf16 weights times v) without keeping the [HW, HW] weights for backward.
+    - 'official': the official AttentionOp (attention_weights): a materialised float32 softmax, for comparisons."""
+    if op not in ('sdpa', 'official'):
+        raise ValueError(f"set_attention: op {op!r} must be 'sdpa' or 'official'")
+    blocks = [m for m in net.modules() if isinstance(m, UNetBlock)]
+    if not blocks:
+        raise ValueError(f'set_attention: {type(net).__name__} contains no UNetBlock')
+    for block in blocks:
+        block.attention_op = op
+    return net
+
+
+def compile_blocks(net, **compile_kwargs):
+    """torch.compile every UNetBlock inside `net` in place (Module.compile: parameter names and the state dict stay
+    as they are, unlike a torch.compile(net) wrapper). Each block's graphs are compiled on first use; changing
+    set_attention afterwards recompiles. Used by benchmarks/gpu_check.py."""
+    blocks = [m for m in net.modules() if isinstance(m, UNetBlock)]
+    if not blocks:
+        raise ValueError(f'compile_blocks: {type(net).__name__} contains no UNetBlock')
+    for block in blocks:
+        block.compile(**compile_kwargs)
     return net
 
 # ---------------------------------------------------------------------------------------------------------------
