@@ -677,7 +677,13 @@ class _AllowListUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise EDMLoadError(f'refusing untrusted pickle: it references {module}.{name}, which is not in the EDM '
                                f'allow-list (nothing from the file was run)')
-        return _ALLOWED_GLOBALS[(module, name)]
+        target = _ALLOWED_GLOBALS[(module, name)]
+        if isinstance(target, type):  # immutable types, or ours with __setstate__ (BUILD on the class then fails)
+            return target
+        # Functions: a fresh wrapper per reference. Pickle's BUILD opcode sets attributes on whatever object is on
+        # the stack, so handing out the function itself would let a file change it (e.g. __defaults__ of
+        # torch._utils._rebuild_tensor_v2) for the rest of the process.
+        return lambda *args: target(*args)
 
     def persistent_load(self, pid):
         raise EDMLoadError(f'unexpected persistent id {pid!r}; not an EDM snapshot pickle')

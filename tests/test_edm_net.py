@@ -1,4 +1,5 @@
 """Tests for edm_net.py: official key layout, forward math against hand/float64 references, loaders, sampler."""
+import collections
 import copy
 import json
 import math
@@ -608,6 +609,138 @@ def test_malicious_pickle_refused(tmp_path):
     message = str(err.value)
     assert re.search(r'(posix|os|nt)\.system', message) and str(path) in message
     assert not sentinel.exists()
+
+# Hand-assembled pickle streams (pickle opcodes), so any module.name can be referenced the ways an attacker would.
+Global = collections.namedtuple('Global', 'module name opcode', defaults=['GLOBAL'])  # or STACK_GLOBAL
+Call = collections.namedtuple('Call', 'fn args')  # REDUCE: fn(*args)
+Inst = collections.namedtuple('Inst', 'module name args opcode', defaults=['INST'])  # INST / OBJ: class(*args)
+
+
+def opcodes(obj):
+    if isinstance(obj, Global):
+        if obj.opcode == 'STACK_GLOBAL':
+            return opcodes(obj.module) + opcodes(obj.name) + pickle.STACK_GLOBAL
+        return pickle.GLOBAL + f'{obj.module}\n{obj.name}\n'.encode()
+    if isinstance(obj, Call):
+        return opcodes(obj.fn) + opcodes(tuple(obj.args)) + pickle.REDUCE
+    if isinstance(obj, Inst):
+        args = b''.join(opcodes(a) for a in obj.args)
+        if obj.opcode == 'OBJ':
+            return pickle.MARK + opcodes(Global(obj.module, obj.name)) + args + pickle.OBJ
+        return pickle.MARK + args + pickle.INST + f'{obj.module}\n{obj.name}\n'.encode()
+    if isinstance(obj, str):
+        return pickle.UNICODE + obj.encode('raw_unicode_escape') + b'\n'
+    if isinstance(obj, bytes):
+        return pickle.SHORT_BINBYTES + bytes([len(obj)]) + obj
+    if isinstance(obj, tuple):
+        return pickle.MARK + b''.join(opcodes(v) for v in obj) + pickle.TUPLE
+    if isinstance(obj, list):
+        return pickle.EMPTY_LIST + pickle.MARK + b''.join(opcodes(v) for v in obj) + pickle.APPENDS
+    if isinstance(obj, dict):
+        return pickle.EMPTY_DICT + pickle.MARK + b''.join(opcodes(k) + opcodes(v) for k, v in obj.items()) + \
+            pickle.SETITEMS
+    if obj is None:
+        return pickle.NONE
+    raise TypeError(type(obj))
+
+
+def snapshot_stream(ema):
+    """An EDM-snapshot-shaped stream {'ema': ema, 'loss_fn': None} (protocol 4 header, no framing)."""
+    return pickle.PROTO + bytes([4]) + opcodes({'ema': ema, 'loss_fn': None}) + pickle.STOP
+
+
+def forbidden_payloads(sentinel):
+    """(name the error must report, payload) for globals an attacker uses; each payload, if it ran, would create
+    `sentinel` (alone or chained) or do something else no weights file needs."""
+    s = str(sentinel)
+    touch = f"open({s!r}, 'w').close()"
+    os_module = Call(Global('builtins', '__import__'), ['os'])
+    return [
+        ('builtins.eval', Call(Global('builtins', 'eval'), [touch])),
+        ('builtins.exec', Call(Global('builtins', 'exec'), [touch])),
+        ('builtins.compile', Call(Global('builtins', 'compile'), [touch, '<pickle>', 'exec'])),
+        ('builtins.open', Call(Global('builtins', 'open'), [s, 'w'])),
+        ('builtins.getattr', Call(Call(Global('builtins', 'getattr'), [os_module, 'system']), [f'touch {s}'])),
+        ('builtins.__import__', os_module),
+        ('builtins.setattr', Call(Global('builtins', 'setattr'), [Global('builtins', 'dict'), 'x', None])),
+        ('builtins.globals', Call(Global('builtins', 'globals'), [])),
+        ('builtins.vars', Call(Global('builtins', 'vars'), [])),
+        ('builtins.type', Call(Global('builtins', 'type'), ['X', (), {}])),
+        ('builtins.object', Call(Global('builtins', 'object'), [])),
+        ('__builtin__.eval', Call(Global('__builtin__', 'eval'), [touch])),  # Python 2 name (fix_imports)
+        ('os.system', Call(Global('os', 'system'), [f'touch {s}'])),
+        ('posix.system', Call(Global('posix', 'system'), [f'touch {s}'])),
+        ('os.popen', Call(Global('os', 'popen'), [f'touch {s}'])),
+        ('subprocess.Popen', Call(Global('subprocess', 'Popen'), [['touch', s]])),
+        ('subprocess.check_output', Call(Global('subprocess', 'check_output'), [['touch', s]])),
+        ('subprocess.run', Call(Global('subprocess', 'run'), [['touch', s]])),
+        ('functools.partial', Call(Call(Global('functools', 'partial'), [Global('os', 'system'), f'touch {s}']), [])),
+        ('functools.reduce', Call(Global('functools', 'reduce'), [Global('builtins', 'eval'), [touch], None])),
+        ('operator.attrgetter', Call(Global('operator', 'attrgetter'), ['system'])),
+        ('operator.methodcaller', Call(Global('operator', 'methodcaller'), ['system', f'touch {s}'])),
+        ('operator.itemgetter', Call(Global('operator', 'itemgetter'), ['x'])),
+        ('importlib.import_module', Call(Global('importlib', 'import_module'), ['os'])),
+        ('pickle.loads', Call(Global('pickle', 'loads'), [b'N.'])),
+        ('runpy.run_path', Call(Global('runpy', 'run_path'), [s])),
+        ('copyreg._reconstructor', Call(Global('copyreg', '_reconstructor'), [Global('builtins', 'object'),
+                                                                              Global('builtins', 'object'), None])),
+        ('types.FunctionType', Call(Global('types', 'FunctionType'), [None, None])),
+        ('torch.load', Call(Global('torch', 'load'), [s])),
+        ('numpy.load', Call(Global('numpy', 'load'), [s])),
+        ('io.open', Call(Global('io', 'open'), [s, 'w'])),
+        # the same globals through the other opcodes that resolve names
+        ('os.system', Call(Global('os', 'system', 'STACK_GLOBAL'), [f'touch {s}'])),
+        ('builtins.eval', Call(Global('builtins', 'eval', 'STACK_GLOBAL'), [touch])),
+        ('os.system', Inst('os', 'system', [f'touch {s}'])),
+        ('subprocess.Popen', Inst('subprocess', 'Popen', [['touch', s]], 'OBJ')),
+    ]
+
+
+def test_unpickler_refuses_code_execution_globals(tmp_path):
+    sentinel = tmp_path / 'pwned.txt'
+    payloads = forbidden_payloads(sentinel)
+    assert not any(edm_net._ALLOWED_GLOBALS.get(tuple(name.rsplit('.', 1))) for name, _ in payloads)
+    for i, (name, payload) in enumerate(payloads):
+        path = tmp_path / f'evil{i}.pkl'
+        stream = snapshot_stream(payload)
+        list(pickletools.genops(stream))  # a well-formed stream: the refusal is not a parse error
+        path.write_bytes(stream)
+        with pytest.raises(edm_net.EDMLoadError) as err:
+            edm_net.load_edm_pickle(path)
+        message = str(err.value)
+        assert message == (f'{path}: refusing untrusted pickle: it references {name}, which is not in the EDM '
+                           f'allow-list (nothing from the file was run)'), name
+        assert not sentinel.exists(), name
+    # the hand-assembled streams are valid pickles: plain pickle would have run them (the os.system one here)
+    pickle.loads(snapshot_stream(Call(Global('os', 'system'), [f'touch {sentinel}'])))
+    assert sentinel.exists()
+
+
+def test_unpickler_build_cannot_change_allowed_globals(tmp_path):
+    """Pickle's BUILD opcode sets attributes on the object on the stack. Aimed at an allow-listed global it must
+    not change it (e.g. __defaults__ of torch._utils._rebuild_tensor_v2 would then hold for every later load)."""
+    def state(target):
+        return (getattr(target, '__defaults__', None), target.__doc__, dict(getattr(target, '__dict__', {})))
+
+    before = {key: state(target) for key, target in edm_net._ALLOWED_GLOBALS.items()}
+    for i, (module, name) in enumerate(edm_net._ALLOWED_GLOBALS):
+        for j, build_state in enumerate([(None, {'__defaults__': ('pwned',), '__doc__': 'pwned'}), {'pwned': 'x'}]):
+            path = tmp_path / f'build{i}_{j}.pkl'
+            stream = opcodes(Global(module, name)) + opcodes(build_state) + pickle.BUILD
+            path.write_bytes(pickle.PROTO + bytes([4]) + pickle.EMPTY_DICT + opcodes('ema') + stream +
+                             pickle.SETITEM + pickle.STOP)
+            with pytest.raises(edm_net.EDMLoadError, match=f'build{i}_{j}.pkl'):
+                edm_net.load_edm_pickle(path)
+    assert {key: state(target) for key, target in edm_net._ALLOWED_GLOBALS.items()} == before
+
+
+def test_unpickler_numpy_object_scalar_refused(tmp_path):
+    """The allow-listed numpy scalar rebuilder must not turn file bytes into object pointers."""
+    path = tmp_path / 'object_scalar.pkl'
+    scalar = Call(Global('numpy.core.multiarray', 'scalar'), [Call(Global('numpy', 'dtype'), ['O']), b'\x41' * 8])
+    path.write_bytes(snapshot_stream(scalar))
+    with pytest.raises(edm_net.EDMLoadError, match='object_scalar.pkl: not a readable EDM pickle.*OBJECT'):
+        edm_net.load_edm_pickle(path)
 
 
 def test_pickle_errors_are_one_line_and_name_the_file(tmp_path):
