@@ -4,11 +4,14 @@ Written from the project's reference notes (shared/reference/edm_fid.md: NVlabs/
 and generate.py; tianweiy/DMD2 for its two edits). Module names, constructor arguments, defaults, parameter/buffer
 registration and weight initialisation (including the order of random draws) follow the official code, so official
 weights load with strict=True both ways and, on identical weights, outputs agree to float32 round-off (during
-development: bit-identical to the official modules on CPU, and the same seed gave bit-identical initial weights).
+development: bit-identical to the official modules on CPU with the official attention op, and the same seed gave
+bit-identical initial weights).
 
 Contents: layers (Linear, Conv2d, GroupNorm, attention, embeddings), UNetBlock, SongUNet (DDPM++/NCSN++),
 DhariwalUNet (ADM), EDMPrecond, the EDM Heun sampler, official configs, and loaders for official EDM snapshot
 pickles (without executing anything from the file) and plain state dicts (DMD2's released generators).
+Speed options that leave the state dict alone: attention through F.scaled_dot_product_attention (the default) or the
+official op (set_attention), torch.compile of each UNetBlock (compile_blocks), gradient checkpointing.
 
 DMD2's edits to EDM (both optional): `use_fp16=True` computes the UNet in bfloat16 (official EDM: float16, CUDA
 only; DMD2 switched to bfloat16 because float16 training diverged; here it applies on CPU and CUDA alike), and
@@ -240,12 +243,14 @@ def set_gradient_checkpointing(net, enabled=True):
         unet.gradient_checkpointing = bool(enabled)
     return net
 
+
 def set_attention(net, op):
     """How every attention UNetBlock inside `net` computes attention (a plain attribute; the state dict and the
     parameters do not change):
     - 'sdpa' (default): F.scaled_dot_product_attention on q/k/v in the compute dtype. In float32 it equals the
-      official op to float32 round-off; in bf16 (use_fp16) it rounds where the official AttentionOp does (bf16
-      q/k/v in, softmax in float32, bf16 weights times v) without keeping the [HW, HW] weights for backward.
+      official op to float32 round-off; in bf16 (use_fp16) its fused kernels round where the official AttentionOp
+      does (bf16 q/k/v in, scores and softmax in float32, bf16 weights times v), and nothing of size [HW, HW] is
+      stored for backward.
     - 'official': the official AttentionOp (attention_weights): a materialised float32 softmax, for comparisons."""
     if op not in ('sdpa', 'official'):
         raise ValueError(f"set_attention: op {op!r} must be 'sdpa' or 'official'")
