@@ -4,11 +4,14 @@ Written from the project's reference notes (shared/reference/edm_fid.md: NVlabs/
 and generate.py; tianweiy/DMD2 for its two edits). Module names, constructor arguments, defaults, parameter/buffer
 registration and weight initialisation (including the order of random draws) follow the official code, so official
 weights load with strict=True both ways and, on identical weights, outputs agree to float32 round-off (during
-development: bit-identical to the official modules on CPU, and the same seed gave bit-identical initial weights).
+development: bit-identical to the official modules on CPU with the official attention op, and the same seed gave
+bit-identical initial weights).
 
 Contents: layers (Linear, Conv2d, GroupNorm, attention, embeddings), UNetBlock, SongUNet (DDPM++/NCSN++),
 DhariwalUNet (ADM), EDMPrecond, the EDM Heun sampler, official configs, and loaders for official EDM snapshot
 pickles (without executing anything from the file) and plain state dicts (DMD2's released generators).
+Speed options that leave the state dict alone: attention through F.scaled_dot_product_attention (the default) or the
+official op (set_attention), torch.compile of each UNetBlock (compile_blocks), gradient checkpointing.
 
 DMD2's edits to EDM (both optional): `use_fp16=True` computes the UNet in bfloat16 (official EDM: float16, CUDA
 only; DMD2 switched to bfloat16 because float16 training diverged; here it applies on CPU and CUDA alike), and
@@ -123,7 +126,8 @@ class GroupNorm(torch.nn.Module):
 
 def attention_weights(q, k):
     """softmax over keys of q.k / sqrt(c), computed in float32 and cast back (official AttentionOp). q, k: [N, c, HW].
-    Autocast is switched off here so an outer bf16 autocast cannot push the softmax back to low precision."""
+    Autocast is switched off here so an outer bf16 autocast cannot push the softmax back to low precision. Used by
+    UNetBlocks set to attention 'official' (set_attention); the default 'sdpa' never materialises these weights."""
     no_autocast = (torch.autocast(q.device.type, enabled=False) if torch.amp.is_autocast_available(q.device.type)
                    else contextlib.nullcontext())
     with no_autocast:
@@ -177,6 +181,7 @@ class UNetBlock(torch.nn.Module):
         self.dropout = dropout
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
+        self.attention_op = 'sdpa'  # how attention is computed, see set_attention(); not in the state dict
 
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter,
@@ -209,8 +214,14 @@ class UNetBlock(torch.nn.Module):
         if self.num_heads:
             # qkv channels are interleaved per head: channel = head*3c + ch*3 + {0: q, 1: k, 2: v} (official layout).
             n, c, h, w = x.shape
-            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
-            a = torch.einsum('nqk,nck->ncq', attention_weights(q, k), v)
+            qkv = self.qkv(self.norm2(x)).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
+            if self.attention_op == 'sdpa':
+                # [3, n, heads, HW, c_head], contiguous so the fused CUDA kernels accept it (last dim stride 1).
+                q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
+                a = F.scaled_dot_product_attention(q, k, v).transpose(2, 3)  # default scale 1/sqrt(c_head)
+            else:  # official AttentionOp: materialised float32 softmax weights
+                q, k, v = qkv.reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
+                a = torch.einsum('nqk,nck->ncq', attention_weights(q, k), v)
             x = (self.proj(a.reshape(n, c, h, w)) + x) * self.skip_scale
         return x
 
@@ -230,6 +241,36 @@ def set_gradient_checkpointing(net, enabled=True):
         raise ValueError(f'set_gradient_checkpointing: {type(net).__name__} contains no SongUNet or DhariwalUNet')
     for unet in unets:
         unet.gradient_checkpointing = bool(enabled)
+    return net
+
+
+def set_attention(net, op):
+    """How every attention UNetBlock inside `net` computes attention (a plain attribute; the state dict and the
+    parameters do not change):
+    - 'sdpa' (default): F.scaled_dot_product_attention on q/k/v in the compute dtype. In float32 it equals the
+      official op to float32 round-off; in bf16 (use_fp16) its fused kernels round where the official AttentionOp
+      does (bf16 q/k/v in, scores and softmax in float32, bf16 weights times v), and nothing of size [HW, HW] is
+      stored for backward.
+    - 'official': the official AttentionOp (attention_weights): a materialised float32 softmax, for comparisons."""
+    if op not in ('sdpa', 'official'):
+        raise ValueError(f"set_attention: op {op!r} must be 'sdpa' or 'official'")
+    blocks = [m for m in net.modules() if isinstance(m, UNetBlock)]
+    if not blocks:
+        raise ValueError(f'set_attention: {type(net).__name__} contains no UNetBlock')
+    for block in blocks:
+        block.attention_op = op
+    return net
+
+
+def compile_blocks(net, **compile_kwargs):
+    """torch.compile every UNetBlock inside `net` in place (Module.compile: parameter names and the state dict stay
+    as they are, unlike a torch.compile(net) wrapper). Each block's graphs are compiled on first use; changing
+    set_attention afterwards recompiles. Used by benchmarks/gpu_check.py."""
+    blocks = [m for m in net.modules() if isinstance(m, UNetBlock)]
+    if not blocks:
+        raise ValueError(f'compile_blocks: {type(net).__name__} contains no UNetBlock')
+    for block in blocks:
+        block.compile(**compile_kwargs)
     return net
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -641,7 +682,13 @@ class _AllowListUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise EDMLoadError(f'refusing untrusted pickle: it references {module}.{name}, which is not in the EDM '
                                f'allow-list (nothing from the file was run)')
-        return _ALLOWED_GLOBALS[(module, name)]
+        target = _ALLOWED_GLOBALS[(module, name)]
+        if isinstance(target, type):  # immutable types, or ours with __setstate__ (BUILD on the class then fails)
+            return target
+        # Functions: a fresh wrapper per reference. Pickle's BUILD opcode sets attributes on whatever object is on
+        # the stack, so handing out the function itself would let a file change it (e.g. __defaults__ of
+        # torch._utils._rebuild_tensor_v2) for the rest of the process.
+        return lambda *args: target(*args)
 
     def persistent_load(self, pid):
         raise EDMLoadError(f'unexpected persistent id {pid!r}; not an EDM snapshot pickle')

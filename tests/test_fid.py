@@ -23,8 +23,8 @@ from dmd2 import (INCEPTION_URL, FeatureStats, InceptionV3, compute_reference_st
                   frechet_distance, generator_stats, image_stats, images_to_uint8, iter_image_batches,
                   load_inception, load_stats, save_stats, tf1_bilinear_resize)
 
-# sha256 of the "name [shape]" lines of pytorch-fid's Inception state dict as listed in the project's
-# reference/edm_fid_keys.txt (472 entries, generated from pytorch-fid b9c1811 + torchvision 0.29.1).
+# sha256 of the "name [shape]" lines of pytorch-fid's Inception state dict as listed in
+# tests/data/edm_fid_keys.txt, last section (472 entries, generated from pytorch-fid b9c1811 + torchvision 0.29.1).
 PYTORCH_FID_KEYS_SHA256 = "9f56d538acfbbf4d75780c6c260373469342bdf5559054ee1075af33cdf5d0ac"
 
 

@@ -1,0 +1,295 @@
+"""One prepared check for a lent H100/H200 (issue 12): the full ImageNet-64 DMD2 setting on CUDA, before and after
+the speed changes, written to benchmarks/results/gpu_<device-name>.json after every measurement.
+
+    python benchmarks/gpu_check.py                          # CUDA, at most --budget_s (default 420 s) + exit
+    python benchmarks/gpu_check.py --tiny --out /tmp/g.json # CPU smoke run at a tiny size (tests/test_gpu_check.py)
+
+What runs: three ADM networks of 296M parameters (edm_net.imagenet64_config with dropout 0, as DMD2 rebuilds it;
+random weights: the real score frozen, the fake score + GAN head, the generator) through dmd2.Distiller with the
+imagenet64 preset (batch 40 per GPU, bf16 compute, TTUR ratio 5) on random real batches. Per variant:
+- train: seconds per generator iteration (generator turn + critic turn) and per critic iteration, timed apart with
+  synchronisation after two warm-up iterations (which include any compilation: warmup_s), their TTUR mean
+  (1 generator + 4 critic iterations) / 5, and the peak memory (torch.cuda.max_memory_allocated);
+- sampling (batch 40, the teacher network): images/s of the 1-step student (one forward at sigma 80, the DMD2
+  generator's cost) and of the teacher's Heun sampler (edm_net.edm_sampler) at 35 NFE (18 steps, deterministic)
+  and 511 NFE (256 steps with EDM's ImageNet churn settings).
+Variants, in this order (each one changes one thing; later ones keep the earlier changes):
+  today        official attention (materialised float32 softmax), channels_last, eager, TF32 off
+  tf32         + TF32 matmuls and cudnn.benchmark
+  sdpa         + F.scaled_dot_product_attention on bf16 q/k/v (edm_net.set_attention)
+  sdpa_nchw    + channels_last off (CUDA group norm works on contiguous NCHW tensors)
+  sdpa_compile + torch.compile of every UNetBlock (edm_net.compile_blocks), channels_last as in the faster of
+               sdpa / sdpa_nchw
+Budget: every measurement runs under an alarm at the deadline (start + --budget_s) and is skipped beforehand when
+its estimate (the last time of the same kind) does not fit; skips and errors are recorded, never fatal.
+"""
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import re
+import resource
+import signal
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import dmd2  # noqa: E402
+import edm_net  # noqa: E402
+
+VARIANTS = [
+    ('today', dict(attention='official', channels_last=True, tf32=False, compile=False)),
+    ('tf32', dict(attention='official', channels_last=True, tf32=True, compile=False)),
+    ('sdpa', dict(attention='sdpa', channels_last=True, tf32=True, compile=False)),
+    ('sdpa_nchw', dict(attention='sdpa', channels_last=False, tf32=True, compile=False)),
+    ('sdpa_compile', dict(attention='sdpa', channels_last='faster', tf32=True, compile=True)),
+]
+TINY_NET = dict(img_resolution=8, img_channels=3, label_dim=1000, use_fp16=True, model_type='DhariwalUNet',
+                model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)  # 1 head
+# Heun sampler settings: 18 steps deterministic (35 NFE), and EDM's ImageNet-64 setting (README: 256 steps = 511 NFE,
+# S_churn 40, S_min 0.05, S_max 50, S_noise 1.003). --tiny keeps the two kinds with 2 and 3 steps (3 and 5 NFE).
+CHURN = dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
+SAMPLERS = [(18, {}), (256, CHURN)]
+TINY_SAMPLERS = [(2, {}), (3, CHURN)]
+COMPILE_ALLOWANCE_S = 120  # assumed extra warm-up of the compiled variant before it has been measured
+
+
+class BudgetExceeded(BaseException):
+    """Raised by the alarm; a BaseException so that no `except Exception` on the way (dynamo's) swallows it."""
+
+
+class Clock:
+    """The deadline, and an alarm that interrupts a measurement when it is reached."""
+
+    def __init__(self, budget_s):
+        self.deadline = time.monotonic() + budget_s
+        signal.signal(signal.SIGALRM, self.ring)
+
+    def left(self):
+        return self.deadline - time.monotonic()
+
+    def ring(self, signum, frame):
+        raise BudgetExceeded()
+
+    def arm(self):
+        signal.setitimer(signal.ITIMER_REAL, max(self.left(), 1e-3))
+
+    def disarm(self):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def save(report, path):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
+def measure(report, path, clock, variant, what, fn, estimate_s=0.0):
+    """Run fn() -> dict of numbers under the budget; store it as report['variants'][variant][what], or record why
+    not in report['skipped'] / report['errors']. Writes the report either way."""
+    if clock.left() < estimate_s:
+        report['skipped'].append(dict(variant=variant, what=what,
+                                      reason=f'budget: {clock.left():.0f} s left, needs ~{estimate_s:.0f} s'))
+        save(report, path)
+        return None
+    start = time.monotonic()
+    try:
+        clock.arm()
+        try:
+            result = fn()
+        finally:
+            clock.disarm()
+        result['wall_s'] = round(time.monotonic() - start, 2)
+        report['variants'][variant][what] = result
+    except BudgetExceeded:
+        result = None
+        report['skipped'].append(dict(variant=variant, what=what, reason='budget ran out while it ran'))
+    except Exception as e:  # one failure (out of memory, a compile error) must not lose the other variants
+        result = None
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        report['errors'].append(dict(variant=variant, what=what, error=f'{type(e).__name__}: {message}'[:500]))
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    save(report, path)
+    return result
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def set_backend_flags(tf32):
+    """TF32 for float32 matmuls and cuDNN convolutions (the official DMD2 code enables both: reference
+    dmd2_official.md) and cudnn.benchmark autotuning (issue 12); off: IEEE float32 matmuls (torch's default) and
+    cuDNN's default heuristics."""
+    torch.set_float32_matmul_precision('high' if tf32 else 'highest')
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = tf32
+
+
+def peak_memory_gib(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # CPU: the process's peak RSS (KiB)
+
+
+def networks_of(distiller):
+    """The modules of a Distiller that contain EDM UNet blocks (real score, fake score, generator, ...)."""
+    return [m for m in vars(distiller).values()
+            if isinstance(m, torch.nn.Module) and any(isinstance(b, edm_net.UNetBlock) for b in m.modules())]
+
+
+def train_timings(cfg, teacher, batch, device, warmup, timed, compile_blocks):
+    """Seconds per generator and per critic iteration of dmd2.Distiller.train_step, and the peak memory."""
+    distiller = dmd2.Distiller(cfg, teacher, tuple(batch[0].shape[1:]), device=device)
+    if compile_blocks:  # after construction: the Distiller deep-copies the teacher, and a copy of a compiled block
+        for net in networks_of(distiller):  # would still call the original block's forward
+            edm_net.compile_blocks(net)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    r = cfg.dfake_gen_update_ratio
+    times = dict(generator=[], critic=[])
+    synchronize(device)
+    start = time.perf_counter()
+    for i in range(warmup + timed):
+        if i == warmup:
+            warmup_s = time.perf_counter() - start
+        synchronize(device)
+        t0 = time.perf_counter()
+        distiller.train_step(batch)  # TTUR: the generator turn runs on steps 0, r, 2r, ... (then the critic turn)
+        synchronize(device)
+        if i >= warmup:
+            times['generator' if i % r == 0 else 'critic'].append(time.perf_counter() - t0)
+    g, c = statistics.median(times['generator']), statistics.median(times['critic'])
+    result = dict(generator_iter_s=g, critic_iter_s=c, mean_iter_s=(g + (r - 1) * c) / r,
+                  generator_iters_timed=len(times['generator']), critic_iters_timed=len(times['critic']),
+                  warmup_s=warmup_s if warmup else 0.0, peak_memory_gib=peak_memory_gib(device))
+    if compile_blocks:  # graphs compiled and fallbacks, to tell a compiled run from a silent eager fallback
+        result['dynamo_stats'] = dict(torch._dynamo.utils.counters['stats'])
+    return result
+
+
+def images_per_second(sample, batch, device, reps, warmup=True):
+    """batch * reps / seconds of `reps` calls (after one warm-up call)."""
+    if warmup:
+        sample()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        sample()
+    synchronize(device)
+    return dict(images_per_s=batch * reps / (time.perf_counter() - start), reps=reps)
+
+
+def run_variants(report, path, clock, teacher, batch, cfg_kwargs, device, tiny):
+    """Training and sampling measurements for every variant of VARIANTS."""
+    n, (images, labels) = batch[0].shape[0], batch
+    onehot = torch.eye(teacher.label_dim, device=device)[labels]
+    z = torch.randn(images.shape, generator=torch.Generator(device).manual_seed(1), device=device)
+    sigma_student = torch.full((n,), 80.0, device=device)  # the 1-step generator's input: 80 z at sigma 80
+    warmup, timed = (0, 2) if tiny else (2, 9)
+    estimates = {}
+    for name, settings in VARIANTS:
+        settings = dict(settings)
+        if settings['channels_last'] == 'faster':
+            eager = {v: report['variants'][v].get('train', {}).get('mean_iter_s') for v in ('sdpa', 'sdpa_nchw')}
+            settings['channels_last'] = None not in eager.values() and eager['sdpa'] < eager['sdpa_nchw']
+        report['variants'][name] = dict(settings=settings)
+        if settings['compile'] and tiny:
+            report['skipped'].append(dict(variant=name, what='all', reason='--tiny runs no compilation'))
+            save(report, path)
+            continue
+        set_backend_flags(settings['tf32'])
+        edm_net.set_attention(teacher, settings['attention'])
+        layout = torch.channels_last if settings['channels_last'] else torch.contiguous_format
+        teacher.to(memory_format=layout)
+        cfg = dmd2.Config(**{**cfg_kwargs, 'channels_last': settings['channels_last']})
+        estimate = estimates.get('train', 0) + (COMPILE_ALLOWANCE_S if settings['compile'] else 0)
+        result = measure(report, path, clock, name, 'train', lambda: train_timings(
+            cfg, teacher, batch, device, warmup, timed, settings['compile']), estimate)
+        if result:
+            estimates['train'] = result['wall_s']
+        # Sampling runs the teacher (in the compiled variant: compiled as the Distiller's real score).
+        x_student = (80.0 * z).contiguous(memory_format=layout)
+        with torch.no_grad():
+            student = lambda: teacher(x_student, sigma_student, onehot)
+            measure(report, path, clock, name, 'student_1step',
+                    lambda: images_per_second(student, n, device, reps=5))
+            for i, (steps, churn) in enumerate(TINY_SAMPLERS if tiny else SAMPLERS):
+                nfe, calls = 2 * steps - 1, 2 if i == 0 else 1  # the first sampler also warms up (a second call)
+                heun = lambda: edm_net.edm_sampler(teacher, z, onehot, num_steps=steps, **churn)
+                result = measure(report, path, clock, name, f'heun_{nfe}nfe',
+                                 lambda: images_per_second(heun, n, device, reps=1, warmup=i == 0),
+                                 estimates.get('nfe_s', 0) * nfe * calls)
+                if result:
+                    estimates['nfe_s'] = result['wall_s'] / (nfe * calls)  # seconds per network evaluation
+
+
+def device_slug(device):
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu_tiny'
+    return re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--budget_s', type=float, default=420, help='time for all measurements (default 420)')
+    parser.add_argument('--tiny', action='store_true', help='CPU smoke run: tiny EDMPrecond, batch 2, no compile')
+    parser.add_argument('--out', default='', help='JSON path (default benchmarks/results/gpu_<device>.json)')
+    args = parser.parse_args()
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit('gpu_check: no CUDA device here; run it on the GPU machine, or pass --tiny for the CPU smoke run')
+    clock = Clock(args.budget_s)
+    started = time.monotonic()
+    device = torch.device('cpu' if args.tiny else 'cuda')
+    path = args.out or os.path.join(ROOT, 'benchmarks', 'results', f'gpu_{device_slug(device)}.json')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    net_kwargs = TINY_NET if args.tiny else edm_net.imagenet64_config(dropout=0.0)  # DMD2 rebuilds it: dropout 0
+    batch_size = 2 if args.tiny else dmd2.PRESETS['imagenet64']['batch_size']
+    resolution = net_kwargs['img_resolution']
+    cfg_kwargs = {**dmd2.PRESETS['imagenet64'], 'dataset': 'imagenet64', 'device': str(device), 'precision': 'bf16',
+                  'batch_size': batch_size, 'resolution': resolution}
+    report = dict(
+        device=torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu',
+        torch=torch.__version__, cuda=torch.version.cuda, tiny=args.tiny, budget_s=args.budget_s,
+        batch=batch_size, network=net_kwargs, preset='imagenet64', variants={}, skipped=[], errors=[],
+        peak_memory=('torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'process peak RSS'))
+    save(report, path)
+
+    torch.manual_seed(0)
+    with torch.device(device):  # random weights drawn on the device (fast); parameters float32, compute bf16
+        teacher = edm_net.EDMPrecond(**net_kwargs).eval().requires_grad_(False)
+    gen = torch.Generator(device).manual_seed(0)
+    images = torch.rand(batch_size, 3, resolution, resolution, generator=gen, device=device) * 2 - 1
+    labels = torch.randint(0, net_kwargs['label_dim'], (batch_size,), generator=gen, device=device)
+
+    # Sections, in order; each records its measurements through measure() under the same clock. (Issue 14 adds its
+    # FSDP2 section after this one.)
+    run_variants(report, path, clock, teacher, (images, labels), cfg_kwargs, device, args.tiny)
+
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    report['elapsed_s'] = round(time.monotonic() - started, 1)
+    today = report['variants'].get('today', {})
+    report['speedup_vs_today'] = {
+        name: {what: round(today[what]['mean_iter_s'] / v[what]['mean_iter_s'], 3)
+               if what == 'train' else round(v[what]['images_per_s'] / today[what]['images_per_s'], 3)
+               for what in today if what != 'settings' and what in v}
+        for name, v in report['variants'].items() if name != 'today'}
+    report['complete'] = not report['skipped'] and not report['errors']
+    save(report, path)
+    print(json.dumps({k: report[k] for k in ('device', 'elapsed_s', 'speedup_vs_today', 'skipped', 'errors')},
+                     indent=1))
+    print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,57 @@
+"""benchmarks/gpu_check.py at its --tiny size on CPU, so the prepared GPU script cannot rot between GPU sessions.
+Checks the report's structure and that every number is finite and positive; never a time against a threshold."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'benchmarks', 'gpu_check.py')
+EAGER = ['today', 'tf32', 'sdpa', 'sdpa_nchw']
+TRAIN_KEYS = {'generator_iter_s', 'critic_iter_s', 'mean_iter_s', 'warmup_s', 'peak_memory_gib', 'wall_s',
+              'generator_iters_timed', 'critic_iters_timed'}
+SAMPLING = ['student_1step', 'heun_3nfe', 'heun_5nfe']  # --tiny: 2 and 3 Heun steps in place of 18 and 256
+
+
+def run_tiny(out, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    proc = subprocess.run([sys.executable, SCRIPT, '--tiny', '--out', str(out), *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_gpu_check_tiny_report(tmp_path):
+    report = run_tiny(tmp_path / 'gpu.json')
+    assert report['tiny'] and report['batch'] == 2 and report['errors'] == []
+    assert list(report['variants']) == EAGER + ['sdpa_compile']
+    assert report['skipped'] == [dict(variant='sdpa_compile', what='all', reason='--tiny runs no compilation')]
+    assert not report['complete']
+    settings = {name: v['settings'] for name, v in report['variants'].items()}
+    assert [settings[n]['attention'] for n in EAGER] == ['official', 'official', 'sdpa', 'sdpa']
+    assert [settings[n]['channels_last'] for n in EAGER] == [True, True, True, False]
+    assert [settings[n]['tf32'] for n in EAGER] == [False, True, True, True]
+    assert settings['sdpa_compile']['compile'] and isinstance(settings['sdpa_compile']['channels_last'], bool)
+    for name in EAGER:
+        v = report['variants'][name]
+        train = v['train']
+        assert set(train) == TRAIN_KEYS, name
+        assert (train['generator_iters_timed'], train['critic_iters_timed']) == (1, 1)  # steps 0 and 1, no warm-up
+        for key in TRAIN_KEYS - {'warmup_s', 'generator_iters_timed', 'critic_iters_timed'}:
+            assert math.isfinite(train[key]) and train[key] > 0, (name, key)
+        for what in SAMPLING:
+            assert math.isfinite(v[what]['images_per_s']) and v[what]['images_per_s'] > 0, (name, what)
+    for name in EAGER[1:]:  # ratios against 'today' for every measurement
+        ratios = report['speedup_vs_today'][name]
+        assert set(ratios) == {'train', *SAMPLING}
+        assert all(math.isfinite(r) and r > 0 for r in ratios.values())
+
+
+def test_gpu_check_budget_exhausted_records_skips(tmp_path):
+    report = run_tiny(tmp_path / 'gpu.json', '--budget_s', '0')
+    assert report['errors'] == [] and not report['complete']
+    skipped = {(s['variant'], s['what']) for s in report['skipped']}
+    assert skipped == {(n, w) for n in EAGER for w in ['train', *SAMPLING]} | {('sdpa_compile', 'all')}
+    assert all(set(v) == {'settings'} for v in report['variants'].values())
