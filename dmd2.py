@@ -891,7 +891,8 @@ class Distiller:
     be stored in bf16 (--teacher_bf16_weights). With several processes the trainable networks run through
     DistributedDataParallel (ddp_* attributes; the plain modules are used where no gradient is synchronised).
 
-    The teacher passed in must hold float32 weights (its copies are made from them)."""
+    The Distiller owns the teacher it is given (its frozen weights may be stored in bf16 in place); pass a copy to
+    reuse it. It must hold float32 weights: the trainable copies are made from them."""
 
     def __init__(self, cfg, teacher, sample_shape, regression_pairs=None, rank=0, world_size=1, device="cpu"):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, torch.device(device)
@@ -904,6 +905,8 @@ class Distiller:
         self.generator = copy.deepcopy(self.real_score).train().requires_grad_(True)
         if cfg.teacher_bf16_weights:  # memory option: only the frozen real score in bf16 (official SD path does this)
             self.real_score.to(torch.bfloat16)
+        elif getattr(self.real_score, "use_fp16", False):  # bf16 compute: the teacher's casts made once, bit-identical
+            edm_net.store_frozen_in_bf16(self.real_score)
         with torch.no_grad():  # the bottleneck's shape decides the GAN head's layers
             probe = torch.zeros(1, *sample_shape, device=self.device)
             features = self.fake_score(probe, torch.ones(1, device=self.device), torch.zeros(1, cfg.num_classes,
@@ -1999,8 +2002,8 @@ def distil(cfg, rung, run_dir, name=None, show=None):
     """Train (or resume, or reload when finished) one student of an embedded rung with cfg, then evaluate it on the
     rung's evaluation noise. Returns (results row, its samples, the Distiller)."""
     regression_pairs = teacher_ode_pairs(cfg, rung.teacher, rung.sample_shape) if cfg.regression_loss_weight > 0 else None
-    distiller = train(cfg, rung.teacher, rung.real_batches(cfg.batch_size), rung.sample_shape, run_dir,
-                      regression_pairs, device=rung.device, show=show)
+    distiller = train(cfg, copy.deepcopy(rung.teacher), rung.real_batches(cfg.batch_size), rung.sample_shape,
+                      run_dir, regression_pairs, device=rung.device, show=show)  # a copy: the Distiller owns its teacher
     generator, start = distiller.ema or distiller.generator, time.time()
     samples = sample_student(generator, rung.eval_noise, rung.eval_labels, distiller.step_sigmas, cfg.num_classes,
                              cfg.eval_batch)

@@ -882,3 +882,30 @@ def test_sampler_runs_an_edm_network():
     z = torch.randn(2, 3, 16, 16)
     out = edm_net.edm_sampler(net, z, torch.eye(4)[[0, 1]], num_steps=3)
     assert out.shape == z.shape and out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('arch', ['DhariwalUNet', 'SongUNet'])
+def test_frozen_bf16_weights_are_bit_identical_to_casting_every_forward(arch):
+    """store_frozen_in_bf16 keeps the float32 embedding layers and stores the rest in bf16: the use_fp16 forward and
+    its bottleneck are unchanged to the bit, and the bf16-computing layers hold bf16 weights."""
+    torch.manual_seed(0)
+    kwargs = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+    if arch == 'SongUNet':
+        kwargs.update(embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                      channel_mult_noise=1, resample_filter=[1, 1], model_type='SongUNet')
+    else:
+        kwargs.update(model_type='DhariwalUNet')
+    net = edm_net.EDMPrecond(img_resolution=8, img_channels=3, label_dim=4, use_fp16=True, **kwargs).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # as if trained (zero-initialised layers would hide differences)
+    x, sigma = torch.randn(3, 3, 8, 8), torch.tensor([0.1, 2.0, 40.0])
+    labels = torch.eye(4)[[0, 2, 3]]
+    with torch.no_grad():
+        before = net(x, sigma, labels), net(x, sigma, labels, return_bottleneck=True)
+        edm_net.store_frozen_in_bf16(net.requires_grad_(False))
+        after = net(x, sigma, labels), net(x, sigma, labels, return_bottleneck=True)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    dtypes = {name: p.dtype for name, p in net.named_parameters()}
+    for name, dtype in dtypes.items():
+        assert dtype == (torch.float32 if '.map_' in name or '.affine.' in name else torch.bfloat16), name
