@@ -1903,24 +1903,28 @@ def t2i_inception(path=None, cache_dir=None, device="cpu"):
         except (RuntimeError, AttributeError) as error:
             raise ValueError(f"{script}: not clean-fid's TorchScript Inception ({str(error).splitlines()[0]}); "
                              f"get {CLEANFID_INCEPTION_URL}") from None
-        return "torchscript-inception", lambda x: layers((x.to(device) - 128) / 128).reshape(len(x), -1)
+
+        @torch.inference_mode()
+        def features(x):
+            return layers((x.to(device) - 128) / 128).reshape(len(x), -1)
+        return "torchscript-inception", features
     net = load_inception(path, cache_dir, device=device)
     return "pytorch-fid-inception", lambda x: net.features((x - 128) / 128)
 
 
 @torch.inference_mode()
-def t2i_stats(paths, transform, features, batch=32, device="cpu"):
+def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu"):
     """FeatureStats of image files after transform (PIL -> PIL) and the clean resize; rank r of torchrun's world
     reads files r, r + world, ... and the sums are reduced over ranks."""
     rank, world = _rank_world()
-    stats, mine = FeatureStats(2048, device), paths[rank::world]
+    stats, mine = FeatureStats(dim, device), paths[rank::world]
     for start in range(0, len(mine), batch):
         x = np.stack([clean_resize(transform(open_rgb(p))) for p in mine[start:start + batch]])
         stats.add(features(torch.from_numpy(x)))
     return stats.all_reduce()
 
 
-def reference_stats(path, protocol, files, transform, features, batch=32, device="cpu"):
+def reference_stats(path, protocol, files, transform, features, dim=2048, batch=32, device="cpu"):
     """(mu, sigma) of the reference images: the cached .npz when its stored protocol name and N match, else computed
     (sharded) and saved with them. A file of another protocol or N, or without them, is refused."""
     if os.path.isfile(path):
@@ -1930,12 +1934,12 @@ def reference_stats(path, protocol, files, transform, features, batch=32, device
             found = f"{stored[0]!r} with N={stored[1]}" if stored else "no protocol name or N"
             raise ValueError(f"{path}: reference statistics of {found}; this evaluation needs {protocol!r} with "
                              f"N={len(files)}: delete the file or pass another --refs folder")
-        return load_stats(path)
+        return load_stats(path, dim)
     missing = [p for p in files if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of the {len(files)} reference images are missing (first: "
                                 f"{missing[0]}): unzip COCO's val2014.zip into the --coco folder")
-    mu, sigma = t2i_stats(files, transform, features, batch, device).mu_sigma()
+    mu, sigma = t2i_stats(files, transform, features, dim, batch, device).mu_sigma()
     if _rank_world()[0] == 0:
         save_stats(path, mu, sigma, protocol=protocol, num=len(files))
     return mu, sigma
@@ -1994,7 +1998,8 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
       sdxl-lightning, lcm-sdxl   SDXL base with ByteDance/SDXL-Lightning's or latent-consistency/lcm-sdxl's UNet and
                             their schedulers (official test_folder_sdxl.py)"""
     diffusers, _ = _hf()
-    kind, _, arg = model.partition(":")
+    diffusers.utils.logging.get_logger("diffusers.schedulers.scheduling_lcm").setLevel("ERROR")  # our timesteps
+    kind, _, arg = model.partition(":")  # are intended (official README), not a per-batch warning
     base = model_id or (SD15_MODEL_ID if kind == "dmd2-sd15" else SDXL_MODEL_ID)
     if kind in ("teacher", "hf"):
         pipe = _pretrained(diffusers.AutoPipelineForText2Image, arg or base)
@@ -2041,6 +2046,7 @@ def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None,
     disk (resumable; written atomically). Its initial latents and every later noise draw (pipeline generator) come
     from a generator seeded seed + i, so an image does not depend on the batch or the process. uint8 = truncation
     of the pipeline's [0, 1] output x 255 (official test scripts)."""
+    os.makedirs(out_dir, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
@@ -2100,6 +2106,7 @@ def t2i_evaluate_main(argv):
     ref_names = [name for name, _ in subset] if protocol["refs"] == "subset" else all_images
     ref_files = [os.path.join(args.coco, "val2014", name) for name in ref_names]
     extractor, features = t2i_inception(args.inception, args.cache_dir, device)
+    dim = features(torch.zeros(1, 3, 299, 299)).shape[1]  # 2048; run once now so a bad file fails early
     clip = None if args.no_clip else load_clip(args.clip_model, args.clip_weights)
     res, subset_name = protocol["eval_res"], f"{num}-of-seed{COCO_SEED}" if protocol["refs"] == "subset" else "all"
     kinds = {"FID": (f"crop-lanczos{res}", lambda image: crop_resize(image, res))}
@@ -2109,7 +2116,7 @@ def t2i_evaluate_main(argv):
     for kind, (transform_name, transform) in kinds.items():
         name = f"coco2014-val {subset_name} {transform_name} clean299 {extractor}"
         path = os.path.join(refs, name.replace(" ", "_") + ".npz")
-        refs_stats[kind] = reference_stats(path, name, ref_files, transform, features, args.batch, device)
+        refs_stats[kind] = reference_stats(path, name, ref_files, transform, features, dim, args.batch, device)
 
     os.makedirs(out, exist_ok=True)
     files = [os.path.join(out, f"{i:05d}.png") for i in range(num)]
@@ -2138,7 +2145,7 @@ def t2i_evaluate_main(argv):
 
     metrics = {"N": num, "N_ref": len(ref_files)}
     for kind, (transform_name, transform) in kinds.items():
-        stats = t2i_stats(files, transform, features, args.batch, device)
+        stats = t2i_stats(files, transform, features, dim, args.batch, device)
         metrics[kind] = frechet_distance(*stats.mu_sigma(), *refs_stats[kind])
         if rank == 0:
             print(f"{kind.replace('_', ' ')} {metrics[kind]:.3f} (N={num} images of {args.model} vs N={len(ref_files)} "
