@@ -1,9 +1,14 @@
 """Text-to-image evaluation (dmd2.py section 8b2) against the libraries that define the protocol: clean-fid (resize,
 folder FID), open_clip (CLIP score) and pandas (the official data_process.py subset). CPU, nothing downloaded: the
 Inception and CLIP networks are randomly initialised and saved as files, the SDXL student is sdxl_tiny_parts()."""
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -319,27 +324,61 @@ def evaluate_args(coco, out, refs, inception, clip, *extra):
             "--clip_model", clip[0], "--clip_weights", clip[1], "--batch", "2", *extra]
 
 
-def test_evaluate_student_end_to_end(tmp_path, capsys, student, coco, tiny_inception, tiny_clip):
-    args = evaluate_args(coco, tmp_path / "out", tmp_path / "refs", tiny_inception, tiny_clip)
-    metrics = dmd2.main([*args, "--model", f"student:{student}", "--num", "4"])
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert sorted(os.listdir(tmp_path / "out")) == [f"{i:05d}.png" for i in range(4)] + ["metrics.json",
-                                                                                          "settings.json"]
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, student, coco, tiny_inception, tiny_clip):
+    """`evaluate` of the tiny student on 4 COCO prompts: (arguments, metrics, printed lines)."""
+    folder = tmp_path_factory.mktemp("evaluated")
+    args = [*evaluate_args(coco, folder / "out", folder / "refs", tiny_inception, tiny_clip), "--model",
+            f"student:{student}", "--num", "4"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        metrics = dmd2.main(args)
+    return args, metrics, printed.getvalue().strip().splitlines()
+
+
+def test_evaluate_student_end_to_end(evaluated):
+    args, metrics, printed = evaluated
+    out, refs = args[args.index("--out") + 1], args[args.index("--refs") + 1]
+    assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(4)] + ["metrics.json", "settings.json"]
     assert set(metrics) == {"N", "N_ref", "FID", "patch_FID", "clip_score"} and metrics["N"] == metrics["N_ref"] == 4
     assert metrics["FID"] > 0 and metrics["patch_FID"] > 0 and -1 <= metrics["clip_score"] <= 1
     assert [line.split(" (")[0].rsplit(" ", 1)[0] for line in printed] == ["FID", "patch FID", "CLIP score"]
     assert all("N=4" in line for line in printed)
-    saved = json.load(open(tmp_path / "out" / "metrics.json"))
+    saved = json.load(open(os.path.join(out, "metrics.json")))
     assert saved["FID"] == metrics["FID"] and saved["clip_score"] == metrics["clip_score"]
-    refs = sorted(os.listdir(tmp_path / "refs"))
-    assert refs == ["coco2014-val_4-of-seed123_crop-lanczos512_clean299_torchscript-inception.npz",
-                    "coco2014-val_4-of-seed123_patch299_clean299_torchscript-inception.npz"]
-    with np.load(tmp_path / "refs" / refs[0]) as f:
-        assert str(f["protocol"]) == refs[0][:-4].replace("_", " ") and int(f["num"]) == 4
+    names = sorted(os.listdir(refs))
+    assert names == ["coco2014-val_4-of-seed123_crop-lanczos512_clean299_torchscript-inception.npz",
+                     "coco2014-val_4-of-seed123_patch299_clean299_torchscript-inception.npz"]
+    with np.load(os.path.join(refs, names[0])) as f:
+        assert str(f["protocol"]) == names[0][:-4].replace("_", " ") and int(f["num"]) == 4
         assert f["mu"].shape == (64,) and f["sigma"].shape == (64, 64)
     # the images already there: evaluated again without generation, same numbers from the cached references
-    again = dmd2.main([*args, "--model", "images", "--num", "4"])
-    assert again == metrics
+    assert dmd2.main([*args[:-4], "--model", "images", "--num", "4"]) == metrics
+
+
+def test_evaluate_under_torchrun_equals_one_process(tmp_path, evaluated):
+    """Two processes started as torchrun starts them (RANK / WORLD_SIZE / MASTER_* environment, gloo on CPU): the
+    statistics are sharded and reduced, every rank returns the single-process FIDs. (Sharded generation: the
+    generation test; the CLIP score's reduction is left out: open_clip's import alone takes 10 s per process.)"""
+    args, metrics, _ = evaluated
+    args = [*args[:-4], "--model", "images", "--num", "4", "--no_clip"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "import dmd2, json, sys; print(json.dumps(dmd2.main(sys.argv[1:])))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=root, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", OMP_NUM_THREADS="1",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=root))
+             for r in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outputs[0].startswith("FID ") and "N=4" in outputs[0] and not outputs[1].startswith("FID")  # rank 0 prints
+    for output in outputs:
+        ranked = json.loads(output.strip().splitlines()[-1])
+        assert ranked.keys() == metrics.keys() - {"clip_score"} and ranked["N"] == 4
+        for key in ("FID", "patch_FID"):
+            assert ranked[key] == pytest.approx(metrics[key], rel=1e-9), key
 
 
 def test_bad_input_one_clear_line(tmp_path, coco, student, tiny_inception, tiny_clip):
