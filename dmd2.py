@@ -1782,19 +1782,15 @@ def fid_main(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 # 8b2. Text-to-image evaluation as the paper measures it (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and
 # CLIP score (official: main/coco_eval/coco_evaluator.py, main/sdxl/test_folder_sdxl.py, main/test_folder_sd.py).
-#   * prompts: COCO-2014 val captions, one per image, drawn as the official sdxl/data_process.py does (numpy seed 123);
-#     SDXL: 10k image-caption pairs, the references are those 10k images; SD v1.5: 30k captions, the references are
-#     every val2014 image (official --ref_dir val2014);
-#   * images, generated and reference alike: centre crop of the long edge, PIL LANCZOS to eval_res (SDXL 512, SD v1.5
-#     256), then clean-fid's "clean" resize (PIL bicubic in float to 299, no quantisation) into the Inception net;
-#     patch FID (SDXL): the centre 299 x 299 crop of the full-resolution image, no resize;
-#   * features: clean-fid's TorchScript inception-2015-12-05.pt when that file is present (--inception, the cache or
-#     clean-fid's /tmp), else our InceptionV3 with pytorch-fid's port of the same TF weights (not byte-identical);
-#   * CLIP score: open_clip ViT-g-14 laion2b_s12b_b42k, images cropped + LANCZOS to 256, "A photo depicts " + caption,
-#     the mean raw cosine (the paper's 0.33 scale, not torchmetrics' 100 x cos);
-#   * generation: every model is a diffusers pipeline called with per-sample seeds (latents and every later noise of
-#     sample i come from seed + i), images saved as PNG (resumable), sharded over torchrun processes; statistics are
-#     summed over processes, so the numbers do not depend on the batch size or the number of processes.
+#   * prompts: one COCO-2014 val caption per image, drawn as sdxl/data_process.py does (numpy seed 123). SDXL: 10k,
+#     the references are those 10k images; SD v1.5: 30k, the references are all of val2014 (official --ref_dir);
+#   * generated and reference images alike: centre crop of the long edge, PIL LANCZOS to eval_res (SDXL 512, SD v1.5
+#     256), then clean-fid's "clean" resize (PIL bicubic in float to 299, no quantisation); patch FID (SDXL): the
+#     centre 299 x 299 crop at full resolution. Features: clean-fid's TorchScript Inception when its file is there,
+#     else our InceptionV3 with pytorch-fid's port of the same TF weights (not byte-identical: README);
+#   * CLIP score: open_clip ViT-g-14 laion2b_s12b_b42k, "A photo depicts " + caption, mean raw cosine (~0.33);
+#   * every model is a diffusers pipeline; sample i draws all its noise from seed + i; PNGs on disk (resumable);
+#     sharded over torchrun processes with statistics summed over them: numbers independent of batch and processes.
 # Reference statistics are cached in EDM's .npz layout with the protocol's name and N, checked on every load.
 
 T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res; references as described above
@@ -1952,7 +1948,10 @@ def load_clip(model_name="ViT-g-14", weights="laion2b_s12b_b42k"):
         import open_clip
     except ImportError:
         raise ImportError("CLIP score needs open_clip_torch: pip install -r requirements-sdxl.txt") from None
-    try:
+    try:  # the weights file first: offline, fail before building the 1.4B-parameter network
+        if open_clip.pretrained.is_pretrained_cfg(model_name, weights):
+            weights = open_clip.pretrained.download_pretrained(open_clip.pretrained.get_pretrained_cfg(model_name,
+                                                                                                      weights))
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights)
     except (OSError, RuntimeError) as error:
         raise RuntimeError(f"cannot load open_clip {model_name} {weights} ({str(error).splitlines()[0]}): download "
@@ -1984,19 +1983,17 @@ def _pretrained(cls, model_id, **kwargs):
         return cls.from_pretrained(model_id, **kwargs)
     except OSError as error:
         raise RuntimeError(f"cannot load {model_id} ({str(error).splitlines()[0]}). On a machine with internet run "
-                           f"`hf download {model_id} --local-dir DIR` and pass DIR instead") from None
+                           f"`hf download {model_id} --local-dir DIR` and pass DIR in its place") from None
 
 
 def t2i_pipeline(model, steps, guidance, model_id=""):
-    """(diffusers pipeline, call kwargs) for --model (the one generation path of every model):
-      student:PATH          our `dmd2.py sdxl train` checkpoint.pt (or a UNet state dict), LCMScheduler on its
-                            timesteps [999, 749, 499, 249] / [399] (= sdxl_sample), guidance 0
-      dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15   the released DMD2 weights (SDXL 4 / 1 step, 4-step LoRA; SD v1.5 one
-                            step at t = 999, official test_folder_sd.py)
-      teacher               SDXL base with its own scheduler (EulerDiscrete), `steps` steps, CFG `guidance`
-      hf:ID                 any text-to-image pipeline by Hugging Face id (e.g. stabilityai/sdxl-turbo)
-      sdxl-lightning, lcm-sdxl   SDXL base with ByteDance/SDXL-Lightning's or latent-consistency/lcm-sdxl's UNet and
-                            their schedulers (official test_folder_sdxl.py)"""
+    """(diffusers pipeline, call kwargs) for --model, the one generation path of every model:
+      student:PATH    our `sdxl train` checkpoint.pt or a UNet state dict: LCMScheduler on [999, 749, 499, 249]
+                      or [399] (equal to sdxl_sample), guidance 0
+      dmd2-sdxl[-lora], dmd2-sd15   released DMD2 weights (SDXL 1 / 4 steps, 4-step LoRA; SD v1.5 1 step at t = 999)
+      teacher, hf:ID  SDXL base, or any UNet text-to-image pipeline by Hugging Face id (e.g. stabilityai/sdxl-turbo),
+                      with its own scheduler, `steps` steps and CFG `guidance`
+      sdxl-lightning, lcm-sdxl   SDXL base with their UNet and scheduler (official test_folder_sdxl.py)"""
     diffusers, _ = _hf()
     diffusers.utils.logging.get_logger("diffusers.schedulers.scheduling_lcm").setLevel("ERROR")  # our timesteps
     kind, _, arg = model.partition(":")  # are intended (official README), not a per-batch warning
@@ -2048,7 +2045,7 @@ def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None,
     of the pipeline's [0, 1] output x 255 (official test scripts)."""
     os.makedirs(out_dir, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     todo = [i for i in range(rank, len(prompts), world_size) if not os.path.exists(f"{out_dir}/{i:05d}.png")]
     for start in tqdm(range(0, len(todo), batch), desc="generate", disable=rank != 0 or not todo):
@@ -2068,10 +2065,11 @@ def t2i_evaluate_main(argv):
     Text-to-image evaluation (section 8b2): `evaluate` dispatches here when --model is given. Writes the images and
     out/metrics.json and prints FID, patch FID (SDXL) and CLIP score, each with its N. --model images evaluates the
     images already in --out."""
-    parser = argparse.ArgumentParser(prog="dmd2.py evaluate --model", description=t2i_evaluate_main.__doc__,
+    parser = argparse.ArgumentParser(prog="dmd2.py evaluate", description=t2i_evaluate_main.__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", required=True, help=t2i_pipeline.__doc__.split("\n", 1)[1] + "\n  images  "
-                        "                no generation: evaluate out/00000.png ...")
+    parser.add_argument("--model", required=True, help="student:PATH, dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15, teacher, "
+                        "hf:ID, sdxl-lightning, lcm-sdxl (dmd2.t2i_pipeline),\nor images: no generation, evaluate "
+                        "the PNGs already in --out")
     parser.add_argument("--coco", required=True, help="folder with val2014/ and annotations/captions_val2014.json")
     parser.add_argument("--protocol", choices=sorted(T2I_PROTOCOLS), default="sdxl")
     parser.add_argument("--num", type=int, help="images (default: 10k for sdxl, 30k for sd15); a prefix of the list")

@@ -427,3 +427,20 @@ def test_bad_input_one_clear_line(tmp_path, coco, student, tiny_inception, tiny_
     fails(ValueError, "unknown --model", "--model", "nonsense", "--num", "3", out=tmp_path / "out4")
     fails(FileNotFoundError, "none.pt: no such file.*inception-2015-12-05.pt", "--model", "images", "--num", "3",
           "--inception", str(tmp_path / "none.pt"))
+
+
+def test_offline_messages_name_the_file_to_download(tmp_path, monkeypatch):
+    open_clip = pytest.importorskip("open_clip")
+
+    def offline(cfg, *args, **kwargs):
+        raise FileNotFoundError("Failed to download file (open_clip_pytorch_model.bin): no connection")
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", offline)
+    with pytest.raises(RuntimeError, match=r"download https://huggingface.co/laion/CLIP-ViT-g-14-laion2B-s12B-b42K/"
+                                           r"resolve/main/open_clip_pytorch_model.bin and pass --clip_weights PATH"):
+        dmd2.load_clip()  # fails before building the network
+    pytest.importorskip("diffusers")
+    with pytest.raises(RuntimeError, match=r"hf download .*none --local-dir DIR"):
+        dmd2.t2i_pipeline(f"hf:{tmp_path / 'none'}", 4, 0.0)
+    with pytest.raises(FileNotFoundError, match=r"none.pt: no such file \(clean-fid's TorchScript Inception is "
+                                                r"https://nvlabs-fi-cdn.*inception-2015-12-05.pt\)"):
+        dmd2.t2i_inception(str(tmp_path / "none.pt"))
