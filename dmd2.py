@@ -2071,7 +2071,7 @@ def t2i_evaluate_main(argv):
                         "hf:ID, sdxl-lightning, lcm-sdxl (dmd2.t2i_pipeline),\nor images: no generation, evaluate "
                         "the PNGs already in --out")
     parser.add_argument("--coco", required=True, help="folder with val2014/ and annotations/captions_val2014.json")
-    parser.add_argument("--protocol", choices=sorted(T2I_PROTOCOLS), default="sdxl")
+    parser.add_argument("--protocol", choices=sorted(T2I_PROTOCOLS), help="default sd15 for dmd2-sd15, else sdxl")
     parser.add_argument("--num", type=int, help="images (default: 10k for sdxl, 30k for sd15); a prefix of the list")
     parser.add_argument("--out", default="", help="image folder (default runs/eval/<model>)")
     parser.add_argument("--refs", default="", help="reference statistics cache (default <cache>/coco_refs)")
@@ -2088,6 +2088,7 @@ def t2i_evaluate_main(argv):
     parser.add_argument("--no_clip", action="store_true", help="skip the CLIP score")
     parser.add_argument("--cache_dir", default=None)
     args = parser.parse_args(argv)
+    args.protocol = args.protocol or ("sd15" if args.model.startswith("dmd2-sd15") else "sdxl")
     protocol = T2I_PROTOCOLS[args.protocol]
     num, teacher = args.num or protocol["num"], args.model == "teacher"
     steps = args.steps or (100 if teacher else 4)
