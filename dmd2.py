@@ -2119,17 +2119,18 @@ def t2i_evaluate_main(argv):
 
     os.makedirs(out, exist_ok=True)
     files = [os.path.join(out, f"{i:05d}.png") for i in range(num)]
+    settings = dict(model=args.model, model_id=args.model_id, steps=steps, guidance=guidance, seed=args.seed,
+                    resolution=args.resolution, dtype=args.dtype, protocol=args.protocol, coco_seed=COCO_SEED)
+    settings_path = os.path.join(out, "settings.json")
+    saved = json.load(open(settings_path)) if os.path.exists(settings_path) else None
+    if saved and (saved["protocol"] != args.protocol if args.model == "images" else saved != settings):
+        raise ValueError(f"{out} holds images made with other settings ({settings_path}): pass another --out or "
+                         "delete it")
     if args.model != "images":
-        settings = dict(model=args.model, model_id=args.model_id, steps=steps, guidance=guidance, seed=args.seed,
-                        resolution=args.resolution, dtype=args.dtype, protocol=args.protocol, coco_seed=COCO_SEED)
-        settings_path = os.path.join(out, "settings.json")
-        if os.path.exists(settings_path):
-            with open(settings_path) as f:
-                if json.load(f) != settings:
-                    raise ValueError(f"{out} holds images made with other settings ({settings_path}): pass another "
-                                     "--out or delete it")
         pipe, call = t2i_pipeline(args.model, steps, guidance, args.model_id)
-        pipe.to(device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
+        pipe.to(device)
+        if args.dtype != "fp32":
+            pipe.to(dtype=torch.float16 if args.dtype == "fp16" else torch.bfloat16)
         if rank == 0:
             with open(settings_path, "w") as f:
                 json.dump(settings, f)

@@ -427,6 +427,7 @@ def test_bad_input_one_clear_line(tmp_path, coco, student, tiny_inception, tiny_
           out=tmp_path / "out3")
     fails(ValueError, "other settings", "--model", f"student:{student}", "--num", "3", "--protocol", "sd15",
           "--seed", "1", out=tmp_path / "out3")
+    fails(ValueError, "other settings", "--model", "images", "--num", "3", "--protocol", "sdxl", out=tmp_path / "out3")
     fails(ValueError, "unknown --model", "--model", "nonsense", "--num", "3", out=tmp_path / "out4")
     fails(FileNotFoundError, "none.pt: no such file.*inception-2015-12-05.pt", "--model", "images", "--num", "3",
           "--inception", str(tmp_path / "none.pt"))
