@@ -283,7 +283,7 @@ def student(tmp_path_factory):
     pytest.importorskip("diffusers")
     folder = tmp_path_factory.mktemp("student")
     parts = dmd2.sdxl_tiny_parts(seed=0)
-    torch.save({"generator": parts.unet.state_dict(), "config": dataclasses.asdict(dmd2.SDXLConfig(tiny=True))},
+    torch.save({"generator": parts.unet.state_dict(), "config": dataclasses.asdict(dmd2.SDXLConfig(tiny=True, seed=0))},
                folder / "checkpoint.pt")
     return str(folder / "checkpoint.pt")
 
@@ -320,6 +320,23 @@ def test_generation_is_per_sample_seeded_sharded_and_resumable(tmp_path, student
     dmd2.t2i_generate(pipe, call, prompts, str(tmp_path / "one"), seed=5, batch=3)  # resume: only the missing one
     assert {n: os.path.getmtime(tmp_path / "one" / n) for n in before} == before
     assert np.abs(read("one", names[2]) - first).max() <= 1
+
+
+def test_student_pipeline_equals_our_sampler(tmp_path, student):
+    """The pipeline path of `evaluate` gives the images of dmd2's own SDXL sampler: the pipeline's prompt encoding,
+    the per-sample generator (latents first, then LCM's re-noising draws) and decoding; within one grey level
+    ((x / 2 + 0.5) x 255 vs (x + 1) x 127.5 before truncation)."""
+    pipe, call = dmd2.t2i_pipeline(f"student:{student}", 4, 0)
+    dmd2.t2i_generate(pipe, call, ["a red cat", "two dogs"], str(tmp_path), seed=9, batch=2)
+    for i, prompt in enumerate(["a red cat", "two dogs"]):
+        generator = torch.Generator().manual_seed(9 + i)
+        latents = torch.randn(4, 16, 16, generator=generator)[None]
+        embeds, pooled = dmd2.encode_prompts([prompt], (pipe.tokenizer, pipe.tokenizer_2),
+                                             (pipe.text_encoder, pipe.text_encoder_2))
+        x0 = dmd2.sdxl_sample(pipe.unet, embeds, pooled, dmd2.sdxl_time_ids(128, 1), dmd2.sdxl_alphas_cumprod(),
+                              latents, call["timesteps"], generator)
+        ours = dmd2.decode_latents(pipe.vae, x0)[0].astype(int)
+        assert np.abs(np.asarray(PIL.Image.open(tmp_path / f"{i:05d}.png")).astype(int) - ours).max() <= 1
 
 
 def evaluate_args(coco, out, refs, inception, clip, *extra):
