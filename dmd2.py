@@ -2073,6 +2073,8 @@ def t2i_evaluate_main(argv):
     parser.add_argument("--coco", required=True, help="folder with val2014/ and annotations/captions_val2014.json")
     parser.add_argument("--protocol", choices=sorted(T2I_PROTOCOLS), help="default sd15 for dmd2-sd15, else sdxl")
     parser.add_argument("--num", type=int, help="images (default: 10k for sdxl, 30k for sd15); a prefix of the list")
+    parser.add_argument("--prompts", default="", help="sd15 only: a caption file, one per line (the official list: "
+                        "main/coco_eval/captions_coco14_test.txt)")
     parser.add_argument("--out", default="", help="image folder (default runs/eval/<model>)")
     parser.add_argument("--refs", default="", help="reference statistics cache (default <cache>/coco_refs)")
     parser.add_argument("--steps", type=int, help="sampling steps (default 4; teacher 100 as in the paper)")
@@ -2100,9 +2102,17 @@ def t2i_evaluate_main(argv):
 
     # Everything that can fail fast does so before generating: COCO, N, weights, reference statistics.
     rows, all_images = read_coco_captions(args.coco)
-    subset = coco_caption_subset(rows, num)
-    prompts = [caption for _, caption in subset]
-    ref_names = [name for name, _ in subset] if protocol["refs"] == "subset" else all_images
+    if args.prompts:  # SD v1.5's references are all of val2014, so any caption list fits them
+        if protocol["refs"] != "all":
+            raise ValueError("--prompts is for --protocol sd15; SDXL's captions come with their reference images")
+        with open(args.prompts) as f:
+            prompts = [line.rstrip("\n") for line in f][:num]
+        if len(prompts) < num:
+            raise ValueError(f"{args.prompts} holds {len(prompts)} captions, fewer than the {num} asked (--num)")
+    else:
+        subset = coco_caption_subset(rows, num)
+        prompts = [caption for _, caption in subset]
+    ref_names = all_images if protocol["refs"] == "all" else [name for name, _ in subset]
     ref_files = [os.path.join(args.coco, "val2014", name) for name in ref_names]
     extractor, features = t2i_inception(args.inception, args.cache_dir, device)
     dim = features(torch.zeros(1, 3, 299, 299)).shape[1]  # 2048; run once now so a bad file fails early
@@ -2120,10 +2130,11 @@ def t2i_evaluate_main(argv):
     os.makedirs(out, exist_ok=True)
     files = [os.path.join(out, f"{i:05d}.png") for i in range(num)]
     settings = dict(model=args.model, model_id=args.model_id, steps=steps, guidance=guidance, seed=args.seed,
-                    resolution=args.resolution, dtype=args.dtype, protocol=args.protocol, coco_seed=COCO_SEED)
+                    resolution=args.resolution, dtype=args.dtype, protocol=args.protocol, prompts=args.prompts)
     settings_path = os.path.join(out, "settings.json")
     saved = json.load(open(settings_path)) if os.path.exists(settings_path) else None
-    if saved and (saved["protocol"] != args.protocol if args.model == "images" else saved != settings):
+    if saved and (saved["protocol"] != args.protocol or saved["prompts"] != args.prompts if args.model == "images"
+                  else saved != settings):
         raise ValueError(f"{out} holds images made with other settings ({settings_path}): pass another --out or "
                          "delete it")
     if args.model != "images":

@@ -445,6 +445,11 @@ def test_bad_input_one_clear_line(tmp_path, coco, student, tiny_inception, tiny_
     fails(ValueError, "other settings", "--model", f"student:{student}", "--num", "3", "--protocol", "sd15",
           "--seed", "1", out=tmp_path / "out3")
     fails(ValueError, "other settings", "--model", "images", "--num", "3", "--protocol", "sdxl", out=tmp_path / "out3")
+    (tmp_path / "captions.txt").write_text("a cat on a mat\ntwo dogs\n")
+    fails(ValueError, "--prompts is for --protocol sd15", "--model", "images", "--num", "2", "--prompts",
+          str(tmp_path / "captions.txt"))
+    fails(ValueError, "captions.txt holds 2 captions, fewer than the 3 asked", "--model", "images", "--num", "3",
+          "--protocol", "sd15", "--prompts", str(tmp_path / "captions.txt"))
     fails(ValueError, "unknown --model", "--model", "nonsense", "--num", "3", out=tmp_path / "out4")
     fails(FileNotFoundError, "none.pt: no such file.*inception-2015-12-05.pt", "--model", "images", "--num", "3",
           "--inception", str(tmp_path / "none.pt"))
