@@ -2133,8 +2133,8 @@ def t2i_evaluate_main(argv):
                     resolution=args.resolution, dtype=args.dtype, protocol=args.protocol, prompts=args.prompts)
     settings_path = os.path.join(out, "settings.json")
     saved = json.load(open(settings_path)) if os.path.exists(settings_path) else None
-    if saved and (saved["protocol"] != args.protocol or saved["prompts"] != args.prompts if args.model == "images"
-                  else saved != settings):
+    keys = ("protocol", "prompts") if args.model == "images" else settings  # images: what pairs them with captions
+    if saved and any(saved.get(key) != settings[key] for key in keys):
         raise ValueError(f"{out} holds images made with other settings ({settings_path}): pass another --out or "
                          "delete it")
     if args.model != "images":

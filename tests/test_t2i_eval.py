@@ -398,7 +398,7 @@ def test_evaluate_under_torchrun_equals_one_process(tmp_path, evaluated):
         ranked = json.loads(output.strip().splitlines()[-1])
         assert ranked.keys() == metrics.keys() - {"clip_score"} and ranked["N"] == 4
         for key in ("FID", "patch_FID"):
-            assert ranked[key] == pytest.approx(metrics[key], rel=1e-9), key
+            assert ranked[key] == pytest.approx(metrics[key], rel=1e-6), key  # other batches: float32 features
 
 
 def test_bad_input_one_clear_line(tmp_path, coco, student, tiny_inception, tiny_clip):
