@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import http.client
 import io
@@ -1908,19 +1909,23 @@ def t2i_inception(path=None, cache_dir=None, device="cpu"):
     return "pytorch-fid-inception", lambda x: net.features((x - 128) / 128)
 
 
+def _inception_batch(paths, transform):
+    return torch.from_numpy(np.stack([clean_resize(transform(open_rgb(p))) for p in paths]))
+
+
 @torch.inference_mode()
-def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu"):
-    """FeatureStats of image files after transform (PIL -> PIL) and the clean resize; rank r of torchrun's world
-    reads files r, r + world, ... and the sums are reduced over ranks."""
+def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", workers=0):
+    """FeatureStats of image files after transform (PIL -> PIL, picklable for `workers` loader processes) and the
+    clean resize; rank r of torchrun's world reads files r, r + world, ... and the sums are reduced over ranks."""
     rank, world = _rank_world()
-    stats, mine = FeatureStats(dim, device), paths[rank::world]
-    for start in range(0, len(mine), batch):
-        x = np.stack([clean_resize(transform(open_rgb(p))) for p in mine[start:start + batch]])
-        stats.add(features(torch.from_numpy(x)))
+    stats = FeatureStats(dim, device)
+    for x in torch.utils.data.DataLoader(paths[rank::world], batch, num_workers=workers,
+                                         collate_fn=functools.partial(_inception_batch, transform=transform)):
+        stats.add(features(x))
     return stats.all_reduce()
 
 
-def reference_stats(path, protocol, files, transform, features, dim=2048, batch=32, device="cpu"):
+def reference_stats(path, protocol, files, transform, features, dim=2048, batch=32, device="cpu", workers=0):
     """(mu, sigma) of the reference images: the cached .npz when its stored protocol name and N match, else computed
     (sharded) and saved with them. A file of another protocol or N, or without them, is refused."""
     if os.path.isfile(path):
@@ -1935,7 +1940,7 @@ def reference_stats(path, protocol, files, transform, features, dim=2048, batch=
     if missing:
         raise FileNotFoundError(f"{len(missing)} of the {len(files)} reference images are missing (first: "
                                 f"{missing[0]}): unzip COCO's val2014.zip into the --coco folder")
-    mu, sigma = t2i_stats(files, transform, features, dim, batch, device).mu_sigma()
+    mu, sigma = t2i_stats(files, transform, features, dim, batch, device, workers).mu_sigma()
     if _rank_world()[0] == 0:
         save_stats(path, mu, sigma, protocol=protocol, num=len(files))
     return mu, sigma
@@ -1959,17 +1964,22 @@ def load_clip(model_name="ViT-g-14", weights="laion2b_s12b_b42k"):
     return model.float().eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
+def _clip_batch(items, preprocess):
+    return torch.stack([preprocess(crop_resize(open_rgb(p), CLIP_RES)) for p, _ in items]), [c for _, c in items]
+
+
 @torch.inference_mode()
-def clip_score(paths, captions, clip, batch=32, device="cpu"):
+def clip_score(paths, captions, clip, batch=32, device="cpu", workers=0):
     """Mean cosine between open_clip's image embedding (crop + LANCZOS 256, then the model's eval transform) and its
     text embedding of "A photo depicts " + caption, over ranks. Tokenising the prefixed string equals the official
     insertion of the prefix tokens after <start> with the 77-token cut and <end> fix (tested)."""
     model, preprocess, tokenizer = clip
     rank, world = _rank_world()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in range(rank * batch, len(paths), world * batch):  # rank r: batches r, r + world, ...
-        images = torch.stack([preprocess(crop_resize(open_rgb(p), CLIP_RES)) for p in paths[start:start + batch]])
-        text = tokenizer([CLIP_PREFIX + c for c in captions[start:start + batch]])
+    loader = torch.utils.data.DataLoader(list(zip(paths, captions))[rank::world], batch, num_workers=workers,
+                                         collate_fn=functools.partial(_clip_batch, preprocess=preprocess))
+    for images, texts in loader:
+        text = tokenizer([CLIP_PREFIX + c for c in texts])
         cos = F.cosine_similarity(model.encode_image(images.to(device)).float(),
                                   model.encode_text(text.to(device)).float(), dim=1)
         total += torch.stack([cos.double().sum(), torch.tensor(len(cos), dtype=torch.float64, device=device)])
@@ -2083,7 +2093,8 @@ def t2i_evaluate_main(argv):
     parser.add_argument("--resolution", type=int, help="generated image size (default: the pipeline's)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="official: fp32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=4)  # official --eval_batch_size 4 (SDXL)
+    parser.add_argument("--batch", type=int, default=4, help="generation batch")  # official --eval_batch_size 4
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-loading processes")
     parser.add_argument("--inception", help="clean-fid's inception-2015-12-05.pt or pytorch-fid's .pth")
     parser.add_argument("--clip_model", default="ViT-g-14")
     parser.add_argument("--clip_weights", default="laion2b_s12b_b42k", help=f"a tag or a file ({CLIP_URL})")
@@ -2118,14 +2129,14 @@ def t2i_evaluate_main(argv):
     dim = features(torch.zeros(1, 3, 299, 299)).shape[1]  # 2048; run once now so a bad file fails early
     clip = None if args.no_clip else load_clip(args.clip_model, args.clip_weights)
     res, subset_name = protocol["eval_res"], f"{num}-of-seed{COCO_SEED}" if protocol["refs"] == "subset" else "all"
-    kinds = {"FID": (f"crop-lanczos{res}", lambda image: crop_resize(image, res))}
+    kinds = {"FID": (f"crop-lanczos{res}", functools.partial(crop_resize, res=res))}
     if protocol["patch_fid"]:
         kinds["patch_FID"] = ("patch299", patch_crop)
     refs_stats = {}
     for kind, (transform_name, transform) in kinds.items():
         name = f"coco2014-val {subset_name} {transform_name} clean299 {extractor}"
         path = os.path.join(refs, name.replace(" ", "_") + ".npz")
-        refs_stats[kind] = reference_stats(path, name, ref_files, transform, features, dim, args.batch, device)
+        refs_stats[kind] = reference_stats(path, name, ref_files, transform, features, dim, 32, device, args.workers)
 
     os.makedirs(out, exist_ok=True)
     files = [os.path.join(out, f"{i:05d}.png") for i in range(num)]
@@ -2156,13 +2167,13 @@ def t2i_evaluate_main(argv):
 
     metrics = {"N": num, "N_ref": len(ref_files)}
     for kind, (transform_name, transform) in kinds.items():
-        stats = t2i_stats(files, transform, features, dim, args.batch, device)
+        stats = t2i_stats(files, transform, features, dim, 32, device, args.workers)
         metrics[kind] = frechet_distance(*stats.mu_sigma(), *refs_stats[kind])
         if rank == 0:
             print(f"{kind.replace('_', ' ')} {metrics[kind]:.3f} (N={num} images of {args.model} vs N={len(ref_files)} "
                   f"COCO-2014 val images; {args.protocol}, {transform_name}, {extractor})")
     if clip is not None:
-        metrics["clip_score"] = clip_score(files, prompts, (clip[0].to(device), *clip[1:]), args.batch, device)
+        metrics["clip_score"] = clip_score(files, prompts, (clip[0].to(device), *clip[1:]), 32, device, args.workers)
     if rank == 0:
         if clip is not None:
             print(f"CLIP score {metrics['clip_score']:.4f} (N={num}; open_clip {args.clip_model} {args.clip_weights})")
