@@ -340,6 +340,46 @@ def test_student_pipeline_equals_our_sampler(tmp_path, student):
         assert np.abs(np.asarray(PIL.Image.open(tmp_path / f"{i:05d}.png")).astype(int) - ours).max() <= 1
 
 
+def test_every_model_kind_builds_its_pipeline_and_generates(tmp_path, monkeypatch):
+    """The branches of t2i_pipeline offline: SDXL base is the tiny model (a saved pipeline folder for --model_id /
+    hf:ID, load_sdxl patched), every downloaded UNet file is a tiny state dict; the files asked for are recorded."""
+    diffusers = pytest.importorskip("diffusers")
+    parts = dmd2.sdxl_tiny_parts(seed=0)
+    euler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                             steps_offset=1, timestep_spacing="leading")  # SDXL base's scheduler
+    diffusers.StableDiffusionXLPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
+        tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.unet,
+        scheduler=euler).save_pretrained(tmp_path / "sdxl")
+    torch.save(parts.unet.state_dict(), tmp_path / "unet.bin")
+    parts.unet.save_pretrained(tmp_path / "lcm_unet")
+    asked = []
+    monkeypatch.setattr(dmd2, "load_sdxl", lambda model_id: dmd2.sdxl_tiny_parts(seed=0))
+    monkeypatch.setattr(dmd2, "download_dmd2", lambda name, repo=dmd2.DMD2_REPO, flag="": asked.append(
+        f"{repo}/{name}") or str(tmp_path / "unet.bin"))
+    base = str(tmp_path / "sdxl")
+    cases = [(f"hf:{base}", 2, 6.0, "EulerDiscreteScheduler", dict(num_inference_steps=2, guidance_scale=6.0)),
+             ("dmd2-sdxl", 1, 0, "LCMScheduler", dict(timesteps=[399], guidance_scale=0)),
+             ("sdxl-lightning", 4, 0, "EulerDiscreteScheduler", dict(num_inference_steps=4, guidance_scale=0)),
+             ("sdxl-lightning", 1, 0, "EulerDiscreteScheduler", dict(num_inference_steps=1, guidance_scale=0)),
+             (f"lcm-sdxl:{tmp_path / 'lcm_unet'}", 4, 0, "LCMScheduler", dict(num_inference_steps=4, guidance_scale=0))]
+    for i, (model, steps, guidance, scheduler, call) in enumerate(cases):
+        pipe, kwargs = dmd2.t2i_pipeline(model, steps, guidance, model_id=base)
+        assert type(pipe.scheduler).__name__ == scheduler and kwargs == call, model
+        if model == "sdxl-lightning":  # SDXL-Lightning's model card: trailing timesteps; x0 prediction at 1 step
+            assert pipe.scheduler.config.timestep_spacing == "trailing"
+            assert pipe.scheduler.config.prediction_type == ("sample" if steps == 1 else "epsilon")
+        dmd2.t2i_generate(pipe, kwargs, ["a cat"], str(tmp_path / f"out{i}"), seed=1)
+        assert PIL.Image.open(tmp_path / f"out{i}" / "00000.png").size == (128, 128)
+    assert asked == ["tianweiy/DMD2/dmd2_sdxl_1step_unet_fp16.bin",
+                     "ByteDance/SDXL-Lightning/sdxl_lightning_4step_unet.safetensors",
+                     "ByteDance/SDXL-Lightning/sdxl_lightning_1step_unet_x0.safetensors"]
+    with pytest.raises(ValueError, match="released DMD2 SDXL is 1 or 4 steps"):
+        dmd2.t2i_pipeline("dmd2-sdxl", 2, 0)
+    with pytest.raises(ValueError, match="give student:PATH"):
+        dmd2.t2i_pipeline("student", 4, 0)
+
+
 def evaluate_args(coco, out, refs, inception, clip, *extra):
     return ["evaluate", "--coco", coco, "--out", str(out), "--refs", str(refs), "--inception", inception,
             "--clip_model", clip[0], "--clip_weights", clip[1], "--batch", "2", "--workers", "0", *extra]
