@@ -22,6 +22,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import hashlib
 import http.client
 import io
@@ -1528,7 +1529,12 @@ class InceptionV3(nn.Module):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"InceptionV3 takes uint8 images [N, 3, H, W], got {images.dtype} "
                              f"{list(images.shape)} (use images_to_uint8 for [-1, 1] floats)")
-        x = self.preprocess(images).contiguous(memory_format=torch.channels_last)
+        return self.features(self.preprocess(images))
+
+    @torch.inference_mode()
+    def features(self, x):
+        """Pool features of preprocessed float input [N, 3, 299, 299] in [-1, 1] (clean-fid's entry, section 8b2)."""
+        x = x.to(self.fc.weight.device, torch.float32).contiguous(memory_format=torch.channels_last)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
         x = F.max_pool2d(x, 3, stride=2)
@@ -1625,15 +1631,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def save_stats(path, mu, sigma):
-    """EDM's reference-statistics layout: .npz with mu [D] and sigma [D, D] float64; written atomically."""
+def save_stats(path, mu, sigma, **extra):
+    """EDM's reference-statistics layout: .npz with mu [D] and sigma [D, D] float64 (plus any `extra` arrays, e.g.
+    the text-to-image protocol's name and N); written atomically."""
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"save_stats: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
+        np.savez(f, mu=mu, sigma=sigma, **extra)
     os.replace(tmp, path)
 
 
@@ -1827,6 +1834,408 @@ def fid_main(argv=None):
     if verbose:
         print(f"FID {fid:.4f} ({stats.count} images from {args.images}; reference {args.ref}; mode {args.mode})")
     return fid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8b2. Text-to-image evaluation as the paper measures it (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and
+# CLIP score (official: main/coco_eval/coco_evaluator.py, main/sdxl/test_folder_sdxl.py, main/test_folder_sd.py).
+#   * prompts: one COCO-2014 val caption per image, drawn as sdxl/data_process.py does (numpy seed 123). SDXL: 10k,
+#     the references are those 10k images; SD v1.5: 30k, the references are all of val2014 (official --ref_dir);
+#   * generated and reference images alike: centre crop of the long edge, PIL LANCZOS to eval_res (SDXL 512, SD v1.5
+#     256), then clean-fid's "clean" resize (PIL bicubic in float to 299, no quantisation); patch FID (SDXL): the
+#     centre 299 x 299 crop at full resolution. Features: clean-fid's TorchScript Inception when its file is there,
+#     else our InceptionV3 with pytorch-fid's port of the same TF weights (not byte-identical: README);
+#   * CLIP score: open_clip ViT-g-14 laion2b_s12b_b42k, "A photo depicts " + caption, mean raw cosine (~0.33);
+#   * every model is a diffusers pipeline; sample i draws all its noise from seed + i; PNGs on disk (resumable);
+#     sharded over torchrun processes with statistics summed over them: numbers independent of batch and processes.
+# Reference statistics are cached in EDM's .npz layout with the protocol's name and N, checked on every load.
+
+T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res; references as described above
+    "sdxl": dict(num=10_000, eval_res=512, patch_fid=True, refs="subset"),
+    "sd15": dict(num=30_000, eval_res=256, patch_fid=False, refs="all"),
+}
+COCO_SEED = 123  # official sdxl/data_process.py: np.random.seed(123)
+CLIP_PREFIX = "A photo depicts "  # official compute_clip_score (after arXiv 2104.08718)
+CLIP_RES = 256  # official compute_clip_score: resize_size=256 for SDXL and SD v1.5 alike
+CLIP_URL = "https://huggingface.co/laion/CLIP-ViT-g-14-laion2B-s12B-b42K/resolve/main/open_clip_pytorch_model.bin"
+CLEANFID_INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                          "inception-2015-12-05.pt")  # clean-fid's TorchScript network (StyleGAN2-ADA)
+SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # official: runwayml/stable-diffusion-v1-5 (moved)
+DMD2_SD15_FILE = ("model/sdv1.5/laion6.25_sd_baseline_8node_guidance1.75_lr5e-7_seed10_dfake10_diffusion1000_gan1e-3_"
+                  "resume_fid8.35_checkpoint_model_041000/pytorch_model.bin")  # released SD v1.5 one-step, FID 8.35
+
+
+def center_crop(image, size):
+    """Centre size x size crop of a PIL image, offsets rounded as torchvision's center_crop (Python round)."""
+    left, top = int(round((image.width - size) / 2)), int(round((image.height - size) / 2))
+    return image.crop((left, top, left + size, top + size))
+
+
+def crop_resize(image, res):
+    """Centre crop of the long edge, then PIL LANCZOS to res x res (official CenterCropLongEdge + resize)."""
+    return center_crop(image, min(image.size)).resize((res, res), PIL.Image.LANCZOS)
+
+
+def patch_crop(image, size=299):
+    """Patch FID: the centre 299 x 299 crop, no resize; smaller images pass unchanged (official patch_fid=True)."""
+    return center_crop(image, size) if min(image.size) >= size else image
+
+
+def clean_resize(image, size=299):
+    """clean-fid "clean" mode: each channel as a float32 PIL image, bicubic to size x size, clipped to [0, 255], no
+    quantisation. uint8 [H, W, 3] -> float32 [3, size, size]."""
+    channels = np.asarray(image, np.float32).transpose(2, 0, 1)
+    return np.stack([np.asarray(PIL.Image.fromarray(c).resize((size, size), PIL.Image.BICUBIC)) for c in channels]
+                    ).clip(0, 255)
+
+
+def open_rgb(path):
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
+
+
+def read_coco_captions(coco):
+    """(rows, image names) of COCO-2014 val in the official layout coco/annotations/captions_val2014.json (+ images
+    in coco/val2014/): rows are (file_name, caption) of a left merge of 'images' with 'annotations' on image id, in
+    image order then annotation order (official data_process.py: df.merge(how='left'))."""
+    fix = (f"it must hold val2014/ and annotations/captions_val2014.json: unzip val2014.zip and "
+           f"annotations_trainval2014.zip from http://images.cocodataset.org/ into it (official data_process.py)")
+    path = os.path.join(coco, "annotations", "captions_val2014.json")
+    if not os.path.isdir(coco):
+        raise FileNotFoundError(f"{coco}: no such COCO folder; {fix}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file; {fix}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        captions = {}
+        for a in data["annotations"]:
+            captions.setdefault(a["image_id"], []).append(str(a["caption"]))
+        rows = [(im["file_name"], c) for im in data["images"] for c in captions.get(im["id"], [None])]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a COCO captions file ({type(error).__name__}: {error}); expected "
+                         "captions_val2014.json with 'images' [{id, file_name}] and 'annotations' [{image_id, "
+                         "caption}]") from None
+    return rows, list(dict.fromkeys(name for name, _ in rows))
+
+
+def coco_caption_subset(rows, num, seed=COCO_SEED):
+    """num (file_name, caption) pairs, one per image, as the official data_process.py draws them with pandas after
+    np.random.seed(123): df.sample(frac=1) shuffles the rows (RandomState.choice without replacement is
+    permutation()), drop_duplicates keeps each image's first row, df.sample(num) takes the first num of a second
+    permutation. So a smaller num gives a prefix of the 10k list."""
+    rng = np.random.RandomState(seed)
+    first = {}
+    for i in rng.permutation(len(rows)):
+        first.setdefault(*rows[i])
+    unique = list(first.items())
+    if num > len(unique):
+        raise ValueError(f"the COCO annotations hold {len(unique)} images, fewer than the {num} asked (--num)")
+    subset = [unique[i] for i in rng.permutation(len(unique))[:num]]
+    if any(caption is None for _, caption in subset):
+        raise ValueError("a sampled COCO image has no caption in the annotation file")
+    return subset
+
+
+def t2i_inception(path=None, cache_dir=None, device="cpu"):
+    """(name, features): float [N, 3, 299, 299] in [0, 255] -> [N, 2048] after (x - 128) / 128 (clean-fid). A .pt
+    file, or clean-fid's inception-2015-12-05.pt found in the cache or clean-fid's /tmp, is its TorchScript network
+    (the `layers` module, as clean-fid calls it); otherwise our InceptionV3 with pytorch-fid's weights."""
+    name = "inception-2015-12-05.pt"
+    found = [path] if path else [os.path.join(cache_dir or default_cache_dir(), name),
+                                 os.path.join(tempfile.gettempdir(), name)]
+    script = next((p for p in found if p.endswith(".pt") and os.path.isfile(p)), None)
+    if path and path.endswith(".pt") and not script:
+        raise FileNotFoundError(f"{path}: no such file (clean-fid's TorchScript Inception is {CLEANFID_INCEPTION_URL})")
+    if script:
+        try:
+            layers = torch.jit.load(script, map_location=device).eval().layers
+        except (RuntimeError, AttributeError) as error:
+            raise ValueError(f"{script}: not clean-fid's TorchScript Inception ({str(error).splitlines()[0]}); "
+                             f"get {CLEANFID_INCEPTION_URL}") from None
+
+        @torch.inference_mode()
+        def features(x):
+            return layers((x.to(device) - 128) / 128).reshape(len(x), -1)
+        return "torchscript-inception", features
+    net = load_inception(path, cache_dir, device=device)
+    return "pytorch-fid-inception", lambda x: net.features((x - 128) / 128)
+
+
+def _inception_batch(paths, transform):
+    return torch.from_numpy(np.stack([clean_resize(transform(open_rgb(p))) for p in paths]))
+
+
+@torch.inference_mode()
+def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", workers=0):
+    """FeatureStats of image files after transform (PIL -> PIL, picklable for `workers` loader processes) and the
+    clean resize; rank r of torchrun's world reads files r, r + world, ... and the sums are reduced over ranks."""
+    rank, world = _rank_world()
+    stats = FeatureStats(dim, device)
+    for x in torch.utils.data.DataLoader(paths[rank::world], batch, num_workers=workers,
+                                         collate_fn=functools.partial(_inception_batch, transform=transform)):
+        stats.add(features(x))
+    return stats.all_reduce()
+
+
+def reference_stats(path, protocol, files, transform, features, dim=2048, batch=32, device="cpu", workers=0):
+    """(mu, sigma) of the reference images: the cached .npz when its stored protocol name and N match, else computed
+    (sharded) and saved with them. A file of another protocol or N, or without them, is refused."""
+    if os.path.isfile(path):
+        with np.load(path, allow_pickle=False) as f:
+            stored = (str(f["protocol"]), int(f["num"])) if {"protocol", "num"} <= set(f.files) else None
+        if stored != (protocol, len(files)):
+            found = f"{stored[0]!r} with N={stored[1]}" if stored else "no protocol name or N"
+            raise ValueError(f"{path}: reference statistics of {found}; this evaluation needs {protocol!r} with "
+                             f"N={len(files)}: delete the file or pass another --refs folder")
+        return load_stats(path, dim)
+    missing = [p for p in files if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(files)} reference images are missing (first: "
+                                f"{missing[0]}): unzip COCO's val2014.zip into the --coco folder")
+    mu, sigma = t2i_stats(files, transform, features, dim, batch, device, workers).mu_sigma()
+    if _rank_world()[0] == 0:
+        save_stats(path, mu, sigma, protocol=protocol, num=len(files))
+    return mu, sigma
+
+
+def load_clip(model_name="ViT-g-14", weights="laion2b_s12b_b42k"):
+    """(model, eval transform, tokenizer) of open_clip, fp32 on the CPU (official: .float()); weights is a tag or a
+    local file. Needs open_clip_torch (requirements-sdxl.txt); offline, one line names the file to download."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ImportError("CLIP score needs open_clip_torch: pip install -r requirements-sdxl.txt") from None
+    try:  # the weights file first: offline, fail before building the 1.4B-parameter network
+        if open_clip.pretrained.is_pretrained_cfg(model_name, weights):
+            weights = open_clip.pretrained.download_pretrained(open_clip.pretrained.get_pretrained_cfg(model_name,
+                                                                                                      weights))
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights)
+    except (OSError, RuntimeError) as error:
+        raise RuntimeError(f"cannot load open_clip {model_name} {weights} ({str(error).splitlines()[0]}): download "
+                           f"{CLIP_URL} and pass --clip_weights PATH") from None
+    return model.float().eval(), preprocess, open_clip.get_tokenizer(model_name)
+
+
+def _clip_batch(items, preprocess):
+    return torch.stack([preprocess(crop_resize(open_rgb(p), CLIP_RES)) for p, _ in items]), [c for _, c in items]
+
+
+@torch.inference_mode()
+def clip_score(paths, captions, clip, batch=32, device="cpu", workers=0):
+    """Mean cosine between open_clip's image embedding (crop + LANCZOS 256, then the model's eval transform) and its
+    text embedding of "A photo depicts " + caption, over ranks. Tokenising the prefixed string equals the official
+    insertion of the prefix tokens after <start> with the 77-token cut and <end> fix (tested)."""
+    model, preprocess, tokenizer = clip
+    rank, world = _rank_world()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    loader = torch.utils.data.DataLoader(list(zip(paths, captions))[rank::world], batch, num_workers=workers,
+                                         collate_fn=functools.partial(_clip_batch, preprocess=preprocess))
+    for images, texts in loader:
+        text = tokenizer([CLIP_PREFIX + c for c in texts])
+        cos = F.cosine_similarity(model.encode_image(images.to(device)).float(),
+                                  model.encode_text(text.to(device)).float(), dim=1)
+        total += torch.stack([cos.double().sum(), torch.tensor(len(cos), dtype=torch.float64, device=device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def _pretrained(cls, model_id, **kwargs):
+    try:
+        return cls.from_pretrained(model_id, **kwargs)
+    except OSError as error:
+        raise RuntimeError(f"cannot load {model_id} ({str(error).splitlines()[0]}). On a machine with internet run "
+                           f"`hf download {model_id} --local-dir DIR` and pass DIR in its place") from None
+
+
+def t2i_pipeline(model, steps, guidance, model_id=""):
+    """(diffusers pipeline, call kwargs) for --model, the one generation path of every model:
+      student:PATH    our `sdxl train` checkpoint.pt or a UNet state dict: LCMScheduler on [999, 749, 499, 249]
+                      or [399] (equal to sdxl_sample), guidance 0
+      dmd2-sdxl[-lora], dmd2-sd15   released DMD2 weights (SDXL 1 / 4 steps, 4-step LoRA; SD v1.5 1 step at t = 999)
+      teacher, hf:ID  SDXL base, or any UNet text-to-image pipeline by Hugging Face id (e.g. stabilityai/sdxl-turbo),
+                      with its own scheduler, `steps` steps and CFG `guidance`
+      sdxl-lightning, lcm-sdxl   SDXL base with their UNet and scheduler (official test_folder_sdxl.py)"""
+    diffusers, _ = _hf()
+    diffusers.utils.logging.get_logger("diffusers.schedulers.scheduling_lcm").setLevel("ERROR")  # our timesteps
+    kind, _, arg = model.partition(":")  # are intended (official README), not a per-batch warning
+    base = model_id or (SD15_MODEL_ID if kind == "dmd2-sd15" else SDXL_MODEL_ID)
+    if kind in ("teacher", "hf"):
+        pipe = _pretrained(diffusers.AutoPipelineForText2Image, arg or base)
+        return pipe, dict(num_inference_steps=steps, guidance_scale=guidance)
+    if kind == "dmd2-sd15":
+        pipe = _pretrained(diffusers.StableDiffusionPipeline, base, safety_checker=None, requires_safety_checker=False)
+        load_unet_weights(pipe.unet, arg or download_dmd2(DMD2_SD15_FILE, flag="--model dmd2-sd15:PATH"))
+        pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
+        return pipe, dict(timesteps=[999], guidance_scale=0)
+    if kind in ("student", "dmd2-sdxl", "dmd2-sdxl-lora"):
+        lora = kind == "dmd2-sdxl-lora"
+        if kind == "student" and not arg or kind != "student" and not arg and steps not in ((4,) if lora else (1, 4)):
+            raise ValueError(f"--model {model}: give student:PATH; the released DMD2 SDXL is 1 or 4 steps, LoRA 4")
+        path = arg or download_dmd2(DMD2_SDXL_FILES["lora" if lora else steps], flag=f"--model {kind}:PATH")
+        parts, timesteps = _sdxl_sampling_unet(types.SimpleNamespace(
+            checkpoint=path, tiny=False, lora=lora, model_id=base, steps=steps))
+        scheduler, call = diffusers.LCMScheduler(), dict(timesteps=timesteps, guidance_scale=0)
+    elif kind == "sdxl-lightning":
+        parts = load_sdxl(base)
+        name = "sdxl_lightning_1step_unet_x0" if steps == 1 else f"sdxl_lightning_{steps}step_unet"
+        load_unet_weights(parts.unet, arg or download_dmd2(f"{name}.safetensors", "ByteDance/SDXL-Lightning",
+                                                           "--model sdxl-lightning:PATH"))
+        scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(  # SDXL-Lightning's card: "trailing"
+            base, subfolder="scheduler", timestep_spacing="trailing", **({"prediction_type": "sample"} if steps == 1
+                                                                           else {}))
+        call = dict(num_inference_steps=steps, guidance_scale=0)
+    elif kind == "lcm-sdxl":
+        parts = load_sdxl(base)
+        parts.unet = _pretrained(diffusers.UNet2DConditionModel, arg or "latent-consistency/lcm-sdxl")
+        scheduler = diffusers.LCMScheduler.from_pretrained(base, subfolder="scheduler")
+        call = dict(num_inference_steps=steps, guidance_scale=0)
+    else:
+        raise ValueError(f"unknown --model {model!r}: student:PATH, dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15, teacher, "
+                         "hf:ID, sdxl-lightning or lcm-sdxl")
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
+        tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.unet, scheduler=scheduler)
+    return pipe, call
+
+
+@torch.no_grad()
+def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None, rank=0, world_size=1):
+    """Image i of prompts -> out_dir/{i:05d}.png. Rank r makes images r, r + world_size, ... that are not yet on
+    disk (resumable; written atomically). Its initial latents and every later noise draw (pipeline generator) come
+    from a generator seeded seed + i, so an image does not depend on the batch or the process. uint8 = truncation
+    of the pipeline's [0, 1] output x 255 (official test scripts)."""
+    os.makedirs(out_dir, exist_ok=True)
+    pipe.set_progress_bar_config(disable=True)
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    todo = [i for i in range(rank, len(prompts), world_size) if not os.path.exists(f"{out_dir}/{i:05d}.png")]
+    for start in tqdm(range(0, len(todo), batch), desc="generate", disable=rank != 0 or not todo):
+        index = todo[start:start + batch]
+        generators = [torch.Generator().manual_seed(seed + i) for i in index]
+        latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        images = pipe(prompt=[prompts[i] for i in index], latents=latents.to(pipe.device, pipe.unet.dtype),
+                      generator=generators, height=resolution, width=resolution, output_type="np", **call).images
+        for i, image in zip(index, images):
+            tmp = f"{out_dir}/{i:05d}.tmp{os.getpid()}.png"
+            PIL.Image.fromarray((image * 255).astype(np.uint8)).save(tmp)
+            os.replace(tmp, f"{out_dir}/{i:05d}.png")
+
+
+def t2i_evaluate_main(argv):
+    """python dmd2.py evaluate --model MODEL --coco DIR [--protocol sdxl|sd15] [--num N] [--out DIR] ...
+    Text-to-image evaluation (section 8b2): `evaluate` dispatches here when --model is given. Writes the images and
+    out/metrics.json and prints FID, patch FID (SDXL) and CLIP score, each with its N. --model images evaluates the
+    images already in --out."""
+    parser = argparse.ArgumentParser(prog="dmd2.py evaluate", description=t2i_evaluate_main.__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", required=True, help="student:PATH, dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15, teacher, "
+                        "hf:ID, sdxl-lightning, lcm-sdxl (dmd2.t2i_pipeline),\nor images: no generation, evaluate "
+                        "the PNGs already in --out")
+    parser.add_argument("--coco", required=True, help="folder with val2014/ and annotations/captions_val2014.json")
+    parser.add_argument("--protocol", choices=sorted(T2I_PROTOCOLS), help="default sd15 for dmd2-sd15, else sdxl")
+    parser.add_argument("--num", type=int, help="images (default: 10k for sdxl, 30k for sd15); a prefix of the list")
+    parser.add_argument("--prompts", default="", help="sd15 only: a caption file, one per line (the official list: "
+                        "main/coco_eval/captions_coco14_test.txt)")
+    parser.add_argument("--out", default="", help="image folder (default runs/eval/<model>)")
+    parser.add_argument("--refs", default="", help="reference statistics cache (default <cache>/coco_refs)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default 4; teacher 100 as in the paper)")
+    parser.add_argument("--guidance", type=float, help="CFG scale (default 0; teacher 6, official --guidance_scale)")
+    parser.add_argument("--model_id", default="", help="base model id or folder (default SDXL / SD v1.5 base)")
+    parser.add_argument("--resolution", type=int, help="generated image size (default: the pipeline's)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="official: fp32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=4, help="generation batch")  # official --eval_batch_size 4
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-loading processes")
+    parser.add_argument("--inception", help="clean-fid's inception-2015-12-05.pt or pytorch-fid's .pth")
+    parser.add_argument("--clip_model", default="ViT-g-14")
+    parser.add_argument("--clip_weights", default="laion2b_s12b_b42k", help=f"a tag or a file ({CLIP_URL})")
+    parser.add_argument("--no_clip", action="store_true", help="skip the CLIP score")
+    parser.add_argument("--cache_dir", default=None)
+    args = parser.parse_args(argv)
+    args.protocol = args.protocol or ("sd15" if args.model.startswith("dmd2-sd15") else "sdxl")
+    protocol = T2I_PROTOCOLS[args.protocol]
+    num, teacher = args.num or protocol["num"], args.model == "teacher"
+    steps = args.steps or (100 if teacher else 4)
+    guidance = args.guidance if args.guidance is not None else 6.0 if teacher else 0.0
+    out = args.out or os.path.join("runs", "eval", args.model.replace(":", "_").replace("/", "_"))
+    refs = args.refs or os.path.join(args.cache_dir or default_cache_dir(), "coco_refs")
+    rank, world_size = setup_distributed()
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+
+    # Everything that can fail fast does so before generating: COCO, N, weights, reference statistics.
+    rows, all_images = read_coco_captions(args.coco)
+    if args.prompts:  # SD v1.5's references are all of val2014, so any caption list fits them
+        if protocol["refs"] != "all":
+            raise ValueError("--prompts is for --protocol sd15; SDXL's captions come with their reference images")
+        with open(args.prompts) as f:
+            prompts = [line.rstrip("\n") for line in f][:num]
+        if len(prompts) < num:
+            raise ValueError(f"{args.prompts} holds {len(prompts)} captions, fewer than the {num} asked (--num)")
+    else:
+        subset = coco_caption_subset(rows, num)
+        prompts = [caption for _, caption in subset]
+    ref_names = all_images if protocol["refs"] == "all" else [name for name, _ in subset]
+    ref_files = [os.path.join(args.coco, "val2014", name) for name in ref_names]
+    extractor, features = t2i_inception(args.inception, args.cache_dir, device)
+    dim = features(torch.zeros(1, 3, 299, 299)).shape[1]  # 2048; run once now so a bad file fails early
+    clip = None if args.no_clip else load_clip(args.clip_model, args.clip_weights)
+    res, subset_name = protocol["eval_res"], f"{num}-of-seed{COCO_SEED}" if protocol["refs"] == "subset" else "all"
+    kinds = {"FID": (f"crop-lanczos{res}", functools.partial(crop_resize, res=res))}
+    if protocol["patch_fid"]:
+        kinds["patch_FID"] = ("patch299", patch_crop)
+    refs_stats = {}
+    for kind, (transform_name, transform) in kinds.items():
+        name = f"coco2014-val {subset_name} {transform_name} clean299 {extractor}"
+        path = os.path.join(refs, name.replace(" ", "_") + ".npz")
+        refs_stats[kind] = reference_stats(path, name, ref_files, transform, features, dim, 32, device, args.workers)
+
+    os.makedirs(out, exist_ok=True)
+    files = [os.path.join(out, f"{i:05d}.png") for i in range(num)]
+    settings = dict(model=args.model, model_id=args.model_id, steps=steps, guidance=guidance, seed=args.seed,
+                    resolution=args.resolution, dtype=args.dtype, protocol=args.protocol, prompts=args.prompts)
+    settings_path = os.path.join(out, "settings.json")
+    saved = json.load(open(settings_path)) if os.path.exists(settings_path) else None
+    keys = ("protocol", "prompts") if args.model == "images" else settings  # images: what pairs them with captions
+    if saved and any(saved.get(key) != settings[key] for key in keys):
+        raise ValueError(f"{out} holds images made with other settings ({settings_path}): pass another --out or "
+                         "delete it")
+    if args.model != "images":
+        pipe, call = t2i_pipeline(args.model, steps, guidance, args.model_id)
+        pipe.to(device)
+        if args.dtype != "fp32":
+            pipe.to(dtype=torch.float16 if args.dtype == "fp16" else torch.bfloat16)
+        if rank == 0:
+            with open(settings_path, "w") as f:
+                json.dump(settings, f)
+        t2i_generate(pipe, call, prompts, out, args.seed, args.batch, args.resolution, rank, world_size)
+        del pipe
+        if dist.is_initialized():
+            dist.barrier()
+    missing = [p for p in files if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"{out} holds {num - len(missing)} of the {num} images asked (first missing: {missing[0]}): "
+                         "generate them (--model ...) or pass a smaller --num")
+
+    metrics = {"N": num, "N_ref": len(ref_files)}
+    for kind, (transform_name, transform) in kinds.items():
+        stats = t2i_stats(files, transform, features, dim, 32, device, args.workers)
+        metrics[kind] = frechet_distance(*stats.mu_sigma(), *refs_stats[kind])
+        if rank == 0:
+            print(f"{kind.replace('_', ' ')} {metrics[kind]:.3f} (N={num} images of {args.model} vs N={len(ref_files)} "
+                  f"COCO-2014 val images; {args.protocol}, {transform_name}, {extractor})")
+    if clip is not None:
+        metrics["clip_score"] = clip_score(files, prompts, (clip[0].to(device), *clip[1:]), 32, device, args.workers)
+    if rank == 0:
+        if clip is not None:
+            print(f"CLIP score {metrics['clip_score']:.4f} (N={num}; open_clip {args.clip_model} {args.clip_weights})")
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(dict(metrics, model=args.model, protocol=args.protocol, inception=extractor), f, indent=1)
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2260,7 +2669,11 @@ def evaluate_main(argv):
     """Sample a grid and compute FID of a one-step generator with the ImageNet-64 protocol (50 per class, fixed
     per-sample seeds, EDM's uint8 mapping and Inception preprocessing), sharded under torchrun:
         python dmd2.py evaluate --released imagenet_gan_classifier_genloss3e-3_diffusion1000_lr5e-7_resume_fid1.28_checkpoint_model_548000
-        python dmd2.py evaluate --generator runs/imagenet64/student_1step/pytorch_model.bin --num 50000"""
+        python dmd2.py evaluate --generator runs/imagenet64/student_1step/pytorch_model.bin --num 50000
+    With --model, a text-to-image model on COCO-2014 instead (FID, patch FID, CLIP score; section 8b2):
+        python dmd2.py evaluate --model dmd2-sdxl --coco coco --protocol sdxl"""
+    if any(a == "--model" or a.startswith("--model=") for a in argv):
+        return t2i_evaluate_main(argv)  # text-to-image models: section 8b2
     parser = argparse.ArgumentParser(description=evaluate_main.__doc__, formatter_class=argparse.RawTextHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--generator", help="our checkpoint.pt or a plain generator state dict (keys model.*)")
@@ -2649,14 +3062,15 @@ def sdxl_tiny_parts(seed=0):
     return SDXLParts(unet, encoders, tokenizers, vae, sdxl_alphas_cumprod())
 
 
-def download_dmd2(filename):
-    """Path of a released DMD2 file (huggingface_hub cache), with a clear message when offline."""
+def download_dmd2(filename, repo=DMD2_REPO, flag="--checkpoint PATH"):
+    """Path of a released DMD2 file (or of another Hugging Face repo's) in the huggingface_hub cache, with a clear
+    message when offline."""
     from huggingface_hub import hf_hub_download
     try:
-        return hf_hub_download(DMD2_REPO, filename)
+        return hf_hub_download(repo, filename)
     except OSError as e:
-        raise RuntimeError(f"cannot get {DMD2_REPO}/{filename} ({str(e).splitlines()[0]}). On a machine with "
-                           f"internet run `hf download {DMD2_REPO} {filename}` and pass --checkpoint PATH") from None
+        raise RuntimeError(f"cannot get {repo}/{filename} ({str(e).splitlines()[0]}). On a machine with "
+                           f"internet run `hf download {repo} {filename}` and pass {flag}") from None
 
 
 def load_unet_weights(unet, path):
