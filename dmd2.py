@@ -2164,9 +2164,14 @@ def t2i_evaluate_main(argv):
     guidance = args.guidance if args.guidance is not None else 6.0 if teacher else 0.0
     out = args.out or os.path.join("runs", "eval", args.model.replace(":", "_").replace("/", "_"))
     refs = args.refs or os.path.join(args.cache_dir or default_cache_dir(), "coco_refs")
-    rank, world_size = setup_distributed()
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(Config(device="auto"))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # metrics in exact float32
+    with distributed(device) as (rank, world_size, _):
+        return t2i_evaluate(args, protocol, num, steps, guidance, out, refs, device, rank, world_size)
 
+
+def t2i_evaluate(args, protocol, num, steps, guidance, out, refs, device, rank=0, world_size=1):
+    """The body of `python dmd2.py evaluate --model ...` on one process of the group."""
     # Everything that can fail fast does so before generating: COCO, N, weights, reference statistics.
     rows, all_images = read_coco_captions(args.coco)
     if args.prompts:  # SD v1.5's references are all of val2014, so any caption list fits them
