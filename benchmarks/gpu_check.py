@@ -133,11 +133,10 @@ def synchronize(device):
 
 
 def set_backend_flags(tf32):
-    """TF32 for float32 matmuls and cuDNN convolutions (the official DMD2 code enables both: reference
-    dmd2_official.md) and cudnn.benchmark autotuning (issue 12); off: IEEE float32 matmuls (torch's default) and
-    cuDNN's default heuristics."""
+    """On: TF32 float32 matmuls (the official DMD2 code enables TF32 for matmuls and cuDNN: reference
+    dmd2_official.md) and cudnn.benchmark autotuning (issue 12). Off: torch's defaults, which our code keeps today
+    (IEEE float32 matmuls, cuDNN heuristics). cuDNN's own TF32 switch stays at torch's default (on) in both."""
     torch.set_float32_matmul_precision('high' if tf32 else 'highest')
-    torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = tf32
 
 
@@ -177,7 +176,9 @@ def train_timings(cfg, teacher, batch, device, warmup, timed, compile_backend):
     g, c = statistics.median(times['generator']), statistics.median(times['critic'])
     return dict(generator_iter_s=g, critic_iter_s=c, mean_iter_s=(g + (r - 1) * c) / r,
                 generator_iters_timed=len(times['generator']), critic_iters_timed=len(times['critic']),
-                warmup_s=warmup_s if warmup else 0.0, peak_memory_gib=peak_memory_gib(device))
+                warmup_s=warmup_s if warmup else 0.0, peak_memory_gib=peak_memory_gib(device),
+                matmul_precision=torch.get_float32_matmul_precision(),  # as they were after the run (dmd2 could
+                cudnn_benchmark=torch.backends.cudnn.benchmark)         # set them itself)
 
 
 def images_per_second(sample, batch, device, reps, warmup=True):

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'benchmarks', 'gpu_check.py')
 EAGER = ['today', 'tf32', 'sdpa', 'sdpa_nchw']
 TRAIN_KEYS = {'generator_iter_s', 'critic_iter_s', 'mean_iter_s', 'warmup_s', 'peak_memory_gib', 'wall_s',
-              'generator_iters_timed', 'critic_iters_timed'}
+              'generator_iters_timed', 'critic_iters_timed', 'matmul_precision', 'cudnn_benchmark'}
 SAMPLING = ['student_1step', 'heun_3nfe', 'heun_5nfe']  # --tiny: 2 and 3 Heun steps in place of 18 and 256
 
 
@@ -41,8 +41,10 @@ def test_gpu_check_tiny_report(tmp_path):
         train = v['train']
         assert set(train) == TRAIN_KEYS, name
         assert (train['generator_iters_timed'], train['critic_iters_timed']) == (1, 1)  # steps 0 and 1, no warm-up
-        for key in TRAIN_KEYS - {'warmup_s', 'generator_iters_timed', 'critic_iters_timed'}:
+        for key in ['generator_iter_s', 'critic_iter_s', 'mean_iter_s', 'peak_memory_gib', 'wall_s']:
             assert math.isfinite(train[key]) and train[key] > 0, (name, key)
+        tf32 = settings[name]['tf32']
+        assert (train['matmul_precision'], train['cudnn_benchmark']) == (('high', True) if tf32 else ('highest', False))
         for what in SAMPLING:
             assert math.isfinite(v[what]['images_per_s']) and v[what]['images_per_s'] > 0, (name, what)
     for name in EAGER[1:]:  # ratios against 'today' for every measurement
