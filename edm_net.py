@@ -275,11 +275,18 @@ def set_attention(net, op):
 
 def compile_blocks(net, **compile_kwargs):
     """torch.compile every UNetBlock inside `net` in place (Module.compile: parameter names and the state dict stay
-    as they are, unlike a torch.compile(net) wrapper). Each block's graphs are compiled on first use; changing
-    set_attention afterwards recompiles. Used by benchmarks/gpu_check.py."""
+    as they are, unlike a torch.compile(net) wrapper; a deep copy runs eager until compiled). Graphs compile on
+    first use, one per block configuration, grad mode and frozen/trainable parameters; set_attention recompiles.
+    All blocks share the code of UNetBlock.forward, which dynamo counts as recompiles of one function (a tiny
+    3-network DMD2 setup needed 43): past torch._dynamo.config.recompile_limit (default 8) the rest would silently
+    run eager, so this raises it and accumulated_recompile_limit, process-wide, to at least 1024 and 4096.
+    Used by benchmarks/gpu_check.py."""
     blocks = [m for m in net.modules() if isinstance(m, UNetBlock)]
     if not blocks:
         raise ValueError(f'compile_blocks: {type(net).__name__} contains no UNetBlock')
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 1024)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
     for block in blocks:
         block.compile(**compile_kwargs)
     return net

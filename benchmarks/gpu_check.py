@@ -1,25 +1,27 @@
 """One prepared check for a lent H100/H200 (issue 12): the full ImageNet-64 DMD2 setting on CUDA, before and after
-the speed changes, written to benchmarks/results/gpu_<device-name>.json after every measurement.
+the speed changes, written to gpu_<device-name>.json (default folder benchmarks/results) after every measurement.
 
-    python benchmarks/gpu_check.py                          # CUDA, at most --budget_s (default 420 s) + exit
+    python benchmarks/gpu_check.py [--out FOLDER_OR_FILE]   # CUDA: at most --budget_s (default 420 s) + start-up
     python benchmarks/gpu_check.py --tiny --out /tmp/g.json # CPU smoke run at a tiny size (tests/test_gpu_check.py)
 
 What runs: three ADM networks of 296M parameters (edm_net.imagenet64_config with dropout 0, as DMD2 rebuilds it;
 random weights: the real score frozen, the fake score + GAN head, the generator) through dmd2.Distiller with the
 imagenet64 preset (batch 40 per GPU, bf16 compute, TTUR ratio 5) on random real batches. Per variant:
 - train: seconds per generator iteration (generator turn + critic turn) and per critic iteration, timed apart with
-  synchronisation after two warm-up iterations (which include any compilation: warmup_s), their TTUR mean
-  (1 generator + 4 critic iterations) / 5, and the peak memory (torch.cuda.max_memory_allocated);
+  synchronisation after two warm-up iterations (warmup_s: their time, including autotuning and compilation), the
+  TTUR mean (1 generator + 4 critic iterations) / 5, and the peak memory (torch.cuda.max_memory_allocated);
 - sampling (batch 40, the teacher network): images/s of the 1-step student (one forward at sigma 80, the DMD2
   generator's cost) and of the teacher's Heun sampler (edm_net.edm_sampler) at 35 NFE (18 steps, deterministic)
-  and 511 NFE (256 steps with EDM's ImageNet churn settings).
-Variants, in this order (each one changes one thing; later ones keep the earlier changes):
+  and 511 NFE (256 steps with EDM's ImageNet churn settings); the student's warm-up call warms up both.
+Variants (each one changes one thing; later ones keep the earlier changes):
   today        official attention (materialised float32 softmax), channels_last, eager, TF32 off
   tf32         + TF32 matmuls and cudnn.benchmark
   sdpa         + F.scaled_dot_product_attention on bf16 q/k/v (edm_net.set_attention)
   sdpa_nchw    + channels_last off (CUDA group norm works on contiguous NCHW tensors)
   sdpa_compile + torch.compile of every UNetBlock (edm_net.compile_blocks), channels_last as in the faster of
                sdpa / sdpa_nchw
+Order, most important first: training of the eager variants, their sampling, then the compiled variant (sampling
+first: its inference graphs compile faster than the training graphs; dynamo's counters are recorded with it).
 Budget: every measurement runs under an alarm at the deadline (start + --budget_s) and is skipped beforehand when
 its estimate (the last time of the same kind) does not fit; skips and errors are recorded, never fatal.
 """
@@ -57,7 +59,6 @@ TINY_NET = dict(img_resolution=8, img_channels=3, label_dim=1000, use_fp16=True,
 CHURN = dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
 SAMPLERS = [(18, {}), (256, CHURN)]
 TINY_SAMPLERS = [(2, {}), (3, CHURN)]
-COMPILE_ALLOWANCE_S = 120  # assumed extra warm-up of the compiled variant before it has been measured
 
 
 class BudgetExceeded(BaseException):
@@ -98,6 +99,7 @@ def measure(report, path, clock, variant, what, fn, estimate_s=0.0):
         report['skipped'].append(dict(variant=variant, what=what,
                                       reason=f'budget: {clock.left():.0f} s left, needs ~{estimate_s:.0f} s'))
         save(report, path)
+        print(f'{variant} {what}: skipped, {report["skipped"][-1]["reason"]}', flush=True)
         return None
     start = time.monotonic()
     try:
@@ -110,7 +112,8 @@ def measure(report, path, clock, variant, what, fn, estimate_s=0.0):
         report['variants'][variant][what] = result
     except BudgetExceeded:
         result = None
-        report['skipped'].append(dict(variant=variant, what=what, reason='budget ran out while it ran'))
+        report['skipped'].append(dict(variant=variant, what=what, reason='budget ran out while it ran',
+                                      ran_s=round(time.monotonic() - start, 1)))
     except Exception as e:  # one failure (out of memory, a compile error) must not lose the other variants
         result = None
         message = str(e).strip().splitlines()[0] if str(e).strip() else ''
@@ -119,6 +122,8 @@ def measure(report, path, clock, variant, what, fn, estimate_s=0.0):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     save(report, path)
+    print(f'[{clock.left():5.0f} s left] {variant} {what}:',
+          result or (report['errors'] + report['skipped'])[-1], flush=True)
     return result
 
 
@@ -128,11 +133,10 @@ def synchronize(device):
 
 
 def set_backend_flags(tf32):
-    """TF32 for float32 matmuls and cuDNN convolutions (the official DMD2 code enables both: reference
-    dmd2_official.md) and cudnn.benchmark autotuning (issue 12); off: IEEE float32 matmuls (torch's default) and
-    cuDNN's default heuristics."""
+    """On: TF32 float32 matmuls (the official DMD2 code enables TF32 for matmuls and cuDNN: reference
+    dmd2_official.md) and cudnn.benchmark autotuning (issue 12). Off: torch's defaults, which our code keeps today
+    (IEEE float32 matmuls, cuDNN heuristics). cuDNN's own TF32 switch stays at torch's default (on) in both."""
     torch.set_float32_matmul_precision('high' if tf32 else 'highest')
-    torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = tf32
 
 
@@ -148,12 +152,12 @@ def networks_of(distiller):
             if isinstance(m, torch.nn.Module) and any(isinstance(b, edm_net.UNetBlock) for b in m.modules())]
 
 
-def train_timings(cfg, teacher, batch, device, warmup, timed, compile_blocks):
+def train_timings(cfg, teacher, batch, device, warmup, timed, compile_backend):
     """Seconds per generator and per critic iteration of dmd2.Distiller.train_step, and the peak memory."""
     distiller = dmd2.Distiller(cfg, teacher, tuple(batch[0].shape[1:]), device=device)
-    if compile_blocks:  # after construction: the Distiller deep-copies the teacher, and a copy of a compiled block
-        for net in networks_of(distiller):  # would still call the original block's forward
-            edm_net.compile_blocks(net)
+    if compile_backend:  # after construction: the Distiller's deep copies of the teacher are not compiled
+        for net in networks_of(distiller):
+            edm_net.compile_blocks(net, backend=compile_backend)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     r = cfg.dfake_gen_update_ratio
@@ -170,12 +174,11 @@ def train_timings(cfg, teacher, batch, device, warmup, timed, compile_blocks):
         if i >= warmup:
             times['generator' if i % r == 0 else 'critic'].append(time.perf_counter() - t0)
     g, c = statistics.median(times['generator']), statistics.median(times['critic'])
-    result = dict(generator_iter_s=g, critic_iter_s=c, mean_iter_s=(g + (r - 1) * c) / r,
-                  generator_iters_timed=len(times['generator']), critic_iters_timed=len(times['critic']),
-                  warmup_s=warmup_s if warmup else 0.0, peak_memory_gib=peak_memory_gib(device))
-    if compile_blocks:  # graphs compiled and fallbacks, to tell a compiled run from a silent eager fallback
-        result['dynamo_stats'] = dict(torch._dynamo.utils.counters['stats'])
-    return result
+    return dict(generator_iter_s=g, critic_iter_s=c, mean_iter_s=(g + (r - 1) * c) / r,
+                generator_iters_timed=len(times['generator']), critic_iters_timed=len(times['critic']),
+                warmup_s=warmup_s if warmup else 0.0, peak_memory_gib=peak_memory_gib(device),
+                matmul_precision=torch.get_float32_matmul_precision(),  # as they were after the run (dmd2 could
+                cudnn_benchmark=torch.backends.cudnn.benchmark)         # set them itself)
 
 
 def images_per_second(sample, batch, device, reps, warmup=True):
@@ -190,48 +193,76 @@ def images_per_second(sample, batch, device, reps, warmup=True):
     return dict(images_per_s=batch * reps / (time.perf_counter() - start), reps=reps)
 
 
-def run_variants(report, path, clock, teacher, batch, cfg_kwargs, device, tiny):
-    """Training and sampling measurements for every variant of VARIANTS."""
-    n, (images, labels) = batch[0].shape[0], batch
+@torch.no_grad()
+def sampling_rates(report, path, clock, name, net, z, onehot, samplers, estimates):
+    """Images/s of the 1-step student (one evaluation at sigma 80: the DMD2 generator's cost) and of the Heun
+    sampler, with `net` (the teacher). The first measurement's warm-up call includes any compilation."""
+    n = z.shape[0]
+    x_student, sigma_student = 80.0 * z, torch.full((n,), 80.0, device=z.device)  # generator input: 80 z at 80
+    measure(report, path, clock, name, 'student_1step',
+            lambda: images_per_second(lambda: net(x_student, sigma_student, onehot), n, z.device, reps=5))
+    for steps, churn in samplers:
+        nfe = 2 * steps - 1
+        result = measure(report, path, clock, name, f'heun_{nfe}nfe', lambda: images_per_second(
+            lambda: edm_net.edm_sampler(net, z, onehot, num_steps=steps, **churn), n, z.device, reps=1,
+            warmup=False), estimates.get('nfe_s', 0) * nfe)
+        if result:
+            estimates['nfe_s'] = min(estimates.get('nfe_s', math.inf), result['wall_s'] / nfe)  # s per evaluation
+
+
+def run_variants(report, path, clock, teacher, batch, cfg_kwargs, device, tiny, compile_backend):
+    """All VARIANTS, most important first: training of the eager variants, then their sampling, then the compiled
+    variant (sampling first: its inference graphs compile faster than the training graphs)."""
+    images, labels = batch
     onehot = torch.eye(teacher.label_dim, device=device)[labels]
     z = torch.randn(images.shape, generator=torch.Generator(device).manual_seed(1), device=device)
-    sigma_student = torch.full((n,), 80.0, device=device)  # the 1-step generator's input: 80 z at sigma 80
     warmup, timed = (0, 2) if tiny else (2, 9)
+    samplers = TINY_SAMPLERS if tiny else SAMPLERS
     estimates = {}
+
+    def apply(name):
+        """Backend flags, attention op and memory layout of a variant, on the teacher (the Distiller copies it)."""
+        settings = report['variants'][name]['settings']
+        set_backend_flags(settings['tf32'])
+        edm_net.set_attention(teacher, settings['attention'])
+        teacher.to(memory_format=torch.channels_last if settings['channels_last'] else torch.contiguous_format)
+        return settings
+
+    def train(name, backend=None):
+        settings = apply(name)
+        cfg = dmd2.Config(**{**cfg_kwargs, 'channels_last': settings['channels_last']})
+        result = measure(report, path, clock, name, 'train', lambda: train_timings(
+            cfg, teacher, batch, device, warmup, timed, backend), estimates.get('train', 0))
+        if result and not backend:
+            estimates['train'] = result['wall_s']
+
     for name, settings in VARIANTS:
-        settings = dict(settings)
+        report['variants'][name] = dict(settings=dict(settings))
+    eager = [name for name, settings in VARIANTS if not settings['compile']]
+    for name in eager:
+        train(name)
+    for name in eager:
+        apply(name)
+        sampling_rates(report, path, clock, name, teacher, z, onehot, samplers, estimates)
+
+    for name in [name for name, settings in VARIANTS if settings['compile']]:
+        settings = report['variants'][name]['settings']
         if settings['channels_last'] == 'faster':
-            eager = {v: report['variants'][v].get('train', {}).get('mean_iter_s') for v in ('sdpa', 'sdpa_nchw')}
-            settings['channels_last'] = None not in eager.values() and eager['sdpa'] < eager['sdpa_nchw']
-        report['variants'][name] = dict(settings=settings)
-        if settings['compile'] and tiny:
+            mean = {v: report['variants'][v].get('train', {}).get('mean_iter_s') for v in ('sdpa', 'sdpa_nchw')}
+            settings['channels_last'] = None not in mean.values() and mean['sdpa'] < mean['sdpa_nchw']
+        if not compile_backend:
             report['skipped'].append(dict(variant=name, what='all', reason='--tiny runs no compilation'))
             save(report, path)
             continue
-        set_backend_flags(settings['tf32'])
-        edm_net.set_attention(teacher, settings['attention'])
-        layout = torch.channels_last if settings['channels_last'] else torch.contiguous_format
-        teacher.to(memory_format=layout)
-        cfg = dmd2.Config(**{**cfg_kwargs, 'channels_last': settings['channels_last']})
-        estimate = estimates.get('train', 0) + (COMPILE_ALLOWANCE_S if settings['compile'] else 0)
-        result = measure(report, path, clock, name, 'train', lambda: train_timings(
-            cfg, teacher, batch, device, warmup, timed, settings['compile']), estimate)
-        if result:
-            estimates['train'] = result['wall_s']
-        # Sampling runs the teacher (in the compiled variant: compiled as the Distiller's real score).
-        x_student = (80.0 * z).contiguous(memory_format=layout)
-        with torch.no_grad():
-            student = lambda: teacher(x_student, sigma_student, onehot)
-            measure(report, path, clock, name, 'student_1step',
-                    lambda: images_per_second(student, n, device, reps=5))
-            for i, (steps, churn) in enumerate(TINY_SAMPLERS if tiny else SAMPLERS):
-                nfe, calls = 2 * steps - 1, 2 if i == 0 else 1  # the first sampler also warms up (a second call)
-                heun = lambda: edm_net.edm_sampler(teacher, z, onehot, num_steps=steps, **churn)
-                result = measure(report, path, clock, name, f'heun_{nfe}nfe',
-                                 lambda: images_per_second(heun, n, device, reps=1, warmup=i == 0),
-                                 estimates.get('nfe_s', 0) * nfe * calls)
-                if result:
-                    estimates['nfe_s'] = result['wall_s'] / (nfe * calls)  # seconds per network evaluation
+        settings['backend'] = compile_backend
+        apply(name)
+        edm_net.compile_blocks(teacher, backend=compile_backend)
+        sampling_rates(report, path, clock, name, teacher, z, onehot, samplers, estimates)
+        train(name, compile_backend)
+        # graphs compiled and frames that fell back, to tell a compiled run from a silent eager fallback
+        report['variants'][name]['dynamo'] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items()
+                                              if k in ('stats', 'frames')}
+        save(report, path)
 
 
 def device_slug(device):
@@ -243,15 +274,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--budget_s', type=float, default=420, help='time for all measurements (default 420)')
     parser.add_argument('--tiny', action='store_true', help='CPU smoke run: tiny EDMPrecond, batch 2, no compile')
-    parser.add_argument('--out', default='', help='JSON path (default benchmarks/results/gpu_<device>.json)')
+    parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results'),
+                        help='JSON file, or a folder for gpu_<device-name>.json (default benchmarks/results)')
+    parser.add_argument('--compile_backend', default=None,
+                        help='torch.compile backend of the compiled variant (default inductor; --tiny: none, no '
+                             'compiled variant, unless given)')
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         sys.exit('gpu_check: no CUDA device here; run it on the GPU machine, or pass --tiny for the CPU smoke run')
     clock = Clock(args.budget_s)
     started = time.monotonic()
     device = torch.device('cpu' if args.tiny else 'cuda')
-    path = args.out or os.path.join(ROOT, 'benchmarks', 'results', f'gpu_{device_slug(device)}.json')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    path = os.path.join(args.out, f'gpu_{device_slug(device)}.json') if os.path.isdir(args.out) else args.out
 
     net_kwargs = TINY_NET if args.tiny else edm_net.imagenet64_config(dropout=0.0)  # DMD2 rebuilds it: dropout 0
     batch_size = 2 if args.tiny else dmd2.PRESETS['imagenet64']['batch_size']
@@ -274,7 +308,8 @@ def main():
 
     # Sections, in order; each records its measurements through measure() under the same clock. (Issue 14 adds its
     # FSDP2 section after this one.)
-    run_variants(report, path, clock, teacher, (images, labels), cfg_kwargs, device, args.tiny)
+    compile_backend = args.compile_backend or (None if args.tiny else 'inductor')
+    run_variants(report, path, clock, teacher, (images, labels), cfg_kwargs, device, args.tiny, compile_backend)
 
     signal.setitimer(signal.ITIMER_REAL, 0)
     report['elapsed_s'] = round(time.monotonic() - started, 1)
