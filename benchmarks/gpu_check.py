@@ -26,6 +26,7 @@ Budget: every measurement runs under an alarm at the deadline (start + --budget_
 its estimate (the last time of the same kind) does not fit; skips and errors are recorded, never fatal.
 """
 import argparse
+import copy
 import gc
 import json
 import math
@@ -154,7 +155,9 @@ def networks_of(distiller):
 
 def train_timings(cfg, teacher, batch, device, warmup, timed, compile_backend):
     """Seconds per generator and per critic iteration of dmd2.Distiller.train_step, and the peak memory."""
-    distiller = dmd2.Distiller(cfg, teacher, tuple(batch[0].shape[1:]), device=device)
+    # The Distiller owns its teacher (it may store it in bf16 in place): give it a copy; the original stays for the
+    # other variants and the sampling rates, so the peak memory below includes one extra frozen teacher.
+    distiller = dmd2.Distiller(cfg, copy.deepcopy(teacher), tuple(batch[0].shape[1:]), device=device)
     if compile_backend:  # after construction: the Distiller's deep copies of the teacher are not compiled
         for net in networks_of(distiller):
             edm_net.compile_blocks(net, backend=compile_backend)
