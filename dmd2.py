@@ -1082,7 +1082,9 @@ def read_checkpoint(path, what="DMD2 checkpoint", fix="Delete it to start over, 
                     error=RuntimeError):
     """A torch file read with weights_only (nothing in it is executed), with a clear error if unreadable."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: pages read on demand
+        with open(path, "rb") as f:
+            zip_format = f.read(4) == b"PK\x03\x04"  # mmap (pages read on demand) needs torch's zip format
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
     except Exception as e:
         raise error(f"{path}: not a readable {what} ({type(e).__name__}: {e}). {fix}") from None
 
@@ -2627,6 +2629,19 @@ def check_config(cfg):
                         "micro-batching)")
     if min(cfg.students + [cfg.generator_steps]) < 1 or cfg.dfake_gen_update_ratio < 1:
         problems.append("--students, --generator_steps and --dfake_gen_update_ratio must be >= 1")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        problems.append(f"--precision {cfg.precision} is not one of auto, bf16, fp32")
+    counts = ("batch_size", "iters", "log_every", "ckpt_every", "sample_every", "eval_samples", "eval_batch",
+              "teacher_batch", "num_train_timesteps")
+    problems += [f"--{k} {getattr(cfg, k)} must be a positive integer" for k in counts if getattr(cfg, k) < 1]
+    problems += [f"--{k} {getattr(cfg, k)} must be > 0" for k in ("generator_lr", "guidance_lr", "dist_timeout")
+                 if not getattr(cfg, k) > 0]
+    problems += [f"--{k} {getattr(cfg, k)} must be >= 0" for k in ("teacher_iters", "warmup_steps", "num_workers")
+                 if getattr(cfg, k) < 0]
+    if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:
+        problems.append("--min_step_percent and --max_step_percent must satisfy 0 <= min < max <= 1")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        problems.append(f"--device {cfg.device} is not one of auto, cpu, cuda, cuda:N")
     if problems:
         raise SystemExit("config error: " + "; ".join(problems))
 
@@ -2641,7 +2656,10 @@ def sample_main(argv):
     args = parser.parse_args(argv)
     if not os.path.exists(args.checkpoint):
         raise SystemExit(f"{args.checkpoint}: no such checkpoint (it is run_dir/checkpoint.pt of a dmd2.py run)")
-    state = read_checkpoint(args.checkpoint)
+    state = read_checkpoint(args.checkpoint, fix="Pass the checkpoint.pt of a dmd2.py run folder.")
+    if not {"config", "distiller", "arch"} <= set(state):
+        raise ValueError(f"{args.checkpoint} is a torch file but not a dmd2.py run checkpoint (it has "
+                         f"{sorted(state)[:4]}); pass run_dir/checkpoint.pt of a run")
     cfg = Config(**state["config"])
     generator = build_network(state["arch"])
     generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
@@ -3442,5 +3460,26 @@ def sdxl_main(argv):
     return train_sdxl(cfg)
 
 
+USER_ERRORS = (ValueError, OSError, RuntimeError, ImportError, FloatingPointError)
+
+
+def cli(argv):
+    """The command line's one error path: a user error (bad flag, missing or malformed file, offline download,
+    training stopped on a non-finite loss) is one line on stderr naming the cause and the fix, exit status 2, no
+    traceback (set DMD2_DEBUG=1 to see it)."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise  # argparse's own exits (--help: 0, usage errors: 2) and exits with a status
+        print(f"dmd2.py: error: {e.code}", file=sys.stderr)
+        sys.exit(2)
+    except USER_ERRORS as e:
+        if os.environ.get("DMD2_DEBUG"):
+            raise
+        print(f"dmd2.py: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(sys.argv[1:])

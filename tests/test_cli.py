@@ -1,0 +1,60 @@
+"""The command line's one error path: every user error is one line on stderr naming the cause and the fix, exit
+status 2, no traceback unless DMD2_DEBUG is set."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dmd2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def error_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dmd2.cli(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--precision", "fp8"], "--precision fp8 is not one of auto, bf16, fp32"),
+    (["--batch_size", "0"], "--batch_size 0 must be a positive integer"),
+    (["--iters", "-5"], "--iters -5 must be a positive integer"),
+    (["--generator_lr", "0"], "--generator_lr 0.0 must be > 0"),
+    (["--max_step_percent", "1.5"], "0 <= min < max <= 1"),
+    (["--device", "gpu"], "--device gpu is not one of"),
+    (["--dataset", "imagenet64", "--data_path", "/nonexistent/imagenet.zip"], "imagenet.zip not found"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--no_such_flag", "1"], "unrecognized arguments"),
+])
+def test_user_errors_are_one_line_with_status_2(argv, expected, capsys, tmp_path):
+    assert expected in error_line(argv + ["--out_dir", str(tmp_path)], capsys)
+
+
+def test_sample_refuses_files_that_are_not_run_checkpoints(tmp_path, capsys):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a torch file")
+    line = error_line(["sample", "--checkpoint", str(tmp_path / "other.pt")], capsys)
+    assert "not a dmd2.py run checkpoint" in line
+    line = error_line(["sample", "--checkpoint", str(tmp_path / "corrupt.pt")], capsys)
+    assert "not a readable DMD2 checkpoint" in line and "checkpoint.pt of a dmd2.py run folder" in line
+    assert "--run_name" not in line  # the training fix is not offered to someone sampling
+    assert "no such checkpoint" in error_line(["sample", "--checkpoint", str(tmp_path / "none.pt")], capsys)
+
+
+def test_debug_variable_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("DMD2_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="not a readable DMD2 checkpoint"):
+        dmd2.cli(["sample", "--checkpoint", __file__])
+
+
+def test_script_exit_status_and_stderr():
+    done = subprocess.run([sys.executable, "dmd2.py", "--batch_size", "0"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "dmd2.py: error: config error: --batch_size 0 must be a positive integer"
