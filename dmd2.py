@@ -98,7 +98,7 @@ class Config:
     # losses (Tables 3 and 4 are combinations of these switches)
     dm_loss_weight: float = 1.0  # official: --dm_loss_weight 1; 0 = "w/o distribution matching"
     gan: bool = True  # official: --gan_classifier
-    gen_cls_loss_weight: float = 3e-3  # official ImageNet: --gen_cls_loss_weight 3e-3
+    gen_cls_loss_weight: float | str = 3e-3  # official ImageNet: --gen_cls_loss_weight 3e-3; "auto": Distiller docs
     cls_loss_weight: float = 1e-2  # official: --cls_loss_weight 1e-2
     diffusion_gan: bool = True  # official: --diffusion_gan --diffusion_gan_max_timestep 1000
     diffusion_gan_max_timestep: int = 1000
@@ -873,6 +873,9 @@ def optimizer_step(params, optimizer, cfg, world_size):
     return float(grad_norm)
 
 
+AUTO_GAN_UPDATES = 10  # generator updates measured by --gen_cls_loss_weight auto (Distiller.measuring_gan_weight)
+
+
 class Distiller:
     """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step).
 
@@ -903,6 +906,8 @@ class Distiller:
         self.sigmas = karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(self.device)
         self.step_sigmas = generator_sigmas(cfg.generator_steps, self.sigmas, cfg.conditioning_sigma)
         self.noise = SharedNoise(cfg.seed, rank, world_size, self.device)
+        self.auto_norms = [] if cfg.gen_cls_loss_weight == "auto" else None  # [|dL_dm/dx|, |dL_gan/dx|] per update
+        self.gan_weight = 0.0 if self.auto_norms is not None else cfg.gen_cls_loss_weight
         self.lpips = load_lpips(cfg.regression_loss, self.device) if cfg.regression_loss_weight > 0 else None
         self.step = 0
 
@@ -959,7 +964,8 @@ class Distiller:
                 sigma_gan, noise_gan = self.gan_noise(shape)
             if cfg.regression_loss_weight > 0:
                 pairs = self.noise.randint(0, len(self.regression_pairs[1]), n).cpu()
-            fakes = []
+            fakes, norms_sq = [], torch.zeros(2, device=self.device)
+            measure = self.measuring_gan_weight()
             for part in parts:
                 fake = self.generator(x_in[part], sigma_in[part], labels[part]).float()
                 losses = {}
@@ -967,12 +973,21 @@ class Distiller:
                     losses["loss_dm"] = (cfg.dm_loss_weight, distribution_matching_loss(
                         fake, labels[part], self.real_score, self.fake_score, self.sigmas[t_dm[part]], noise_dm[part]))
                 if cfg.gan:
-                    losses["loss_gan_g"] = (cfg.gen_cls_loss_weight, gan_generator_loss(gan_logits(
+                    losses["loss_gan_g"] = (self.gan_weight, gan_generator_loss(gan_logits(
                         self.fake_score, self.head, fake, labels[part], sigma_gan[part], noise_gan[part])))
+                if measure:  # gradients on the generated images of the weighted DM term and the GAN term at weight 1
+                    share = (part.stop - part.start) / n
+                    for i, (key, weight) in enumerate((("loss_dm", cfg.dm_loss_weight), ("loss_gan_g", 1.0))):
+                        grad, = torch.autograd.grad(losses[key][1], fake, retain_graph=True)
+                        norms_sq[i] += (share * weight * grad).square().sum()
                 if cfg.regression_loss_weight > 0:
                     losses["loss_reg"] = (cfg.regression_loss_weight, self.regression_loss(pairs[part]))
                 accumulate(losses, part, n, logs, "the generator loss", step)
                 fakes.append(fake.detach())
+            if measure:
+                self.record_gradient_norms(norms_sq)
+            if cfg.gan:
+                logs["gen_cls_loss_weight"] = self.gan_weight
             logs["grad_norm_g"] = optimizer_step(list(self.generator.parameters()), self.opt_g, cfg, self.world_size)
             self.fake_score.requires_grad_(True)
             self.head.requires_grad_(cfg.gan)
@@ -1009,6 +1024,27 @@ class Distiller:
         self.step += 1
         return logs
 
+    def measuring_gan_weight(self):
+        """--gen_cls_loss_weight auto, the official maintainer's rule (tianweiy/DMD2#73): the GAN weight at which the
+        GAN term's gradient norm on the generated images equals the DM term's. Both norms are measured on generator
+        updates 1..AUTO_GAN_UPDATES (update 0 is skipped: the fake score still equals the teacher there, so the DM
+        gradient is exactly zero) with the GAN term at weight 0; the weight is then fixed, printed, logged and saved
+        with the checkpoint. The maintainer starts a grid search there; here it is the value used."""
+        return self.cfg.gan and self.auto_norms is not None and len(self.auto_norms) < AUTO_GAN_UPDATES and \
+            self.step >= self.cfg.dfake_gen_update_ratio
+
+    def record_gradient_norms(self, norms_sq):
+        if self.world_size > 1:  # the same weight on every rank: the mean over ranks of the squared norms
+            dist.all_reduce(norms_sq)
+            norms_sq /= self.world_size
+        self.auto_norms.append(norms_sq.sqrt().tolist())
+        if len(self.auto_norms) == AUTO_GAN_UPDATES:
+            dm, gan = np.mean(self.auto_norms, axis=0)
+            self.gan_weight = float(dm / gan)
+            if self.rank == 0:
+                print(f"--gen_cls_loss_weight auto: gradient norms on the generated images over generator updates "
+                      f"1-{AUTO_GAN_UPDATES}: DM {dm:.3g}, GAN {gan:.3g} (weight 1) -> GAN weight {self.gan_weight:.3g}")
+
     def regression_loss(self, pairs):
         """Original DMD's regression loss (DMD Sec. 3.3) on the teacher ODE pairs with indices `pairs`: the one-step
         generator maps the teacher's ODE noise to the teacher's ODE output. LPIPS where its weights are on disk,
@@ -1025,7 +1061,8 @@ class Distiller:
         return dict(step=self.step, generator=self.generator.state_dict(), fake_score=self.fake_score.state_dict(),
                     head=self.head.state_dict(), ema=None if self.ema is None else self.ema.state_dict(),
                     opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(), sched_g=self.sched_g.state_dict(),
-                    sched_d=self.sched_d.state_dict(), noise=self.noise.gen.get_state())
+                    sched_d=self.sched_d.state_dict(), noise=self.noise.gen.get_state(), gan_weight=self.gan_weight,
+                    auto_norms=self.auto_norms)
 
     def load_state_dict(self, state):
         self.step = state["step"]
@@ -1037,6 +1074,7 @@ class Distiller:
         for name in ("opt_g", "opt_d", "sched_g", "sched_d"):
             getattr(self, name).load_state_dict(state[name])
         self.noise.gen.set_state(state["noise"])
+        self.gan_weight, self.auto_norms = state.get("gan_weight", self.gan_weight), state.get("auto_norms")
 
 
 def load_lpips(kind, device):
@@ -1102,8 +1140,8 @@ def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=No
     show_noise = torch.randn((16, *sample_shape), generator=torch.Generator().manual_seed(cfg.seed + 1))
     show_labels = torch.arange(16) % cfg.num_classes
 
-    bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), disable=rank != 0, leave=False,
-               mininterval=2)
+    quiet = rank != 0 or bool(os.environ.get("TQDM_DISABLE"))  # an explicit disable= overrides tqdm's own TQDM_DISABLE
+    bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), disable=quiet, leave=False, mininterval=2)
     t0 = time.time()
     for step in bar:
         real = next(real_batches) if distiller.needs_real_data() else None
@@ -2099,6 +2137,8 @@ def parse_config(argv):
             parser.add_argument(f"--{f.name}", type=int, nargs="+")
         elif f.type in (dict, "dict"):
             parser.add_argument(f"--{f.name}", type=json.loads, metavar="JSON")
+        elif f.type == float | str:
+            parser.add_argument(f"--{f.name}", type=_float_or_auto, metavar="FLOAT|auto")
         else:
             parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}.get(f.type, f.type))
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
@@ -2118,12 +2158,23 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _float_or_auto(text):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def check_config(cfg):
     problems = []
     if cfg.regression_loss_weight > 0 and (cfg.generator_steps != 1 or cfg.students != [1] or cfg.regression_pairs < 1):
         problems.append("the regression loss is for one-step students: use --students 1 and --regression_pairs N")
     if cfg.gan and cfg.cls_loss_weight <= 0:
         problems.append("--gan true needs --cls_loss_weight > 0")
+    if cfg.gen_cls_loss_weight == "auto" and cfg.gan and cfg.dm_loss_weight <= 0:
+        problems.append("--gen_cls_loss_weight auto matches the DM term's gradient norm: it needs --dm_loss_weight > 0")
     if cfg.dm_loss_weight <= 0 and not cfg.gan and cfg.regression_loss_weight <= 0:
         problems.append("the generator has no loss: enable the DM loss, the GAN or the regression loss")
     if cfg.micro_batch < 0 or (cfg.micro_batch and cfg.batch_size % cfg.micro_batch):
