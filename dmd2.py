@@ -141,7 +141,8 @@ PRESETS = {
     # Embedded default: 16 px procedural shapes, narrow ADM teacher trained here, deliberately briefly (300
     # iterations; see toy2d). The main job distils it into a 1-step DMD2 student and the same student without the
     # GAN. The generator GAN weight is the official fixed 3e-3: `auto` gave 0.15 here and a worse student (README).
-    "shapes": dict(students=[1], no_gan_student=True, resolution=16, num_classes=10, teacher_iters=300, teacher_batch=64,
+    "shapes": dict(students=[1], no_gan_student=True, resolution=16, num_classes=10, teacher_iters=300,
+                   teacher_batch=64,
                    teacher_lr=1e-3, teacher_arch=dict(model_type="DhariwalUNet", model_channels=32,
                                                       channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[],
                                                       dropout=0.0),
@@ -1049,7 +1050,8 @@ class Distiller:
             self.gan_weight = float(dm / gan)
             if self.rank == 0:
                 print(f"--gen_cls_loss_weight auto: gradient norms on the generated images over generator updates "
-                      f"1-{AUTO_GAN_UPDATES}: DM {dm:.3g}, GAN {gan:.3g} (weight 1) -> GAN weight {self.gan_weight:.3g}")
+                      f"1-{AUTO_GAN_UPDATES}: DM {dm:.3g}, GAN {gan:.3g} (weight 1) -> GAN weight "
+                      f"{self.gan_weight:.3g}")
 
     def regression_loss(self, pairs):
         """Original DMD's regression loss (DMD Sec. 3.3) on the teacher ODE pairs with indices `pairs`: the one-step
@@ -1080,7 +1082,8 @@ class Distiller:
         for name in ("opt_g", "opt_d", "sched_g", "sched_d"):
             getattr(self, name).load_state_dict(state[name])
         self.noise.gen.set_state(state["noise"])
-        self.gan_weight, self.auto_norms = state.get("gan_weight", self.gan_weight), state.get("auto_norms")
+        self.gan_weight = state.get("gan_weight", self.gan_weight)  # --gen_cls_loss_weight auto: its measurement
+        self.auto_norms = state.get("auto_norms", self.auto_norms)
 
 
 def load_lpips(kind, device):
@@ -1147,7 +1150,8 @@ def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=No
     show_labels = torch.arange(16) % cfg.num_classes
 
     quiet = rank != 0 or bool(os.environ.get("TQDM_DISABLE"))  # an explicit disable= overrides tqdm's own TQDM_DISABLE
-    bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), disable=quiet, leave=False, mininterval=2)
+    bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), disable=quiet, leave=False,
+               mininterval=2)
     t0 = time.time()
     for step in bar:
         real = next(real_batches) if distiller.needs_real_data() else None
