@@ -95,12 +95,13 @@ class Config:
     conditioning_sigma: float = 80.0  # one-step generator input sigma (official: --conditioning_sigma 80)
     # generator
     students: list = field(default_factory=lambda: [1])  # main job: one K-step student per entry
+    no_gan_student: bool = False  # embedded main job: also a 1-step student without the GAN (Table 3's "+ TTUR" row)
     generator_steps: int = 1  # 1 = one-step; K > 1 = K steps on sigmas[999, 999-1000/K, ...] (Sec. 4.3)
     backward_simulation: bool = True  # Sec. 4.3; False = forward-noised real data (Table 4 ablation)
     # losses (Tables 3 and 4 are combinations of these switches)
     dm_loss_weight: float = 1.0  # official: --dm_loss_weight 1; 0 = "w/o distribution matching"
     gan: bool = True  # official: --gan_classifier
-    gen_cls_loss_weight: float = 3e-3  # official ImageNet: --gen_cls_loss_weight 3e-3
+    gen_cls_loss_weight: float | str = 3e-3  # official ImageNet: --gen_cls_loss_weight 3e-3; "auto": Distiller docs
     cls_loss_weight: float = 1e-2  # official: --cls_loss_weight 1e-2
     diffusion_gan: bool = True  # official: --diffusion_gan --diffusion_gan_max_timestep 1000
     diffusion_gan_max_timestep: int = 1000
@@ -132,17 +133,23 @@ class Config:
 
 
 PRESETS = {
-    # 2-D class-conditional mixture; MLP teacher trained in seconds.
-    "toy2d": dict(students=[1, 4], resolution=0, num_classes=4, teacher_iters=4000, teacher_batch=256, teacher_lr=1e-3,
-                  iters=2000, batch_size=256, generator_lr=3e-4, guidance_lr=3e-4, warmup_steps=20,
-                  gen_cls_loss_weight=3e-2, teacher_eval_steps=18, eval_samples=4000, eval_batch=4000,
-                  log_every=20, ckpt_every=200, sample_every=200, precision="fp32", channels_last=False),
-    # Embedded default: 16 px procedural shapes, narrow ADM teacher trained here.
-    "shapes": dict(students=[1, 4], resolution=16, num_classes=10, teacher_iters=800, teacher_batch=64,
+    # 2-D class-conditional mixture; MLP teacher trained in seconds, and deliberately briefly (300 of the ~4,000
+    # iterations it takes to converge): like a real, capacity- and time-limited teacher it is not the data
+    # distribution (modes too wide, accuracy ~0.8), which leaves the GAN on real data something to correct.
+    "toy2d": dict(students=[1, 4], no_gan_student=True, resolution=0, num_classes=4, teacher_iters=300,
+                  teacher_batch=256, teacher_lr=1e-3, iters=2000, batch_size=256, generator_lr=3e-4, guidance_lr=3e-4,
+                  warmup_steps=20, gen_cls_loss_weight="auto", teacher_eval_steps=18, eval_samples=4000,
+                  eval_batch=4000, log_every=20, ckpt_every=200, sample_every=200, precision="fp32",
+                  channels_last=False),
+    # Embedded default: 16 px procedural shapes, narrow ADM teacher trained here, deliberately briefly (300
+    # iterations; see toy2d). The main job distils it into a 1-step DMD2 student and the same student without the
+    # GAN. The generator GAN weight is the official fixed 3e-3: `auto` gave 0.15 here and a worse student (README).
+    "shapes": dict(students=[1], no_gan_student=True, resolution=16, num_classes=10, teacher_iters=300,
+                   teacher_batch=64,
                    teacher_lr=1e-3, teacher_arch=dict(model_type="DhariwalUNet", model_channels=32,
                                                       channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[],
                                                       dropout=0.0),
-                   iters=400, batch_size=32, generator_lr=2e-4, guidance_lr=2e-4, warmup_steps=20,
+                   iters=800, batch_size=32, generator_lr=2e-4, guidance_lr=2e-4, warmup_steps=20,
                    log_every=10, ckpt_every=100, sample_every=100, precision="fp32", channels_last=False),
     # The paper's recipe (official experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_
     # scratch.sh): batch 40 per GPU, lr 2e-6, ratio 5, GAN 3e-3 / 1e-2, diffusion GAN over 1000 levels, bf16.
@@ -883,6 +890,9 @@ def optimizer_step(params, optimizer, cfg, logs, name, step):
     return dict(zip(logs, values)), values[-1]
 
 
+AUTO_GAN_UPDATES = 10  # generator updates measured by --gen_cls_loss_weight auto (Distiller.measuring_gan_weight)
+
+
 class Distiller:
     """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step).
 
@@ -929,6 +939,8 @@ class Distiller:
         self.sigmas = karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(self.device)
         self.step_sigmas = generator_sigmas(cfg.generator_steps, self.sigmas, cfg.conditioning_sigma)
         self.noise = SharedNoise(cfg.seed, rank, world_size, self.device)
+        self.auto_norms = [] if cfg.gen_cls_loss_weight == "auto" else None  # [|dL_dm/dx|, |dL_gan/dx|] per update
+        self.gan_weight = 0.0 if self.auto_norms is not None else cfg.gen_cls_loss_weight
         self.lpips = load_lpips(cfg.regression_loss, self.device) if cfg.regression_loss_weight > 0 else None
         self.step = 0
 
@@ -984,7 +996,8 @@ class Distiller:
                 sigma_gan, noise_gan = self.gan_noise(shape)
             if cfg.regression_loss_weight > 0:
                 pairs = self.noise.randint(0, len(self.regression_pairs[1]), n).cpu()
-            fakes, turn = [], {}
+            fakes, turn, norms_sq = [], {}, torch.zeros(2, device=self.device)
+            measure = self.measuring_gan_weight()
             for part in parts:
                 fake = self.ddp_generator(x_in[part], sigma_in[part], labels[part]).float()
                 losses = {}
@@ -992,12 +1005,21 @@ class Distiller:
                     losses["loss_dm"] = (cfg.dm_loss_weight, distribution_matching_loss(
                         fake, labels[part], self.real_score, self.fake_score, self.sigmas[t_dm[part]], noise_dm[part]))
                 if cfg.gan:
-                    losses["loss_gan_g"] = (cfg.gen_cls_loss_weight, gan_generator_loss(gan_logits(
+                    losses["loss_gan_g"] = (self.gan_weight, gan_generator_loss(gan_logits(
                         self.fake_score, self.head, fake, labels[part], sigma_gan[part], noise_gan[part])))
+                if measure:  # gradients on the generated images of the weighted DM term and the GAN term at weight 1
+                    share = (part.stop - part.start) / n
+                    for i, (key, weight) in enumerate((("loss_dm", cfg.dm_loss_weight), ("loss_gan_g", 1.0))):
+                        grad, = torch.autograd.grad(losses[key][1], fake, retain_graph=True)
+                        norms_sq[i] += (share * weight * grad).square().sum()
                 if cfg.regression_loss_weight > 0:
                     losses["loss_reg"] = (cfg.regression_loss_weight, self.regression_loss(pairs[part]))
                 accumulate(losses, part, n, turn, [self.ddp_generator])
                 fakes.append(fake.detach())
+            if measure:
+                self.record_gradient_norms(norms_sq)
+            if cfg.gan:
+                logs["gen_cls_loss_weight"] = self.gan_weight
             turn, logs["grad_norm_g"] = optimizer_step(list(self.generator.parameters()), self.opt_g, cfg, turn,
                                                        "the generator loss", step)
             logs.update(turn)
@@ -1036,6 +1058,28 @@ class Distiller:
         self.step += 1
         return logs
 
+    def measuring_gan_weight(self):
+        """--gen_cls_loss_weight auto, the official maintainer's rule (tianweiy/DMD2#73): the GAN weight at which the
+        GAN term's gradient norm on the generated images equals the DM term's. Both norms are measured on generator
+        updates 1..AUTO_GAN_UPDATES (update 0 is skipped: the fake score still equals the teacher there, so the DM
+        gradient is exactly zero) with the GAN term at weight 0; the weight is then fixed, printed, logged and saved
+        with the checkpoint. The maintainer starts a grid search there; here it is the value used."""
+        return self.cfg.gan and self.auto_norms is not None and len(self.auto_norms) < AUTO_GAN_UPDATES and \
+            self.step >= self.cfg.dfake_gen_update_ratio
+
+    def record_gradient_norms(self, norms_sq):
+        if self.world_size > 1:  # the same weight on every rank: the mean over ranks of the squared norms
+            dist.all_reduce(norms_sq)
+            norms_sq /= self.world_size
+        self.auto_norms.append(norms_sq.sqrt().tolist())
+        if len(self.auto_norms) == AUTO_GAN_UPDATES:
+            dm, gan = np.mean(self.auto_norms, axis=0)
+            self.gan_weight = float(dm / gan)
+            if self.rank == 0:
+                print(f"--gen_cls_loss_weight auto: gradient norms on the generated images over generator updates "
+                      f"1-{AUTO_GAN_UPDATES}: DM {dm:.3g}, GAN {gan:.3g} (weight 1) -> GAN weight "
+                      f"{self.gan_weight:.3g}")
+
     def regression_loss(self, pairs):
         """Original DMD's regression loss (DMD Sec. 3.3) on the teacher ODE pairs with indices `pairs`: the one-step
         generator maps the teacher's ODE noise to the teacher's ODE output. LPIPS where its weights are on disk,
@@ -1052,7 +1096,8 @@ class Distiller:
         return dict(step=self.step, generator=self.generator.state_dict(), fake_score=self.fake_score.state_dict(),
                     head=self.head.state_dict(), ema=None if self.ema is None else self.ema.state_dict(),
                     opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(), sched_g=self.sched_g.state_dict(),
-                    sched_d=self.sched_d.state_dict(), noise=self.noise.gen.get_state())
+                    sched_d=self.sched_d.state_dict(), noise=self.noise.gen.get_state(), gan_weight=self.gan_weight,
+                    auto_norms=self.auto_norms)
 
     def load_state_dict(self, state):
         self.step = state["step"]
@@ -1064,6 +1109,8 @@ class Distiller:
         for name in ("opt_g", "opt_d", "sched_g", "sched_d"):
             getattr(self, name).load_state_dict(state[name])
         self.noise.gen.set_state(state["noise"])
+        self.gan_weight = state.get("gan_weight", self.gan_weight)  # --gen_cls_loss_weight auto: its measurement
+        self.auto_norms = state.get("auto_norms", self.auto_norms)
 
 
 def load_lpips(kind, device):
@@ -1090,8 +1137,8 @@ def read_checkpoint(path, what="DMD2 checkpoint", fix="Delete it to start over, 
 
 
 RESUME_FREE_FIELDS = {"iters", "log_every", "ckpt_every", "sample_every", "eval_samples", "eval_batch", "students",
-                      "device", "out_dir", "cache_dir", "data_path", "teacher", "num_workers", "dist_timeout",
-                      "channels_last"}
+                      "no_gan_student", "device", "out_dir", "cache_dir", "data_path", "teacher", "num_workers",
+                      "dist_timeout", "channels_last"}
 
 
 def check_resumable(saved, cfg, path):
@@ -1159,7 +1206,8 @@ def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=No
     show_noise = torch.randn((16, *sample_shape), generator=torch.Generator().manual_seed(cfg.seed + 1))
     show_labels = torch.arange(16) % cfg.num_classes
 
-    bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), disable=rank != 0, leave=False,
+    quiet = rank != 0 or bool(os.environ.get("TQDM_DISABLE"))  # an explicit disable= overrides tqdm's own TQDM_DISABLE
+    bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), disable=quiet, leave=False,
                mininterval=2)
     t0 = time.time()
     for step in bar:
@@ -2362,7 +2410,8 @@ def shapes_classifier(cfg, images, labels, device):
 
 def embedded_rung(cfg):
     """What every run of an embedded rung shares: device, data, the (cached) teacher, evaluation noise and labels
-    (class-balanced, as the official ImageNet evaluation) and the metric. Notebooks build it once per rung."""
+    (class-balanced, as the official ImageNet evaluation), the metric and the floor's real data. Notebooks build it
+    once per rung."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg)
     n = cfg.eval_samples
@@ -2371,7 +2420,8 @@ def embedded_rung(cfg):
         sample_shape = (2,)
         teacher_data = Toy2DBatches(cfg.teacher_batch, cfg.seed)
         real_batches = lambda batch_size: Toy2DBatches(batch_size, cfg.seed + 3)
-        metrics = lambda x: toy2d_metrics(x, eval_labels)
+        metrics = lambda x, labels=eval_labels: toy2d_metrics(x, labels)
+        floor_data = toy2d_sample(n, torch.Generator().manual_seed(cfg.seed + 5))
     else:
         images, labels = shapes_dataset(20_000, cfg.resolution, seed=0)
         sample_shape = tuple(images.shape[1:])
@@ -2379,14 +2429,23 @@ def embedded_rung(cfg):
         real_batches = lambda batch_size: InMemoryBatches(images, labels, batch_size, cfg.seed + 3)
         classifier = shapes_classifier(cfg, images, labels, device="cpu")
         ref_features, _ = classifier_features(classifier, shapes_dataset(n, cfg.resolution, seed=1)[0].float() / 127.5 - 1)
-        metrics = lambda x: image_metrics(x, eval_labels, classifier, ref_features)
+        metrics = lambda x, labels=eval_labels: image_metrics(x, labels, classifier, ref_features)
+        floor_images, floor_labels = shapes_dataset(n, cfg.resolution, seed=2)
+        floor_data = (floor_images.float() / 127.5 - 1, floor_labels)
     eval_noise = torch.randn((n, *sample_shape), generator=torch.Generator().manual_seed(cfg.seed + 2))
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     teacher = embedded_teacher(cfg, teacher_data, sample_shape, device)
-    print(f"teacher ready ({time.time() - t0:.0f} s)")
+    print(f"teacher ready ({time.time() - t0:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU)")
     return types.SimpleNamespace(cfg=cfg, device=device, sample_shape=sample_shape, teacher=teacher,
                                  real_batches=real_batches, metrics=metrics, eval_noise=eval_noise,
-                                 eval_labels=eval_labels)
+                                 eval_labels=eval_labels, floor_data=floor_data)
+
+
+def floor_row(rung):
+    """The floor of every table: the metric of real data, a set of the evaluation's size disjoint from the metric's
+    reference set and from the training set. Two finite samples of the same distribution are this far apart, so no
+    generator is expected below it; the teacher's distance above it is the error a student can correct."""
+    return dict(model="real data (second set: the floor)", NFE="", **rung.metrics(*rung.floor_data), images_per_s="")
 
 
 def teacher_fingerprint(teacher):
@@ -2435,14 +2494,24 @@ def run_embedded(cfg):
     root = os.path.join(cfg.out_dir, cfg.dataset)
     os.makedirs(root, exist_ok=True)
     rung = embedded_rung(cfg)
+    t0, cpu0 = time.time(), time.process_time()
     row, samples = evaluate_teacher(rung)
+    print(f"teacher row ready ({time.time() - t0:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU)")
     rows = [row]
     save_samples(samples[:64], rung.eval_labels[:64], os.path.join(root, "teacher_samples.png"))
-    for steps in cfg.students:
-        run_dir = os.path.join(root, cfg.run_name or f"student_{steps}step")
-        row, samples, _ = distil(dataclasses.replace(cfg, generator_steps=steps), rung, run_dir)
+    students = [(cfg.run_name or f"student_{k}step", dataclasses.replace(cfg, generator_steps=k), None)
+                for k in cfg.students]
+    if cfg.no_gan_student:  # the same 1-step student without real data: how much of its gain the GAN brings
+        students.append(((cfg.run_name or "student_1step") + "_no_gan",
+                         dataclasses.replace(cfg, generator_steps=1, gan=False), "DMD without GAN, 1 step"))
+    for folder, student_cfg, name in students:
+        run_dir = os.path.join(root, folder)
+        t0, cpu0 = time.time(), time.process_time()
+        row, samples, _ = distil(student_cfg, rung, run_dir, name)
+        print(f"{row['model']} ready ({time.time() - t0:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU)")
         rows.append(row)
         save_samples(samples[:64], rung.eval_labels[:64], os.path.join(run_dir, "eval_samples.png"))
+    rows.append(floor_row(rung))
     table = results_table(rows)
     print(table)
     with open(os.path.join(root, "results.md"), "w") as f:
@@ -2467,6 +2536,24 @@ def teacher_ode_pairs(cfg, teacher, sample_shape):
     target = sample_teacher(teacher, noise, labels, cfg.num_classes, cfg.teacher_eval_steps, cfg.eval_batch)
     atomic_save(dict(noise=noise, labels=labels, target=target), path)
     return noise, labels, target
+
+
+def seed_summary(name, rows, keys):
+    """One table row from the rows of several seeds: "mean ± std" (population std over the seeds) of every key."""
+    summary = dict(model=f"{name} ({len(rows)} seeds)")
+    for k in keys:
+        values = np.array([r[k] for r in rows], dtype=float)
+        summary[k] = f"{values.mean():.4g} ± {values.std():.2g}"
+    return summary
+
+
+def separated(rows_a, rows_b, key, lower_is_better=True):
+    """"better" / "worse" when every seed of a is better / worse than every seed of b in key (the seed ranges do not
+    overlap), otherwise "not separated": an ordering is only stated where the spread over seeds separates it."""
+    a, b = [r[key] for r in rows_a], [r[key] for r in rows_b]
+    if max(a) < min(b) or min(a) > max(b):
+        return "better" if (max(a) < min(b)) == lower_is_better else "worse"
+    return "not separated"
 
 
 def results_table(rows):
@@ -2597,6 +2684,8 @@ def parse_config(argv):
             parser.add_argument(f"--{f.name}", type=int, nargs="+")
         elif f.type in (dict, "dict"):
             parser.add_argument(f"--{f.name}", type=json.loads, metavar="JSON")
+        elif f.type == float | str:
+            parser.add_argument(f"--{f.name}", type=_float_or_auto, metavar="FLOAT|auto")
         else:
             parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}.get(f.type, f.type))
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
@@ -2616,12 +2705,23 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _float_or_auto(text):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def check_config(cfg):
     problems = []
     if cfg.regression_loss_weight > 0 and (cfg.generator_steps != 1 or cfg.students != [1] or cfg.regression_pairs < 1):
         problems.append("the regression loss is for one-step students: use --students 1 and --regression_pairs N")
     if cfg.gan and cfg.cls_loss_weight <= 0:
         problems.append("--gan true needs --cls_loss_weight > 0")
+    if cfg.gen_cls_loss_weight == "auto" and cfg.gan and cfg.dm_loss_weight <= 0:
+        problems.append("--gen_cls_loss_weight auto matches the DM term's gradient norm: it needs --dm_loss_weight > 0")
     if cfg.dm_loss_weight <= 0 and not cfg.gan and cfg.regression_loss_weight <= 0:
         problems.append("the generator has no loss: enable the DM loss, the GAN or the regression loss")
     if cfg.micro_batch < 0 or (cfg.micro_batch and cfg.batch_size % cfg.micro_batch):

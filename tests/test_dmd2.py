@@ -277,6 +277,54 @@ def test_micro_batch_must_divide_the_batch():
     assert dmd2.micro_batches(6, 0) == [slice(0, 6)]
 
 
+def test_auto_gan_weight_equalises_the_gradient_norms_on_the_images(monkeypatch):
+    """--gen_cls_loss_weight auto (tianweiy/DMD2#73): GAN term off on update 0 (fake score = teacher, DM gradient 0)
+    and while updates 1..AUTO_GAN_UPDATES are measured; then weight = mean |dL_dm/dx| / mean |dL_gan/dx|. The DM norm
+    is checked against the paper's gradient by hand: dL/dx = (p_real - p_fake) / mean|p_real| / N."""
+    monkeypatch.setattr(dmd2, "AUTO_GAN_UPDATES", 3)
+    by_hand, dm_loss = [], dmd2.dm_loss
+
+    def spy(x, pred_real, pred_fake):
+        p_real, p_fake = x.detach() - pred_real, x.detach() - pred_fake
+        grad = (p_real - p_fake) / p_real.abs().mean(dim=1, keepdim=True) / x.numel()
+        by_hand.append(float(grad.norm()))
+        return dm_loss(x, pred_real, pred_fake)
+    monkeypatch.setattr(dmd2, "dm_loss", spy)
+    cfg = tiny_cfg(gen_cls_loss_weight="auto", dfake_gen_update_ratio=1, warmup_steps=0)
+    d, batches = dmd2.Distiller(cfg, toy_teacher(), (2,)), dmd2.Toy2DBatches(cfg.batch_size, 0)
+    logs = [d.train_step(next(batches)) for _ in range(5)]
+    assert [r["gen_cls_loss_weight"] for r in logs[:3]] == [0.0, 0.0, 0.0] and by_hand[0] == 0.0
+    assert [dm for dm, _ in d.auto_norms] == pytest.approx(by_hand[1:4], rel=1e-5)
+    dm, gan = torch.tensor(d.auto_norms).mean(0).tolist()
+    assert d.gan_weight == pytest.approx(dm / gan, rel=1e-6) and d.gan_weight > 0
+    assert logs[3]["gen_cls_loss_weight"] == logs[4]["gen_cls_loss_weight"] == d.gan_weight
+
+
+def test_auto_gan_weight_resumes_and_micro_batches(monkeypatch, tmp_path):
+    monkeypatch.setattr(dmd2, "AUTO_GAN_UPDATES", 3)
+    cfg = tiny_cfg(gen_cls_loss_weight="auto", dfake_gen_update_ratio=1, warmup_steps=0, batch_size=4, iters=6,
+                   ckpt_every=2)
+    run = lambda c, folder: dmd2.train(c, toy_teacher(), dmd2.Toy2DBatches(c.batch_size, 0), (2,),
+                                       str(tmp_path / folder), show=lambda *a: None)
+    full = run(cfg, "full")
+    run(dataclasses.replace(cfg, iters=2), "resumed")  # killed in the middle of the measurement
+    resumed = run(cfg, "resumed")
+    micro = run(dataclasses.replace(cfg, micro_batch=2), "micro")
+    assert resumed.gan_weight == full.gan_weight and resumed.auto_norms == full.auto_norms
+    assert torch.allclose(torch.tensor(micro.auto_norms), torch.tensor(full.auto_norms), rtol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(full.generator.parameters(), resumed.generator.parameters()))
+
+
+def test_auto_gan_weight_on_the_command_line():
+    assert dmd2.parse_config(["--dataset", "toy2d", "--gen_cls_loss_weight", "auto"]).gen_cls_loss_weight == "auto"
+    assert dmd2.parse_config(["--gen_cls_loss_weight", "0.01"]).gen_cls_loss_weight == 0.01
+    assert dmd2.parse_config(["--dataset", "imagenet64"]).gen_cls_loss_weight == 3e-3  # official fixed weight
+    with pytest.raises(SystemExit):
+        dmd2.parse_config(["--gen_cls_loss_weight", "big"])
+    with pytest.raises(SystemExit, match="auto matches the DM term's gradient norm"):
+        dmd2.parse_config(["--gen_cls_loss_weight", "auto", "--dm_loss_weight", "0"])
+
+
 def test_resume_is_bit_identical(tmp_path):
     cfg = tiny_cfg(iters=12, ckpt_every=4, generator_steps=4, ema_decay=0.9)
     full = dmd2.train(cfg, toy_teacher(), dmd2.Toy2DBatches(cfg.batch_size, 0), (2,), str(tmp_path / "a"),
@@ -299,7 +347,9 @@ def test_cached_teacher_gives_the_same_students(tmp_path):
     first = dmd2.run_embedded(dataclasses.replace(cfg, out_dir=str(tmp_path / "first")))
     torch.randn(7)  # whatever ran before must not matter either
     second = dmd2.run_embedded(dataclasses.replace(cfg, out_dir=str(tmp_path / "second")))
-    assert len(first) == 3 and [r["model"] for r in first] == [r["model"] for r in second]
+    assert [r["model"] for r in first] == [r["model"] for r in second] == [
+        "teacher (EDM Heun, 3 steps)", "DMD2 student, 1 step", "DMD2 student, 2 steps", "DMD without GAN, 1 step",
+        "real data (second set: the floor)"]
     for a, b in zip(first, second):
         assert {k: v for k, v in a.items() if k != "images_per_s"} == {k: v for k, v in b.items() if k != "images_per_s"}
 
