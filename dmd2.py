@@ -139,8 +139,7 @@ PRESETS = {
     "toy2d": dict(students=[1, 4], no_gan_student=True, resolution=0, num_classes=4, teacher_iters=300,
                   teacher_batch=256, teacher_lr=1e-3, iters=2000, batch_size=256, generator_lr=3e-4, guidance_lr=3e-4,
                   warmup_steps=20, gen_cls_loss_weight="auto", teacher_eval_steps=18, eval_samples=4000,
-                  eval_batch=4000, log_every=20, ckpt_every=200, sample_every=200, precision="fp32",
-                  channels_last=False),
+                  eval_batch=4000, log_every=20, ckpt_every=200, sample_every=200, precision="fp32"),
     # Embedded default: 16 px procedural shapes, narrow ADM teacher trained here, deliberately briefly (300
     # iterations; see toy2d). The main job distils it into a 1-step DMD2 student and the same student without the
     # GAN. The generator GAN weight is the official fixed 3e-3: `auto` gave 0.15 here and a worse student (README).
@@ -150,7 +149,7 @@ PRESETS = {
                                                       channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[],
                                                       dropout=0.0),
                    iters=800, batch_size=32, generator_lr=2e-4, guidance_lr=2e-4, warmup_steps=20,
-                   log_every=10, ckpt_every=100, sample_every=100, precision="fp32", channels_last=False),
+                   log_every=10, ckpt_every=100, sample_every=100, precision="fp32"),
     # The paper's recipe (official experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_
     # scratch.sh): batch 40 per GPU, lr 2e-6, ratio 5, GAN 3e-3 / 1e-2, diffusion GAN over 1000 levels, bf16.
     "imagenet64": dict(resolution=64, num_classes=1000, iters=400_000, batch_size=40, generator_lr=2e-6,
