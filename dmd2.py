@@ -66,10 +66,12 @@ import edm_net
 
 @dataclass
 class Config:
-    dataset: str = "shapes"  # toy2d | shapes (embedded default) | cifar10 | imagenet64
+    dataset: str = "shapes"  # a preset: toy2d | shapes (embedded default) | cifar10 | imagenet64 | sdxl | sdxl-1step
+    #                          | sdxl-ode | sd15 | sd15-gan (text-to-image: diffusers teachers, section 9)
     out_dir: str = "runs"  # run folders go to out_dir/<dataset>/<run_name>
     run_name: str = ""  # default: derived from the generator steps ("student_1step", ...)
-    data_path: str = ""  # EDM dataset_tool zip / folder / DMD2 LMDB (cifar10, imagenet64)
+    data_path: str = ""  # EDM dataset_tool zip / folder / DMD2 LMDB (cifar10, imagenet64); text-to-image: a folder
+    #                      of images with same-named .txt captions
     cache_dir: str = ""  # downloads and embedded teachers; default ~/.cache/dmd2 (env DMD2_CACHE)
     seed: int = 10  # official: --seed 10
     device: str = "auto"
@@ -84,6 +86,9 @@ class Config:
     teacher_batch: int = 64
     teacher_lr: float = 1e-3
     teacher_eval_steps: int = 18  # EDM Heun steps for the teacher row of the table (NFE = 2N-1; EDM: --steps 18)
+    model_id: str = ""  # text-to-image teacher: Hugging Face id or local diffusers folder (default: the preset's)
+    tiny: bool = False  # text-to-image: random tiny SD-shaped networks instead of the teacher (CPU runs, tests)
+    guidance_scale: float = 1.0  # CFG of the real score (official: --real_guidance_scale; none on ImageNet)
     # noise (official: --sigma_min 0.002 --sigma_max 80 --rho 7 --sigma_data 0.5 --num_train_timesteps 1000)
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -92,7 +97,8 @@ class Config:
     num_train_timesteps: int = 1000
     min_step_percent: float = 0.02  # DM-loss sigma index range (official: --min_step_percent/--max_step_percent)
     max_step_percent: float = 0.98
-    conditioning_sigma: float = 80.0  # one-step generator input sigma (official: --conditioning_sigma 80)
+    conditioning_timestep: int = 999  # one-step generator's input level on the grid: 999 = sigma 80 on the Karras
+    #                                   grid (official EDM: --conditioning_sigma 80), SDXL 1-step: 399 (official)
     # generator
     students: list = field(default_factory=lambda: [1])  # main job: one K-step student per entry
     no_gan_student: bool = False  # embedded main job: also a 1-step student without the GAN (Table 3's "+ TTUR" row)
@@ -120,6 +126,8 @@ class Config:
     grad_checkpointing: bool = False  # memory option for one GPU
     micro_batch: int = 0  # memory option: run each batch in chunks of this size, accumulating gradients (0 = whole)
     teacher_bf16_weights: bool = False  # memory option: frozen teacher stored in bf16
+    lora_rank: int = 0  # > 0: train LoRA adapters of a text-to-image generator (official: --generator_lora
+    lora_alpha: float = 8.0  # --lora_rank 64 --lora_alpha 8)
     generator_init: str = ""  # start G from a generator state dict (official: --generator_ckpt_path)
     guidance_init: str = ""  # start the fake score from a DMD2 pytorch_model_1.bin (official: --ckpt_only_path)
     num_workers: int = 4  # data loader processes (official: --num_workers 12)
@@ -155,6 +163,32 @@ PRESETS = {
     "imagenet64": dict(resolution=64, num_classes=1000, iters=400_000, batch_size=40, generator_lr=2e-6,
                        guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
                        eval_samples=50_000, eval_batch=128),
+    # Text-to-image (section 9), official experiments/ scripts; batch per process (official: x 64 GPUs), bf16.
+    # SDXL 4-step (sdxl_cond999_8node_lr5e-7_denoising4step_diffusion1000_gan5e-3_guidance8_noinit_noode_backsim_
+    # scratch.sh): backward simulation on [999, 749, 499, 249], CFG 8, GAN 5e-3 / 1e-2, lr 5e-7, ratio 5, 19k iterations.
+    "sdxl": dict(generator_steps=4, guidance_scale=8.0, gen_cls_loss_weight=5e-3, cls_loss_weight=1e-2,
+                 generator_lr=5e-7, guidance_lr=5e-7, batch_size=2, iters=20_000, log_every=10, ckpt_every=500,
+                 sample_every=500),
+    # SDXL 1-step: pure noise at t = 399 (--conditioning_timestep 399), started from the ODE-pair pretraining below
+    # (official: --generator_ckpt_path of its step-2000 checkpoint; pass ours with --generator_init), 24k iterations.
+    "sdxl-1step": dict(generator_steps=1, conditioning_timestep=399, guidance_scale=8.0, gen_cls_loss_weight=5e-3,
+                       cls_loss_weight=1e-2, generator_lr=5e-7, guidance_lr=5e-7, batch_size=2, iters=24_000,
+                       log_every=10, ckpt_every=500, sample_every=500),
+    # The 1-step model's initialisation (official main/train_sd_ode.py): the generator at t = 399 regresses the
+    # teacher's ODE outputs (CFG 8) from their noise, LPIPS on decoded images; AdamW 1e-5, no clipping (the official
+    # flag is unused), batch 4, 2k iterations; no DM loss, no GAN, so no critic is trained.
+    "sdxl-ode": dict(generator_steps=1, conditioning_timestep=399, guidance_scale=8.0, dm_loss_weight=0.0, gan=False,
+                     regression_loss_weight=1.0, regression_pairs=10_000, regression_loss="lpips",
+                     dfake_gen_update_ratio=1, generator_lr=1e-5, max_grad_norm=float("inf"), batch_size=4,
+                     iters=2_000, log_every=10, ckpt_every=500, sample_every=500),
+    # SD v1.5, two stages (official experiments/sdv1.5/*.sh, issue #30): 1-step at t = 999, CFG 1.75, ratio 10;
+    # stage 1 without GAN at lr 1e-5 (39k iterations), stage 2 adds the GAN (1e-3 / 1e-2) at lr 5e-7 (+5k), started
+    # from stage 1 (--generator_init and --guidance_init RUN/checkpoint.pt). Batch 32 per process (x 64 GPUs).
+    "sd15": dict(generator_steps=1, guidance_scale=1.75, dfake_gen_update_ratio=10, gan=False, generator_lr=1e-5,
+                 guidance_lr=1e-5, batch_size=32, iters=40_000, log_every=10, ckpt_every=500, sample_every=500),
+    "sd15-gan": dict(generator_steps=1, guidance_scale=1.75, dfake_gen_update_ratio=10, gen_cls_loss_weight=1e-3,
+                     cls_loss_weight=1e-2, generator_lr=5e-7, guidance_lr=5e-7, batch_size=32, iters=5_000,
+                     log_every=10, ckpt_every=500, sample_every=500),
     # CIFAR-10 on EDM's conditional VP teacher. Not an official DMD2 recipe: the ImageNet values, batch 56 (EDM).
     "cifar10": dict(resolution=32, num_classes=10, iters=200_000, batch_size=56, generator_lr=2e-6,
                     guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
@@ -223,7 +257,8 @@ def _hsv_to_rgb(h, s, v):
 
 
 class InMemoryBatches:
-    """Seeded random batches (with replacement) from tensors in memory, split over ranks.
+    """Seeded random batches (with replacement) from tensors in memory or a memory-mapped array, with their labels
+    (or captions), split over ranks.
 
     Every rank draws the same global index batch and keeps its slice, so a run on W processes sees exactly the
     batches of one process with W times the batch. The state is one torch.Generator (saved in checkpoints)."""
@@ -242,10 +277,10 @@ class InMemoryBatches:
     def __next__(self):
         idx = torch.randint(0, len(self.labels), (self.global_batch,), generator=self.rng)
         idx = idx.chunk(self.world_size)[self.rank]
-        images = self.images[idx]
-        if images.dtype == torch.uint8:
-            images = images.float() / 127.5 - 1  # official: image/255 * 2 - 1
-        return images, self.labels[idx]
+        images = self.images[idx.numpy()] if isinstance(self.images, np.ndarray) else self.images[idx]
+        images = torch.as_tensor(images)  # a memory-mapped array (text-to-image latents) reads only these rows
+        images = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()  # official: x/255*2-1
+        return images, take(self.labels, idx)
 
 
 class Toy2DBatches:
@@ -587,6 +622,14 @@ def karras_sigmas(num_levels=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     return sigmas.flip(0).float()
 
 
+def noise_grid(cfg, teacher):
+    """The 1000 noise levels every loss draws from: the Karras grid for EDM teachers, the DDPM table of a
+    text-to-image teacher (EpsDenoiser.sigmas: sigma_t = sqrt((1 - abar_t) / abar_t), t = 0..999)."""
+    if isinstance(teacher, EpsDenoiser):
+        return teacher.sigmas
+    return karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+
+
 def _per_sample(sigma, x):
     """Shape a per-sample sigma [B] so it broadcasts against x [B, ...]."""
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
@@ -595,6 +638,36 @@ def _per_sample(sigma, x):
 def onehot(labels, num_classes):
     """Integer labels -> one-hot float rows (official: eye(label_dim)[labels])."""
     return F.one_hot(labels, num_classes).float()
+
+
+class ClassLabels:
+    """Conditions of a class-conditional teacher: one-hot labels, uniform for generated batches (official:
+    randint(0, label_dim)). Prompts (section 9) is the text-to-image counterpart."""
+
+    def __init__(self, num_classes, device="cpu"):
+        self.num_classes, self.device = num_classes, device
+
+    def encode(self, labels):
+        return onehot(labels.to(self.device), self.num_classes)
+
+    def sample(self, n, noise):
+        return self.encode(noise.randint(0, self.num_classes, n))
+
+    def blank(self, n):
+        return torch.zeros(n, self.num_classes, device=self.device)
+
+    def examples(self, n):  # the labels of sample grids
+        return torch.arange(n) % self.num_classes
+
+
+def take(cond, index):
+    """Rows `index` (slice or index tensor) of a condition: a tensor, a tuple of tensors (text embeddings) or a list
+    (captions)."""
+    if isinstance(cond, tuple):
+        return tuple(c[index] for c in cond)
+    if isinstance(cond, list):
+        return [cond[i] for i in range(len(cond))[index]] if isinstance(index, slice) else [cond[i] for i in index]
+    return cond[index]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -632,13 +705,15 @@ def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
     """DM loss of a generated batch x (with grad) under one-hot labels, at per-sample sigma [B] with noise like x.
 
     The caller draws sigma = sigmas[t], t uniform in [20, 980] (official: --min_step_percent 0.02,
-    --max_step_percent 0.98 of 1000 levels). Both scores run without gradient; no CFG on ImageNet (official)."""
+    --max_step_percent 0.98 of 1000 levels). Both scores run without gradient; CFG only inside the real score (none
+    on ImageNet). The loss is computed in the scores' output dtype: float32 for EDM networks, float64 for
+    EpsDenoiser (official SD path: dm loss on .double() predictions), and returned in float32."""
     with torch.no_grad():
         sigma = _per_sample(sigma, x)
         noisy = x + sigma * noise
-        pred_real = real_score(noisy, sigma, labels).float()
-        pred_fake = fake_score(noisy, sigma, labels).float()
-    return dm_loss(x.float(), pred_real, pred_fake)
+        pred_real = real_score(noisy, sigma, labels)
+        pred_fake = fake_score(noisy, sigma, labels).to(pred_real.dtype)
+    return dm_loss(x.to(pred_real.dtype), pred_real, pred_fake).float()
 
 
 def denoising_loss(net, x, labels, sigma, noise, sigma_data=0.5):
@@ -646,11 +721,14 @@ def denoising_loss(net, x, labels, sigma, noise, sigma_data=0.5):
     lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM Table 1).
 
     It trains the embedded teachers (sigma log-normal: ln sigma ~ N(-1.2, 1.2^2), EDM's P_mean/P_std) and the
-    fake score, on DETACHED generator output with sigma index-uniform over the whole Karras grid
-    (official: compute_loss_fake, randint(0, 1000), "snr + 1/sigma_data^2"; not EDM's log-normal)."""
+    fake score, on DETACHED generator output with sigma index-uniform over the whole grid (official:
+    compute_loss_fake, randint(0, 1000), "snr + 1/sigma_data^2"; not EDM's log-normal). For epsilon-prediction
+    teachers the official loss is the unweighted |eps_hat - eps|^2, which is this loss at sigma_data = inf: with
+    x0_hat = x - sigma eps_hat, (x0_hat - x0)^2 / sigma^2 = (eps_hat - eps)^2. Computed in the network's output
+    dtype (float64 for EpsDenoiser), returned in float32."""
     sigma = _per_sample(sigma, x)
     weight = 1 / sigma ** 2 + 1 / sigma_data ** 2
-    return (weight * (net(x + sigma * noise, sigma, labels).float() - x) ** 2).mean()
+    return (weight * (net(x + sigma * noise, sigma, labels) - x) ** 2).mean().float()
 
 
 def gan_generator_loss(logits_fake):
@@ -707,29 +785,37 @@ def gan_logits(fake_score, head, images, labels, sigma, noise):
 # 6. Generators: one-step, few-step, backward simulation
 
 
-def generator_sigmas(num_steps, sigmas, conditioning_sigma=80.0):
-    """Input sigmas of a K-step generator. K=1: [conditioning_sigma] (official: --conditioning_sigma 80).
-    K>1: Karras-grid levels 999, 999-1000/K, ... i.e. [80, 17.5, 2.50, 0.168] for K=4: the paper's SDXL timesteps
-    [999, 749, 499, 249] (official: denoising_step_list) carried over to the EDM grid (the EDM code is 1-step only)."""
+def generator_sigmas(num_steps, sigmas, conditioning_timestep=999):
+    """Input sigmas of a K-step generator on the 1000-level grid. K=1: [sigmas[conditioning_timestep]]: 80 on the
+    Karras grid (official EDM: --conditioning_sigma 80), t = 399 for the SDXL 1-step model. K>1: levels 999,
+    999-1000/K, ...: the paper's SDXL timesteps [999, 749, 499, 249] (official: denoising_step_list), on the Karras
+    grid [80, 17.5, 2.50, 0.168] for K=4 (the EDM code is 1-step only)."""
     if num_steps == 1:
-        return torch.tensor([conditioning_sigma], device=sigmas.device)
+        return sigmas[[conditioning_timestep]]
     levels = torch.arange(len(sigmas) - 1, 0, -(len(sigmas) // num_steps))[:num_steps]
     return sigmas[levels.to(sigmas.device)]
 
 
-def generate(generator, noise, labels, step_sigmas, randn=torch.randn):
-    """Sample with a K-step generator: x = sigma_0 z, then x0 = G(x, sigma_k, y) and re-noise x0 to sigma_{k+1}
-    with FRESH noise (official: sdxl sample loop); returns the last x0. K=1: G(80 z, 80, y) (official demo)."""
-    x = noise * step_sigmas[0]
+def pure_noise(denoiser, noise, sigma):
+    """A generator's first input, from unit noise, at the first level sigma of its list. EDM teachers: sigma z
+    (official: 80 z). DDPM teachers (EpsDenoiser): DDPM's pure noise x_t = z whatever the timestep (official:
+    pure_noise_mask; the SDXL 1-step model takes z at t = 399), i.e. x = z sqrt(1 + sigma^2) in EDM scaling."""
+    return noise * ((sigma ** 2 + 1).sqrt() if isinstance(denoiser, EpsDenoiser) else sigma)
+
+
+def generate(generator, noise, cond, step_sigmas, randn=torch.randn):
+    """Sample with a K-step generator: x = pure noise, then x0 = G(x, sigma_k, cond) and re-noise x0 to sigma_{k+1}
+    with FRESH noise (official: SDXL sample loop); returns the last x0. K=1: G(80 z, 80, y) (official demo)."""
+    x = pure_noise(generator, noise, step_sigmas[0])
     for k, sigma in enumerate(step_sigmas):
-        x0 = generator(x, sigma.expand(x.shape[0]), labels)
+        x0 = generator(x, sigma.expand(x.shape[0]), cond)
         if k + 1 < len(step_sigmas):
-            x = x0 + step_sigmas[k + 1] * randn(x.shape, device=x.device)
+            x = x0.float() + step_sigmas[k + 1] * randn(x.shape, device=x.device)
     return x0
 
 
 @torch.no_grad()
-def backward_simulation(generator, labels, step_sigmas, k, shape, randn=torch.randn):
+def backward_simulation(generator, cond, step_sigmas, k, shape, randn=torch.randn):
     """Training input of a few-step generator by backward simulation (Sec. 4.3; official: sample_backward).
 
     The caller draws ONE step index k for the whole batch (official: broadcast from rank 0). The CURRENT generator
@@ -737,19 +823,19 @@ def backward_simulation(generator, labels, step_sigmas, k, shape, randn=torch.ra
     (official issue #9: correlated noise gave artifacts). Returns (x_k, sigma_k); the generator then runs once
     with gradient on them, so only that last step is trained. k = 0: pure noise."""
     device = step_sigmas.device
-    x = randn(shape, device=device) * step_sigmas[0]
+    x = pure_noise(generator, randn(shape, device=device), step_sigmas[0])
     for j in range(k):
-        x0 = generator(x, step_sigmas[j].expand(shape[0]), labels)
-        x = x0 + step_sigmas[j + 1] * randn(shape, device=device)
+        x0 = generator(x, step_sigmas[j].expand(shape[0]), cond)
+        x = x0.float() + step_sigmas[j + 1] * randn(shape, device=device)
     return x, step_sigmas[k].expand(shape[0])
 
 
-def noised_real_inputs(real, step_sigmas, k, noise):
+def noised_real_inputs(generator, real, step_sigmas, k, noise):
     """The ablation without backward simulation: real images noised to the per-sample level k [B] of the list;
     level 0 is pure noise (official: prepare_denoising_data, t = 999 replaced by noise)."""
     sigma = step_sigmas[k]
-    x = torch.where(_per_sample(k == 0, real), noise * step_sigmas[0], real + _per_sample(sigma, real) * noise)
-    return x, sigma
+    start = pure_noise(generator, noise, step_sigmas[0])
+    return torch.where(_per_sample(k == 0, real), start, real + _per_sample(sigma, real) * noise), sigma
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -901,26 +987,38 @@ class Distiller:
     be stored in bf16 (--teacher_bf16_weights). With several processes the trainable networks run through
     DistributedDataParallel (ddp_* attributes; the plain modules are used where no gradient is synchronised).
 
+    Every teacher is a denoiser D(x, sigma, cond) -> x0 with a bottleneck output: EDM networks directly, SD v1.5 /
+    SDXL UNets through EpsDenoiser (which brings its own noise grid and classifier-free guidance). `conditions`
+    draws the generated batches' conditions and encodes the real ones: class labels (default) or Prompts.
+
     The Distiller owns the teacher it is given (its frozen weights may be stored in bf16 in place); pass a copy to
     reuse it. It must hold float32 weights: the trainable copies are made from them."""
 
-    def __init__(self, cfg, teacher, sample_shape, regression_pairs=None, rank=0, world_size=1, device="cpu"):
+    def __init__(self, cfg, teacher, sample_shape, regression_pairs=None, rank=0, world_size=1, device="cpu",
+                 conditions=None, lpips_decode=None):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, torch.device(device)
         self.sample_shape, self.regression_pairs = tuple(sample_shape), regression_pairs
+        self.conditions = conditions or ClassLabels(cfg.num_classes, self.device)
         if any(p.dtype != torch.float32 for p in teacher.parameters()):
             raise ValueError("Distiller needs the teacher's float32 weights (its trainable copies are made from them); "
                              "pass cfg.teacher_bf16_weights=True to store the frozen real score in bf16 instead")
         self.real_score = teacher.to(self.device).eval().requires_grad_(False)
         self.fake_score = copy.deepcopy(self.real_score).train().requires_grad_(True)
         self.generator = copy.deepcopy(self.real_score).train().requires_grad_(True)
-        if cfg.teacher_bf16_weights:  # memory option: only the frozen real score in bf16 (official SD path does this)
+        if isinstance(teacher, EpsDenoiser):
+            self.real_score.guidance_scale = cfg.guidance_scale  # CFG on the real score only (official)
+            if teacher.use_fp16 or cfg.teacher_bf16_weights:  # official: the real UNet's weights in bf16
+                self.real_score.unet.to(torch.bfloat16)
+            if cfg.lora_rank:
+                add_generator_lora(self.generator.unet, cfg.lora_rank, cfg.lora_alpha)
+        elif cfg.teacher_bf16_weights:  # memory option: only the frozen real score in bf16
             self.real_score.to(torch.bfloat16)
         elif getattr(self.real_score, "use_fp16", False):  # bf16 compute: the teacher's casts made once, bit-identical
             edm_net.store_frozen_in_bf16(self.real_score)
         with torch.no_grad():  # the bottleneck's shape decides the GAN head's layers
             probe = torch.zeros(1, *sample_shape, device=self.device)
-            features = self.fake_score(probe, torch.ones(1, device=self.device), torch.zeros(1, cfg.num_classes,
-                                       device=self.device), return_bottleneck=True)
+            features = self.fake_score(probe, torch.ones(1, device=self.device), self.conditions.blank(1),
+                                       return_bottleneck=True)
         with torch.random.fork_rng(devices=[]):  # head initialised from cfg.seed: the same on every rank, and
             torch.manual_seed(cfg.seed)           # independent of whatever drew from the global RNG before
             self.head = GANHead(features.shape[1], features.shape[-1] if features.ndim == 4 else 1).to(self.device)
@@ -935,23 +1033,28 @@ class Distiller:
         self.ddp_generator = data_parallel(self.generator, world_size, self.device)
         self.ddp_fake_score = data_parallel(self.fake_score, world_size, self.device)
         self.ddp_head = data_parallel(self.head, world_size, self.device) if cfg.gan else self.head
-        self.sigmas = karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(self.device)
-        self.step_sigmas = generator_sigmas(cfg.generator_steps, self.sigmas, cfg.conditioning_sigma)
+        self.sigmas = noise_grid(cfg, teacher).to(self.device)
+        self.step_sigmas = generator_sigmas(cfg.generator_steps, self.sigmas, cfg.conditioning_timestep)
         self.noise = SharedNoise(cfg.seed, rank, world_size, self.device)
         self.auto_norms = [] if cfg.gen_cls_loss_weight == "auto" else None  # [|dL_dm/dx|, |dL_gan/dx|] per update
         self.gan_weight = 0.0 if self.auto_norms is not None else cfg.gen_cls_loss_weight
         self.lpips = load_lpips(cfg.regression_loss, self.device) if cfg.regression_loss_weight > 0 else None
+        self.lpips_decode = lpips_decode  # latents -> images for the regression loss's LPIPS (text-to-image)
         self.step = 0
 
     def needs_real_data(self):
         cfg = self.cfg
         return cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)
 
+    def trains_critic(self):  # the regression-only pretraining (sdxl-ode) has no use for the fake score
+        return self.cfg.dm_loss_weight > 0 or self.cfg.gan
+
     def generator_input(self, labels, shape, real):
-        """(x, sigma) fed to the generator: 80 z for one step; otherwise backward simulation or noised real data."""
+        """(x, sigma) fed to the generator: pure noise for one step; otherwise backward simulation or noised real
+        data (whose own conditions the generator then gets, as official prepare_denoising_data)."""
         cfg, n = self.cfg, shape[0]
         if cfg.generator_steps == 1:
-            return self.noise.randn(shape) * self.step_sigmas[0], self.step_sigmas[0].expand(n)
+            return pure_noise(self.generator, self.noise.randn(shape), self.step_sigmas[0]), self.step_sigmas[0].expand(n)
         if cfg.backward_simulation:
             k = self.noise.shared_randint(0, cfg.generator_steps)
             self.generator.eval()  # the rollout uses the current generator, deterministically
@@ -959,7 +1062,7 @@ class Distiller:
             self.generator.train()
             return x, sigma
         k = self.noise.randint(0, cfg.generator_steps, n)
-        return noised_real_inputs(real[0], self.step_sigmas, k, self.noise.randn(shape))
+        return noised_real_inputs(self.generator, real[0], self.step_sigmas, k, self.noise.randn(shape))
 
     def gan_noise(self, shape):
         """Diffusion-GAN noising of a batch: per-sample sigma = sigmas[randint(0, 1000)] and its noise; without the
@@ -977,12 +1080,15 @@ class Distiller:
         the accumulated gradient is the whole-batch gradient (every loss is a mean over the batch)."""
         cfg, step, logs, n = self.cfg, self.step, {}, self.cfg.batch_size
         shape = (n, *self.sample_shape)
-        labels = onehot(self.noise.randint(0, cfg.num_classes, n), cfg.num_classes)
-        real = None if real is None else (real[0].to(self.device), onehot(real[1].to(self.device), cfg.num_classes))
+        real = None if real is None else (real[0].to(self.device), self.conditions.encode(real[1]))
         if real is not None and cfg.channels_last and real[0].ndim == 4:
             real = (real[0].contiguous(memory_format=torch.channels_last), real[1])
+        with_critic = self.trains_critic()  # False only in the regression-only pretraining (sdxl-ode)
+        if with_critic:
+            noised_real = cfg.generator_steps > 1 and not cfg.backward_simulation  # the Table 4 ablation
+            labels = real[1] if noised_real else self.conditions.sample(n, self.noise)
+            x_in, sigma_in = self.generator_input(labels, shape, real)
         update_generator = step % cfg.dfake_gen_update_ratio == 0  # official: COMPUTE_GENERATOR_GRADIENT
-        x_in, sigma_in = self.generator_input(labels, shape, real)
         parts = micro_batches(n, cfg.micro_batch)
 
         if update_generator:
@@ -998,14 +1104,16 @@ class Distiller:
             fakes, turn, norms_sq = [], {}, torch.zeros(2, device=self.device)
             measure = self.measuring_gan_weight()
             for part in parts:
-                fake = self.ddp_generator(x_in[part], sigma_in[part], labels[part]).float()
+                fake = self.ddp_generator(x_in[part], sigma_in[part], take(labels, part)).float() \
+                    if with_critic else None
                 losses = {}
                 if cfg.dm_loss_weight > 0:
                     losses["loss_dm"] = (cfg.dm_loss_weight, distribution_matching_loss(
-                        fake, labels[part], self.real_score, self.fake_score, self.sigmas[t_dm[part]], noise_dm[part]))
+                        fake, take(labels, part), self.real_score, self.fake_score, self.sigmas[t_dm[part]],
+                        noise_dm[part]))
                 if cfg.gan:
                     losses["loss_gan_g"] = (self.gan_weight, gan_generator_loss(gan_logits(
-                        self.fake_score, self.head, fake, labels[part], sigma_gan[part], noise_gan[part])))
+                        self.fake_score, self.head, fake, take(labels, part), sigma_gan[part], noise_gan[part])))
                 if measure:  # gradients on the generated images of the weighted DM term and the GAN term at weight 1
                     share = (part.stop - part.start) / n
                     for i, (key, weight) in enumerate((("loss_dm", cfg.dm_loss_weight), ("loss_gan_g", 1.0))):
@@ -1014,7 +1122,7 @@ class Distiller:
                 if cfg.regression_loss_weight > 0:
                     losses["loss_reg"] = (cfg.regression_loss_weight, self.regression_loss(pairs[part]))
                 accumulate(losses, part, n, turn, [self.ddp_generator])
-                fakes.append(fake.detach())
+                fakes.append(fake.detach() if with_critic else None)
             if measure:
                 self.record_gradient_norms(norms_sq)
             if cfg.gan:
@@ -1028,28 +1136,31 @@ class Distiller:
                 with torch.no_grad():
                     for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
                         p_ema.lerp_(p, 1 - cfg.ema_decay)
-            fake = torch.cat(fakes)
-        else:
+            fake = torch.cat(fakes) if with_critic else None
+        elif with_critic:
             with torch.no_grad():
                 fake = self.generator(x_in, sigma_in, labels).float()
 
-        # Critic turn: denoising loss on the detached fake batch, sigma index-uniform over all 1000 levels.
-        t = self.noise.randint(0, cfg.num_train_timesteps, n)
-        noise = self.noise.randn(shape)
-        if cfg.gan:
-            sigma_real, noise_real = self.gan_noise(real[0].shape)
-            sigma_fake, noise_fake = self.gan_noise(shape)
-        turn, critic, head = {}, self.ddp_fake_score, self.ddp_head
-        for part in parts:
-            losses = {"loss_fake": (1.0, denoising_loss(critic, fake[part], labels[part], self.sigmas[t[part]],
-                                                         noise[part], cfg.sigma_data))}
+        if with_critic:  # critic turn: denoising loss on the detached fake batch, sigma uniform over all 1000 levels
+            t = self.noise.randint(0, cfg.num_train_timesteps, n)
+            noise = self.noise.randn(shape)
             if cfg.gan:
-                logits_real = gan_logits(critic, head, real[0][part], real[1][part], sigma_real[part], noise_real[part])
-                logits_fake = gan_logits(critic, head, fake[part], labels[part], sigma_fake[part], noise_fake[part])
-                losses["loss_gan_d"] = (cfg.cls_loss_weight, gan_discriminator_loss(logits_real, logits_fake))
-            accumulate(losses, part, n, turn, [critic, head])
-        turn, logs["grad_norm_d"] = optimizer_step(self.critic_params, self.opt_d, cfg, turn, "the critic loss", step)
-        logs.update(turn)
+                sigma_real, noise_real = self.gan_noise(real[0].shape)
+                sigma_fake, noise_fake = self.gan_noise(shape)
+            turn, critic, head = {}, self.ddp_fake_score, self.ddp_head
+            for part in parts:
+                losses = {"loss_fake": (1.0, denoising_loss(critic, fake[part], take(labels, part),
+                                                             self.sigmas[t[part]], noise[part], cfg.sigma_data))}
+                if cfg.gan:
+                    logits_real = gan_logits(critic, head, real[0][part], take(real[1], part), sigma_real[part],
+                                             noise_real[part])
+                    logits_fake = gan_logits(critic, head, fake[part], take(labels, part), sigma_fake[part],
+                                             noise_fake[part])
+                    losses["loss_gan_d"] = (cfg.cls_loss_weight, gan_discriminator_loss(logits_real, logits_fake))
+                accumulate(losses, part, n, turn, [critic, head])
+            turn, logs["grad_norm_d"] = optimizer_step(self.critic_params, self.opt_d, cfg, turn, "the critic loss",
+                                                       step)
+            logs.update(turn)
         # Both schedulers advance once per iteration, so warm-up counts iterations for both networks (the official
         # generator scheduler does this; accelerate also stepped each one num_gpus times: quirk 4, not copied).
         self.sched_g.step()
@@ -1081,13 +1192,17 @@ class Distiller:
 
     def regression_loss(self, pairs):
         """Original DMD's regression loss (DMD Sec. 3.3) on the teacher ODE pairs with indices `pairs`: the one-step
-        generator maps the teacher's ODE noise to the teacher's ODE output. LPIPS where its weights are on disk,
-        otherwise mean squared error (stated)."""
-        noise, labels, target = (v[pairs].to(self.device) for v in self.regression_pairs)
-        labels = onehot(labels, self.cfg.num_classes)
-        x = self.ddp_generator(noise * self.step_sigmas[0], self.step_sigmas[0].expand(noise.shape[0]), labels).float()
+        generator maps the teacher's ODE noise to the teacher's ODE output (also the SDXL 1-step model's pretraining,
+        official main/train_sd_ode.py). LPIPS where its weights are on disk, otherwise mean squared error (stated);
+        latents are decoded to images first (official: by the tiny autoencoder taesdxl)."""
+        noise, labels, target = (take(v, pairs) for v in self.regression_pairs)
+        noise, target, labels = noise.to(self.device), target.to(self.device), self.conditions.encode(labels)
+        sigma = self.step_sigmas[0]
+        x = self.ddp_generator(pure_noise(self.generator, noise, sigma), sigma.expand(len(noise)), labels).float()
         if self.lpips is None:
             return F.mse_loss(x, target)
+        if self.lpips_decode is not None:
+            x, target = self.lpips_decode(x), self.lpips_decode(target)
         size = (224, 224) if x.shape[-1] < 224 else x.shape[-2:]  # original DMD upsamples to 224 for LPIPS
         return self.lpips(F.interpolate(x, size, mode="bilinear"), F.interpolate(target, size, mode="bilinear")).mean()
 
@@ -1178,15 +1293,17 @@ def agree_on_checkpoint(path, world_size=1):
 
 
 def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=None, rank=0, world_size=1,
-          device="cpu", show=None, init=("", "")):
+          device="cpu", show=None, init=("", ""), conditions=None, decode=None, lpips_decode=None):
     """Distil teacher into a cfg.generator_steps-step generator. Writes into run_dir: checkpoint.pt (atomic, every
     ckpt_every iterations), log.jsonl, samples_<iteration>.png, curves.png. If run_dir already holds a checkpoint, the
     run resumes from it exactly (networks, optimisers, schedulers, step, noise and data RNG): re-running the same
     command after a kill continues by itself. A fresh run can start from released weights: init = (generator state
-    dict path, DMD2 guidance state dict path). real_batches may be None when no loss needs real data.
-    Returns the Distiller."""
+    dict path, DMD2 guidance state dict path). real_batches may be None when no loss needs real data. Text-to-image:
+    conditions = Prompts, decode = latents -> images (sample grids), lpips_decode (the same with gradient, for the
+    regression loss). Returns the Distiller."""
     os.makedirs(run_dir, exist_ok=True)
-    distiller = Distiller(cfg, teacher, sample_shape, regression_pairs, rank, world_size, device)
+    distiller = Distiller(cfg, teacher, sample_shape, regression_pairs, rank, world_size, device, conditions,
+                          lpips_decode)
     ckpt_path, log_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
     if agree_on_checkpoint(ckpt_path, world_size):
         state = read_checkpoint(ckpt_path)
@@ -1203,7 +1320,7 @@ def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=No
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
     show_noise = torch.randn((16, *sample_shape), generator=torch.Generator().manual_seed(cfg.seed + 1))
-    show_labels = torch.arange(16) % cfg.num_classes
+    show_labels = distiller.conditions.examples(16)
 
     quiet = rank != 0 or bool(os.environ.get("TQDM_DISABLE"))  # an explicit disable= overrides tqdm's own TQDM_DISABLE
     bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), disable=quiet, leave=False,
@@ -1220,7 +1337,9 @@ def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=No
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
         if rank == 0 and ((step + 1) % cfg.sample_every == 0 or done):
             net = distiller.ema or distiller.generator
-            samples = sample_student(net, show_noise, show_labels, distiller.step_sigmas, cfg.num_classes)
+            samples = sample_student(net, show_noise, show_labels, distiller.step_sigmas, distiller.conditions)
+            if decode is not None:
+                samples = decode(samples)
             (show or save_samples)(samples, show_labels, os.path.join(run_dir, f"samples_{step + 1:06d}.png"))
         if (step + 1) % cfg.ckpt_every == 0 or done:
             data_state = None if real_batches is None else real_batches.state_dict()
@@ -1232,9 +1351,8 @@ def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=No
     return distiller
 
 
-def load_weights(module, path, prefix=""):
-    """Strictly load the entries of a state-dict file that start with prefix (prefix removed) into module."""
-    state = read_checkpoint(path)
+def load_weights(module, state, path, prefix=""):
+    """Strictly load the entries of a state dict that start with prefix (prefix removed) into module."""
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -1243,17 +1361,29 @@ def load_weights(module, path, prefix=""):
 
 
 def initialise_from(distiller, generator_path="", guidance_path=""):
-    """Released-weight starts (official --generator_ckpt_path / --ckpt_only_path, the FID 1.28 continuation): the
-    generator from a plain state dict (keys model.*), the fake score and, if present, the GAN head from a DMD2
-    guidance file (keys fake_unet.*, cls_pred_branch.*). Optimisers start fresh, as in the official code."""
+    """Starts from earlier weights, optimisers fresh (official --generator_ckpt_path / --ckpt_only_path, e.g. the FID
+    1.28 continuation). The generator from a plain state dict: keys model.* (EDM), or a diffusers UNet state dict
+    (the released dmd2_sdxl_*_unet layout). The fake score and, if present, the GAN head from a DMD2 guidance file
+    (keys fake_unet.*, cls_pred_branch.*). Either path may also be a run's checkpoint.pt (SD v1.5 stage 2 from
+    stage 1, the SDXL 1-step run from the ODE pretraining): its generator (EMA if kept), fake score and head."""
     if generator_path:
-        load_weights(distiller.generator, generator_path)
+        state = read_checkpoint(generator_path)
+        if "distiller" in state:
+            load_weights(distiller.generator, state["distiller"]["ema"] or state["distiller"]["generator"],
+                         generator_path)
+        else:
+            net = distiller.generator
+            load_weights(net.unet if isinstance(net, EpsDenoiser) else net, state, generator_path)
         if distiller.ema is not None:  # the EMA starts from the loaded generator, not from the teacher
             distiller.ema.load_state_dict(distiller.generator.state_dict())
     if guidance_path:
-        load_weights(distiller.fake_score, guidance_path, "fake_unet.")
-        if any(k.startswith("cls_pred_branch.") for k in read_checkpoint(guidance_path)):
-            load_weights(distiller.head, guidance_path, "cls_pred_branch.")
+        state = read_checkpoint(guidance_path)
+        if "distiller" in state:
+            state = {**{f"fake_unet.{k}": v for k, v in state["distiller"]["fake_score"].items()},
+                     **{f"cls_pred_branch.{k}": v for k, v in state["distiller"]["head"].items()}}
+        load_weights(distiller.fake_score, state, guidance_path, "fake_unet.")
+        if any(k.startswith("cls_pred_branch.") for k in state):
+            load_weights(distiller.head, state, guidance_path, "cls_pred_branch.")
 
 
 def read_log(path):
@@ -1299,16 +1429,17 @@ def network_spec(net):
 
 
 @torch.no_grad()
-def sample_student(generator, noise, labels, step_sigmas, num_classes, batch=256):
-    """Student samples for unit noise [N, ...] and integer labels [N], in batches; fresh re-noising drawn from a
-    generator seeded by the first noise value so a call is reproducible."""
+def sample_student(generator, noise, labels, step_sigmas, conditions, batch=256):
+    """Student samples for unit noise [N, ...] and labels [N] (or prompts) encoded by `conditions` (ClassLabels,
+    Prompts), in batches; fresh re-noising drawn from a generator seeded by the first noise value so a call is
+    reproducible."""
     was_training = generator.training
     generator.eval()
     device = step_sigmas.device
     rng = torch.Generator(device).manual_seed(int(noise.flatten()[0].abs() * 1e6))
     randn = lambda shape, device=device: torch.randn(shape, generator=rng, device=device)
-    out = [generate(generator, noise[i:i + batch].to(device), onehot(labels[i:i + batch].to(device), num_classes),
-                    step_sigmas, randn).float().cpu() for i in range(0, len(labels), batch)]
+    out = [generate(generator, noise[i:i + batch].to(device), conditions.encode(labels[i:i + batch]), step_sigmas,
+                    randn).float().cpu() for i in range(0, len(labels), batch)]
     generator.train(was_training)
     return torch.cat(out)
 
@@ -2103,8 +2234,8 @@ def _pretrained(cls, model_id, **kwargs):
 
 def t2i_pipeline(model, steps, guidance, model_id=""):
     """(diffusers pipeline, call kwargs) for --model, the one generation path of every model:
-      student:PATH    our `sdxl train` checkpoint.pt or a UNet state dict: LCMScheduler on [999, 749, 499, 249]
-                      or [399] (equal to sdxl_sample), guidance 0
+      student:PATH    a text-to-image run's checkpoint.pt, or a UNet state dict (its unet.bin) on the SDXL base with
+                      `steps` steps: LCMScheduler on the generator's timesteps (equal to our sampler), guidance 0
       dmd2-sdxl[-lora], dmd2-sd15   released DMD2 weights (SDXL 1 / 4 steps, 4-step LoRA; SD v1.5 1 step at t = 999)
       teacher, hf:ID  SDXL base, or any UNet text-to-image pipeline by Hugging Face id (e.g. stabilityai/sdxl-turbo),
                       with its own scheduler, `steps` steps and CFG `guidance`
@@ -2125,12 +2256,23 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
         lora = kind == "dmd2-sdxl-lora"
         if kind == "student" and not arg or kind != "student" and not arg and steps not in ((4,) if lora else (1, 4)):
             raise ValueError(f"--model {model}: give student:PATH; the released DMD2 SDXL is 1 or 4 steps, LoRA 4")
-        path = arg or download_dmd2(DMD2_SDXL_FILES["lora" if lora else steps], flag=f"--model {kind}:PATH")
-        parts, timesteps = _sdxl_sampling_unet(types.SimpleNamespace(
-            checkpoint=path, tiny=False, lora=lora, model_id=base, steps=steps))
+        state = read_checkpoint(arg, what="run checkpoint or UNet state dict") if kind == "student" else {}
+        if "distiller" in state:
+            generator, cfg, parts = load_student(state)
+            parts.unet, steps, t = generator.unet.eval(), cfg.generator_steps, cfg.conditioning_timestep
+        else:
+            parts, t = load_t2i(base), 399  # the released 1-step model: pure noise at t = 399 (official README)
+            path = arg or download_dmd2(DMD2_SDXL_FILES["lora" if lora else steps], flag=f"--model {kind}:PATH")
+            if lora:
+                fuse_lora(parts, path)
+            elif state:
+                parts.unet.load_state_dict(state)
+            else:
+                load_unet_weights(parts.unet, path)
+        timesteps = [t] if steps == 1 else list(range(999, 0, -(1000 // steps)))[:steps]  # as generator_sigmas
         scheduler, call = diffusers.LCMScheduler(), dict(timesteps=timesteps, guidance_scale=0)
     elif kind == "sdxl-lightning":
-        parts = load_sdxl(base)
+        parts = load_t2i(base)
         name = "sdxl_lightning_1step_unet_x0" if steps == 1 else f"sdxl_lightning_{steps}step_unet"
         load_unet_weights(parts.unet, arg or download_dmd2(f"{name}.safetensors", "ByteDance/SDXL-Lightning",
                                                            "--model sdxl-lightning:PATH"))
@@ -2139,17 +2281,14 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
                                                                            else {}))
         call = dict(num_inference_steps=steps, guidance_scale=0)
     elif kind == "lcm-sdxl":
-        parts = load_sdxl(base)
+        parts = load_t2i(base)
         parts.unet = _pretrained(diffusers.UNet2DConditionModel, arg or "latent-consistency/lcm-sdxl")
         scheduler = diffusers.LCMScheduler.from_pretrained(base, subfolder="scheduler")
         call = dict(num_inference_steps=steps, guidance_scale=0)
     else:
         raise ValueError(f"unknown --model {model!r}: student:PATH, dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15, teacher, "
                          "hf:ID, sdxl-lightning or lcm-sdxl")
-    pipe = diffusers.StableDiffusionXLPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
-        tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.unet, scheduler=scheduler)
-    return pipe, call
+    return t2i_pipe(parts, scheduler), call
 
 
 @torch.no_grad()
@@ -2317,7 +2456,11 @@ def use_bf16(cfg, device):
 def prepare_network(net, cfg, device):
     """Device, compute precision (EDMPrecond's use_fp16 flag, which means bf16 here) and memory layout."""
     net = net.to(device)
-    if isinstance(net, edm_net.EDMPrecond):
+    if isinstance(net, EpsDenoiser):
+        net.use_fp16 = use_bf16(cfg, device)
+        if cfg.grad_checkpointing:  # official: generator always, fake UNet in its loss; here both trainable copies
+            net.unet.enable_gradient_checkpointing()
+    elif isinstance(net, edm_net.EDMPrecond):
         net.use_fp16 = use_bf16(cfg, device)
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -2479,7 +2622,7 @@ def distil(cfg, rung, run_dir, name=None, show=None):
     distiller = train(cfg, copy.deepcopy(rung.teacher), rung.real_batches(cfg.batch_size), rung.sample_shape,
                       run_dir, regression_pairs, device=rung.device, show=show)  # a copy: the Distiller owns its teacher
     generator, start = distiller.ema or distiller.generator, time.time()
-    samples = sample_student(generator, rung.eval_noise, rung.eval_labels, distiller.step_sigmas, cfg.num_classes,
+    samples = sample_student(generator, rung.eval_noise, rung.eval_labels, distiller.step_sigmas, distiller.conditions,
                              cfg.eval_batch)
     steps = cfg.generator_steps
     row = dict(model=name or f"DMD2 student, {steps} step{'s' * (steps > 1)}", NFE=steps, **rung.metrics(samples),
@@ -2625,15 +2768,20 @@ def load_teacher(cfg, local_rank=0):
     return teacher
 
 
-def check_edm_run(cfg, run_dir):
-    """Everything cheap, before any process group, download or network: the real data (path, format, resolution,
-    labels), the files to start from, and a run folder's checkpoint (readable, same config). Returns the dataset."""
+def check_run(cfg, run_dir):
+    """Cheap checks before any process group, download or network: the files to start from, and a run folder's
+    checkpoint (readable, same config)."""
     for flag, path in (("--generator_init", cfg.generator_init), ("--guidance_init", cfg.guidance_init)):
         if path and not os.path.exists(path):
             raise SystemExit(f"{flag} {path}: no such file (a state dict: the released pytorch_model.bin layout)")
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if os.path.exists(ckpt_path):
         check_resumable(read_checkpoint(ckpt_path)["config"], cfg, ckpt_path)
+
+
+def check_edm_run(cfg, run_dir):
+    """check_run, and the real data (path, format, resolution, labels). Returns the dataset."""
+    check_run(cfg, run_dir)
     if not (cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)):
         return None
     if not cfg.data_path:
@@ -2745,32 +2893,69 @@ def check_config(cfg):
         raise SystemExit("config error: " + "; ".join(problems))
 
 
+def load_student(state):
+    """(generator, Config, text-to-image parts or None) of a run checkpoint: the student (its EMA if kept) rebuilt
+    from the checkpoint's architecture spec."""
+    cfg, spec = Config(**state["config"]), state["arch"]
+    parts = t2i_parts(spec["kwargs"]) if spec["kind"] == "t2i" else None
+    generator = parts.teacher() if parts else build_network(spec)
+    if parts and cfg.lora_rank:
+        add_generator_lora(generator.unet, cfg.lora_rank, cfg.lora_alpha)
+    generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
+    return generator.eval(), cfg, parts
+
+
 def sample_main(argv):
-    """python dmd2.py sample --checkpoint PATH [--num 64] [--steps K] [--out grid.png] [--seed 0]"""
-    parser = argparse.ArgumentParser(description=sample_main.__doc__)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--num", type=int, default=64)
+    """python dmd2.py sample --checkpoint RUN/checkpoint.pt [--prompt TEXT ...] [--num 64] [--seed 0] [--out grid.png]
+    python dmd2.py sample --model dmd2-sdxl|dmd2-sdxl-lora|dmd2-sd15|student:PATH|... --prompt TEXT [--steps 4]
+    A run's student with our sampler (a grid: class-conditional samples, or --num images of each prompt), or a
+    text-to-image model through its diffusers pipeline (t2i_pipeline; released DMD2 weights from Hugging Face), one
+    PNG per image in the folder --out."""
+    parser = argparse.ArgumentParser(prog="dmd2.py sample", description=sample_main.__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint.pt of a dmd2.py run")
+    source.add_argument("--model", help="a text-to-image model, as `evaluate --model`")
+    parser.add_argument("--prompt", action="append", help="text-to-image: a prompt (repeat for more)")
+    parser.add_argument("--num", type=int, help="images (default 64), or images per prompt (default 1)")
+    parser.add_argument("--steps", type=int, default=4, help="--model: sampling steps")
+    parser.add_argument("--model_id", default="", help="--model: base model id or folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="samples.png")
+    parser.add_argument("--out", default="", help="grid PNG (default samples.png), or folder for --model")
     args = parser.parse_args(argv)
+    if args.model:
+        if not args.prompt:
+            raise SystemExit("sample --model needs --prompt TEXT")
+        pipe, call = t2i_pipeline(args.model, args.steps, 0.0, args.model_id)
+        out = args.out or "samples"
+        t2i_generate(pipe, call, [p for p in args.prompt for _ in range(args.num or 1)], out, args.seed)
+        print(f"wrote {len(args.prompt) * (args.num or 1)} images to {out}/")
+        return
     if not os.path.exists(args.checkpoint):
         raise SystemExit(f"{args.checkpoint}: no such checkpoint (it is run_dir/checkpoint.pt of a dmd2.py run)")
     state = read_checkpoint(args.checkpoint, fix="Pass the checkpoint.pt of a dmd2.py run folder.")
     if not {"config", "distiller", "arch"} <= set(state):
         raise ValueError(f"{args.checkpoint} is a torch file but not a dmd2.py run checkpoint (it has "
                          f"{sorted(state)[:4]}); pass run_dir/checkpoint.pt of a run")
-    cfg = Config(**state["config"])
-    generator = build_network(state["arch"])
-    generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
-    sigmas = karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
-    step_sigmas = generator_sigmas(cfg.generator_steps, sigmas, cfg.conditioning_sigma)
-    shape = (2,) if cfg.dataset == "toy2d" else (generator.img_channels, generator.img_resolution, generator.img_resolution)
-    noise = torch.randn((args.num, *shape), generator=torch.Generator().manual_seed(args.seed))
-    labels = torch.arange(args.num) % cfg.num_classes
-    save_samples(sample_student(generator, noise, labels, step_sigmas, cfg.num_classes), labels, args.out)
-    print(f"wrote {args.out}: {args.num} samples of a {cfg.generator_steps}-step student at iteration "
+    generator, cfg, parts = load_student(state)
+    step_sigmas = generator_sigmas(cfg.generator_steps, noise_grid(cfg, generator), cfg.conditioning_timestep)
+    if parts:
+        if not args.prompt:
+            raise SystemExit(f"{args.checkpoint} is a text-to-image student: pass --prompt TEXT")
+        labels = [p for p in args.prompt for _ in range(args.num or 1)]
+        conditions, size = Prompts(labels, parts.tokenizers, parts.text_encoders), parts.unet.config.sample_size
+        shape = (parts.unet.config.in_channels, size, size)
+    else:
+        labels = torch.arange(args.num or 64) % cfg.num_classes
+        conditions = ClassLabels(cfg.num_classes)
+        shape = (2,) if cfg.dataset == "toy2d" else (generator.img_channels, generator.img_resolution,
+                                                     generator.img_resolution)
+    noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(args.seed))
+    samples = sample_student(generator, noise, labels, step_sigmas, conditions)
+    out = args.out or "samples.png"
+    save_samples(decode_latents(parts.vae, samples) if parts else samples, labels, out)
+    print(f"wrote {out}: {len(labels)} samples of a {cfg.generator_steps}-step student at iteration "
           f"{state['distiller']['step']}")
-
 
 
 def load_generator(path, dataset):
@@ -2778,9 +2963,8 @@ def load_generator(path, dataset):
     DMD2 pytorch_model.bin or the one run_edm writes) built with the dataset's official config, dropout 0."""
     state = read_checkpoint(path)
     if "distiller" in state:
-        generator = build_network(state["arch"])
-        generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
-        return generator.eval(), Config(**state["config"]).generator_steps
+        generator, cfg, _ = load_student(state)
+        return generator, cfg.generator_steps
     config = {"imagenet64": edm_net.imagenet64_config(dropout=0.0), "cifar10": edm_net.cifar10_config(dropout=0.0)}
     if dataset not in config:
         raise SystemExit(f"{path} is a plain state dict: pass --dataset imagenet64 or cifar10 for its architecture")
@@ -2854,26 +3038,24 @@ def evaluate_generator(args, device, rank=0, local_rank=0):
 
 
 def main(argv):
-    commands = {"sample": sample_main, "evaluate": evaluate_main, "fid": fid_main, "sdxl": sdxl_main}
+    commands = {"sample": sample_main, "evaluate": evaluate_main, "fid": fid_main}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     cfg = parse_config(argv)
-    return run_embedded(cfg) if cfg.dataset in ("toy2d", "shapes") else run_edm(cfg)
+    if cfg.dataset in ("toy2d", "shapes"):
+        return run_embedded(cfg)
+    return run_t2i(cfg) if cfg.dataset.startswith(("sdxl", "sd15")) else run_edm(cfg)
 
 
 # ================================================================================================================
-# 9. The SDXL path: text-to-image in SDXL's latent space with diffusers UNets (pip install -r requirements-sdxl.txt)
+# 9. Text-to-image teachers: SD v1.5 and SDXL UNets as EDM denoisers (pip install -r requirements-sdxl.txt)
 #
-# The method of sections 4-7 on SDXL base (official: main/sd_guidance.py, main/sd_unified_model.py, main/sdxl/*):
-#   * the real score, the fake score and the generator are copies of the teacher's UNet2DConditionModel, which
-#     predicts epsilon; every prediction is turned into x0 in float64 and the DM loss above acts on those x0;
-#   * noise is the DDPM forward process on alphas_cumprod (scaled_linear betas, T = 1000), not the Karras grid;
-#   * the real score uses classifier-free guidance (scale 8) with SDXL's all-zero unconditional embeddings;
-#   * the GAN head sits on the fake UNet's mid-block output (1280 x 32 x 32 at 1024 px);
-#   * the 4-step generator runs on timesteps [999, 749, 499, 249] with backward simulation; 1 step uses t = 399.
-# diffusers / transformers / peft are imported inside the functions, so the rest of dmd2.py runs without them.
-# Every function also takes small in-memory modules: sdxl_tiny_parts() builds SDXL-shaped random networks for CPU.
-
+# The method of sections 3-7 runs unchanged on SD v1.5 and SDXL (official: main/sd_guidance.py,
+# main/sd_unified_model.py, main/train_sd.py). EpsDenoiser makes the teacher's epsilon-prediction
+# UNet2DConditionModel a denoiser D(x, sigma, cond) -> x0 on the DDPM noise table, with the official numerics inside;
+# Prompts encodes captions with the frozen text encoders; the generator works in the VAE's latent space, and the
+# real images are encoded once into a memory-mapped file. diffusers / transformers / peft are imported inside the
+# functions, so the rest of dmd2.py runs without them. tiny_t2i_parts() builds SD-shaped random networks for a CPU.
 
 SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # official: --model_id
 DMD2_REPO = "tianweiy/DMD2"  # released checkpoints (Hugging Face; cc-by-nc)
@@ -2881,7 +3063,7 @@ DMD2_SDXL_FILES = {4: "dmd2_sdxl_4step_unet_fp16.bin", 1: "dmd2_sdxl_1step_unet_
                    "lora": "dmd2_sdxl_4step_lora_fp16.safetensors"}
 SDXL_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                      "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # official
-SDXL_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def _hf():
@@ -2890,71 +3072,17 @@ def _hf():
         import diffusers
         import transformers
     except ImportError as e:
-        raise ImportError(f"the SDXL path needs diffusers, transformers, peft and safetensors ({e}): "
+        raise ImportError(f"the text-to-image path needs diffusers, transformers, peft and safetensors ({e}): "
                           "pip install -r requirements-sdxl.txt") from None
     return diffusers, transformers
 
 
-# --- DDPM noise, epsilon -> x0, conditioning ---------------------------------------------------------------------
-
-
-def sdxl_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
-    """alphas_cumprod of SDXL's scheduler (DDIMScheduler config: "scaled_linear" betas 0.00085..0.012, T = 1000),
-    computed in float32 exactly as diffusers does, returned as float64 (official: alphas_cumprod.double()).
-    alpha_bar(999) = 0.00466: not zero-terminal SNR, which is why t = 999 takes pure noise."""
+def ddpm_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
+    """alphas_cumprod of the SD v1.5 / SDXL scheduler ("scaled_linear" betas 0.00085..0.012, T = 1000), computed in
+    float32 exactly as diffusers does, returned as float64 (official: alphas_cumprod.double()). alpha_bar(999) =
+    0.00466: not zero-terminal SNR, which is why the first timestep takes pure noise (pure_noise)."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, dim=0).double()
-
-
-def ddpm_add_noise(x0, noise, t, alphas_cumprod):
-    """DDPM forward process sqrt(a_t) x0 + sqrt(1 - a_t) noise at integer timesteps t [B] (scheduler.add_noise)."""
-    a = _per_sample(alphas_cumprod.to(x0.device)[t], x0)
-    return (a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()).to(x0.dtype)
-
-
-def eps_to_x0(x_t, eps, t, alphas_cumprod):
-    """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), in float64 (official: utils.get_x0_from_noise on .double())."""
-    a = _per_sample(alphas_cumprod.to(x_t.device)[t], x_t)
-    return (x_t.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
-
-
-def sdxl_time_ids(resolution, batch_size, device="cpu"):
-    """SDXL micro-conditioning [original H, W, crop top, left, target H, W] = [res, res, 0, 0, res, res]
-    (official: build_condition_input, --resolution 1024)."""
-    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32,
-                        device=device).repeat(batch_size, 1)
-
-
-@torch.no_grad()
-def encode_prompts(prompts, tokenizers, text_encoders):
-    """SDXL text conditioning (official: sdxl/sdxl_text_encoder.py): the penultimate hidden states of CLIP-L (768)
-    and OpenCLIP-bigG (1280), concatenated to [B, 77, 2048], and the pooled projection of encoder 2 [B, 1280]."""
-    hidden = []
-    for tokenizer, encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(encoder.device)
-        out = encoder(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-    return torch.cat(hidden, dim=-1).float(), out[0].float()  # out[0] of encoder 2: text_embeds (pooled)
-
-
-def unet_eps(unet, x_t, t, embeds, pooled, time_ids):
-    """One epsilon prediction of a UNet2DConditionModel with SDXL conditioning, in the UNet's weight dtype."""
-    dtype = unet.dtype
-    cond = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
-    return unet(x_t.to(dtype), t, embeds.to(dtype), added_cond_kwargs=cond).sample
-
-
-def cfg_eps(unet, x_t, t, embeds, pooled, time_ids, guidance_scale):
-    """Classifier-free guidance in the standard form eps_u + s (eps_c - eps_u) (official: sd_guidance.predict_noise;
-    NOT CausVid's cond + s (cond - uncond)). SDXL's unconditional input is ZERO prompt and pooled embeddings
-    (official: uncond_embedding = zeros_like). One batched call [uncond; cond]; s = 1 is a plain call."""
-    if guidance_scale == 1:
-        return unet_eps(unet, x_t, t, embeds, pooled, time_ids)
-    eps_u, eps_c = unet_eps(unet, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                            torch.cat([torch.zeros_like(embeds), embeds]),
-                            torch.cat([torch.zeros_like(pooled), pooled]), torch.cat([time_ids, time_ids])).chunk(2)
-    return eps_u + guidance_scale * (eps_c - eps_u)
 
 
 class _MidBlockReached(Exception):
@@ -2962,162 +3090,132 @@ class _MidBlockReached(Exception):
         self.output = output
 
 
-def unet_mid_features(unet, x_t, t, embeds, pooled, time_ids):
-    """The mid-block output (SDXL: [B, 1280, 32, 32]), the GAN head's input (official: classify_forward, a patched
-    UNet forward that returns after the mid block). Without touching diffusers: a forward hook on unet.mid_block
-    raises an exception carrying the output, so the forward stops there as the official one does (embeddings,
-    conv_in, down blocks, mid block; no up blocks, no extra cost). The autograd graph up to it stays intact."""
-    def stop(module, args, output):
-        raise _MidBlockReached(output)
-    handle = unet.mid_block.register_forward_hook(stop)
-    try:
-        unet_eps(unet, x_t, t, embeds, pooled, time_ids)
-    except _MidBlockReached as reached:
-        return reached.output
-    finally:
-        handle.remove()
-    raise RuntimeError("the UNet forward never reached unet.mid_block")
+class EpsDenoiser(nn.Module):
+    """A diffusers UNet2DConditionModel that predicts epsilon, as an EDM denoiser D(x, sigma, cond) -> x0 (in the
+    manner of k-diffusion's DiscreteEpsDDPMDenoiser), so that every function of the method serves it unchanged.
+
+    EDM scaling x = x0 + sigma n with sigma_t = sqrt((1 - abar_t) / abar_t): the UNet sees DDPM's x_t = sqrt(abar_t) x
+    at the integer timestep t of the nearest table entry (k-diffusion: quantised sigmas). Official numerics
+    (main/sd_guidance.py, main/utils.py): epsilon -> x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) in float64;
+    classifier-free guidance eps_u + s (eps_c - eps_u) when guidance_scale != 1 (the Distiller sets it on the real
+    score only), the unconditional input being all zeros for SDXL and the encoding of "" for SD v1.5; bf16 autocast
+    (use_fp16, EDMPrecond's name for it) only where gradients are taken, since the official code runs the DM loss's
+    fake pass and the backward-simulation rollout in fp32. return_bottleneck gives the mid-block output, the GAN
+    head's input (official: classify_forward). cond = (prompt embeddings [B, 77, D], pooled [B, P]), P = 0 for SD
+    v1.5; SDXL's micro-conditioning [res, res, 0, 0, res, res] (official: build_condition_input) is added here."""
+
+    def __init__(self, unet, alphas_cumprod, uncond, resolution=None):
+        super().__init__()
+        self.unet, self.guidance_scale, self.use_fp16 = unet, 1.0, False
+        self.register_buffer("alphas_cumprod", alphas_cumprod.double(), persistent=False)
+        self.register_buffer("sigmas", ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().float(),
+                             persistent=False)
+        self.register_buffer("uncond_embeds", uncond[0], persistent=False)
+        self.register_buffer("uncond_pooled", uncond[1], persistent=False)
+        self.time_ids = None if resolution is None else [resolution, resolution, 0, 0, resolution, resolution]
+        self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])  # edm_sampler's range
+
+    def timestep(self, sigma):
+        """The integer timestep of the table entry nearest to each sigma (in log sigma)."""
+        return (self.sigmas.log() - sigma.reshape(-1, 1).float().log()).abs().argmin(dim=1)
+
+    def round_sigma(self, sigma):  # edm_sampler's hook: its steps land on the table
+        return self.sigmas[self.timestep(sigma)].to(sigma.dtype).reshape(sigma.shape)
+
+    def unet_eps(self, x_t, t, cond):
+        embeds, pooled = cond
+        dtype, extra = self.unet.dtype, {}
+        if self.time_ids is not None:
+            ids = torch.tensor([self.time_ids], dtype=dtype, device=x_t.device).expand(len(x_t), -1)
+            extra = dict(added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": ids})
+        return self.unet(x_t.to(dtype), t, embeds.to(dtype), **extra).sample
+
+    def mid_block_output(self, x_t, t, cond):
+        """The UNet forward up to and including its mid block: a hook raises the output, so the up blocks never run
+        (as the official classify_forward) and the autograd graph up to it stays intact."""
+        def stop(module, args, output):
+            raise _MidBlockReached(output)
+        handle = self.unet.mid_block.register_forward_hook(stop)
+        try:
+            self.unet_eps(x_t, t, cond)
+        except _MidBlockReached as reached:
+            return reached.output
+        finally:
+            handle.remove()
+        raise RuntimeError("the UNet forward never reached unet.mid_block")
+
+    def forward(self, x, sigma, cond, return_bottleneck=False):
+        t = self.timestep(sigma).expand(len(x))  # sigma: per sample [B], or one 0-dim value (edm_sampler)
+        a = _per_sample(self.alphas_cumprod[t], x)
+        x_t = (x.double() * a.sqrt()).float()
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.use_fp16 and torch.is_grad_enabled()):
+            if return_bottleneck:
+                return self.mid_block_output(x_t, t, cond)
+            if self.guidance_scale == 1:
+                eps = self.unet_eps(x_t, t, cond)
+            else:
+                uncond = (self.uncond_embeds.expand_as(cond[0]), self.uncond_pooled.expand_as(cond[1]))
+                both = tuple(torch.cat(pair) for pair in zip(uncond, cond))
+                eps_u, eps_c = self.unet_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+                eps = eps_u + self.guidance_scale * (eps_c - eps_u)
+        return (x_t.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
 
 
-# --- Losses in latent space -------------------------------------------------------------------------------------
+class Prompts:
+    """Text conditions: captions -> (prompt embeddings, pooled) with the teacher's frozen text encoders. SD v1.5:
+    CLIPTextModel(...)[0], the last hidden state [B, 77, 768], no pooled part. SDXL (official sdxl_text_encoder.py):
+    the penultimate hidden states of CLIP-L (768) and OpenCLIP-bigG (1280) concatenated to [B, 77, 2048], and the
+    pooled projection (text_embeds) of encoder 2 [B, 1280]. Generated batches take their prompts from the training
+    captions (official: the real-image dataset's captions in denoising mode)."""
 
+    def __init__(self, captions, tokenizers, text_encoders):
+        self.captions, self.tokenizers, self.text_encoders = captions, tokenizers, text_encoders
 
-def sdxl_dm_loss(x0, real_unet, fake_unet, embeds, pooled, time_ids, alphas_cumprod, guidance_scale=8.0,
-                 min_step=20, max_step=980):
-    """DM loss of generated latents x0 (official: compute_distribution_matching_loss, SD path): t ~ randint(20, 981)
-    (--min/max_step_percent 0.02/0.98), one DDPM noising shared by both scores, the fake score in fp32 without
-    CFG, the real score with CFG at --real_guidance_scale 8 in its own weight dtype (bf16 under --use_fp16), both
-    converted to x0 in float64; then dm_loss() of section 4 (normalised by mean |x - pred_real|)."""
-    with torch.no_grad():
-        t = torch.randint(min_step, max_step + 1, (x0.shape[0],), device=x0.device)
-        x_t = ddpm_add_noise(x0.detach(), torch.randn_like(x0), t, alphas_cumprod)
-        pred_fake = eps_to_x0(x_t, unet_eps(fake_unet, x_t, t, embeds, pooled, time_ids), t, alphas_cumprod)
-        eps_real = cfg_eps(real_unet, x_t, t, embeds, pooled, time_ids, guidance_scale)
-        pred_real = eps_to_x0(x_t, eps_real, t, alphas_cumprod)
-    return dm_loss(x0.double(), pred_real, pred_fake).float()
+    @torch.no_grad()
+    def encode(self, prompts):
+        sdxl, hidden = len(self.text_encoders) == 2, []
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+            out = encoder(ids, output_hidden_states=sdxl)
+            hidden.append(out.hidden_states[-2] if sdxl else out[0])
+        pooled = out[0] if sdxl else hidden[0].new_zeros(len(ids), 0)
+        return torch.cat(hidden, dim=-1).float(), pooled.float()
 
+    def sample(self, n, noise):
+        return self.encode([self.captions[i] for i in noise.randint(0, len(self.captions), n).tolist()])
 
-def sdxl_fake_loss(fake_unet, x0, embeds, pooled, time_ids, alphas_cumprod, autocast=contextlib.nullcontext()):
-    """Fake-score loss (official: compute_loss_fake, SD path): unweighted epsilon MSE on DETACHED generator latents,
-    t ~ randint(0, 1000), under bf16 autocast."""
-    x0 = x0.detach()
-    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), device=x0.device)
-    noise = torch.randn_like(x0)
-    with autocast:
-        eps = unet_eps(fake_unet, ddpm_add_noise(x0, noise, t, alphas_cumprod), t, embeds, pooled, time_ids)
-    return F.mse_loss(eps.float(), noise.float())
+    def blank(self, n):
+        return self.encode([""] * n)
 
-
-def sdxl_gan_logits(fake_unet, head, latents, embeds, pooled, time_ids, alphas_cumprod,
-                    autocast=contextlib.nullcontext(), max_timestep=1000):
-    """Classifier logits [B, 1] (official: compute_cls_logits): diffusion-GAN noising at t ~ randint(0, 1000)
-    (--diffusion_gan_max_timestep 1000), the fake UNet's mid-block features under autocast, the head in fp32."""
-    t = torch.randint(0, max_timestep, (latents.shape[0],), device=latents.device)
-    noisy = ddpm_add_noise(latents, torch.randn_like(latents), t, alphas_cumprod)
-    with autocast:
-        features = unet_mid_features(fake_unet, noisy, t, embeds, pooled, time_ids)
-    return head(features.float())
-
-
-def sdxl_gan_head(unet):
-    """GANHead (section 5) for the UNet's mid block: 1280 channels at 32x32 for SDXL gives the official layout
-    k4s2 x3 -> k4s4 -> 1x1 (official: sd_guidance.cls_pred_branch, sdxl)."""
-    levels = len(unet.config.block_out_channels) - 1
-    return GANHead(unet.config.block_out_channels[-1], unet.config.sample_size // 2 ** levels)
-
-
-# --- Generators: 1-step, 4-step, backward simulation, sampler -------------------------------------------------
-
-
-def sdxl_generator_timesteps(steps, conditioning_timestep=399, num_train_timesteps=1000):
-    """Input timesteps of the generator. K > 1: range(999, 0, -1000 // K), i.e. [999, 749, 499, 249] for K = 4
-    (official: denoising_step_list). K = 1: [conditioning_timestep] with a pure-noise input (official SDXL 1-step:
-    --conditioning_timestep 399)."""
-    if steps == 1:
-        return [conditioning_timestep]
-    return list(range(num_train_timesteps - 1, 0, -(num_train_timesteps // steps)))[:steps]
-
-
-def generator_x0(generator, x_t, t, embeds, pooled, time_ids, alphas_cumprod):
-    """The generator's x0 (float32) from its epsilon prediction at integer timesteps t [B]."""
-    return eps_to_x0(x_t, unet_eps(generator, x_t, t, embeds, pooled, time_ids), t, alphas_cumprod).float()
-
-
-@torch.no_grad()
-def sdxl_backward_simulation(generator, step_timesteps, k, embeds, pooled, time_ids, alphas_cumprod, shape):
-    """Backward simulation (Sec. 4.3; official: SDUniModel.sample_backward): roll the CURRENT generator out for the
-    first k steps of the list from fresh noise, without gradient and in fp32, re-noising each x0 to the next
-    timestep with NEW independent noise (issue #9: correlated noise gave artifacts). Returns the last x0 (k >= 1)
-    or the fresh noise (k = 0, which the caller replaces by pure noise anyway)."""
-    device = embeds.device
-    x = torch.randn(shape, device=device)
-    x0 = x
-    for j in range(k):
-        t = torch.full((shape[0],), step_timesteps[j], dtype=torch.long, device=device)
-        x0 = generator_x0(generator, x, t, embeds, pooled, time_ids, alphas_cumprod)
-        x = ddpm_add_noise(x0, torch.randn_like(x0), torch.full_like(t, step_timesteps[j + 1]), alphas_cumprod)
-    return x0
-
-
-def sdxl_generator_input(generator, step_timesteps, noise, embeds, pooled, time_ids, alphas_cumprod,
-                         backward_simulation=True, real_latents=None):
-    """The generator's training input (x_t, t) (official: prepare_denoising_data / prepare_pure_generation_data).
-    With backward simulation ONE index k ~ randint(0, K) serves the whole batch; the rollout's x0 is re-noised to
-    t_k with `noise`. Without it (ablation), real latents are noised to a per-sample t from the list. The first
-    timestep of the list always takes pure noise: t = 999 (official pure_noise_mask) and the 1-step t = 399."""
-    batch = noise.shape[0]
-    if backward_simulation:
-        k = int(torch.randint(0, len(step_timesteps), ()))
-        clean = sdxl_backward_simulation(generator, step_timesteps, k, embeds, pooled, time_ids, alphas_cumprod,
-                                         noise.shape)
-        index = torch.full((batch,), k, dtype=torch.long, device=noise.device)
-    else:
-        clean = real_latents.to(noise)
-        index = torch.randint(0, len(step_timesteps), (batch,), device=noise.device)
-    t = torch.tensor(step_timesteps, device=noise.device)[index]
-    x_t = torch.where(_per_sample(index == 0, noise), noise, ddpm_add_noise(clean, noise, t, alphas_cumprod))
-    return x_t, t
-
-
-@torch.no_grad()
-def sdxl_sample(unet, embeds, pooled, time_ids, alphas_cumprod, latents, timesteps=(999, 749, 499, 249),
-                generator=None):
-    """Few-step sampling (official: demo/text_to_image_sdxl.py::sample): at each t, x0 from the UNet's epsilon, then
-    re-noise x0 to the next t with FRESH noise drawn from `generator`; returns the last x0 (float32 latents).
-    Equal to diffusers' LCMScheduler with timesteps=[999, 749, 499, 249] (or [399]) and guidance_scale=0."""
-    x = latents
-    for i, step in enumerate(timesteps):
-        t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
-        x0 = generator_x0(unet, x, t, embeds, pooled, time_ids, alphas_cumprod)
-        if i + 1 < len(timesteps):
-            fresh = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
-            x = ddpm_add_noise(x0, fresh.to(x0.device), torch.full_like(t, timesteps[i + 1]), alphas_cumprod)
-    return x0
-
-
-@torch.no_grad()
-def decode_latents(vae, latents):
-    """Latents -> uint8 images [B, H, W, 3]: vae.decode(z / scaling_factor), ((x + 1) 127.5).clamp(0, 255) then
-    truncation as the official demo does. The SDXL VAE stays fp32 (official: it overflows in fp16)."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
-    return ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-# --- Networks: pretrained SDXL, released DMD2 weights, LoRA, tiny random SDXL ------------------------------------
+    def examples(self, n):  # the prompts of sample grids
+        return [self.captions[i % len(self.captions)] for i in range(n)]
 
 
 @dataclass
-class SDXLParts:
-    """The frozen pieces of SDXL plus the teacher UNet (real score; initialisation of fake score and generator)."""
+class T2IParts:
+    """A text-to-image model's pieces: the teacher UNet, its frozen text encoders and VAE, the noise table."""
     unet: nn.Module
-    text_encoders: tuple  # (CLIPTextModel, CLIPTextModelWithProjection)
-    tokenizers: tuple  # (CLIP-L tokenizer, bigG tokenizer "tokenizer_2")
+    text_encoders: tuple  # SD v1.5: (CLIPTextModel,); SDXL: (CLIPTextModel, CLIPTextModelWithProjection)
+    tokenizers: tuple
     vae: nn.Module
     alphas_cumprod: torch.Tensor  # float64 [1000]
 
     @property
-    def resolution(self):  # pixels; SDXL: 128 latent x 8 = 1024
+    def sdxl(self):
+        return len(self.text_encoders) == 2
+
+    @property
+    def resolution(self):  # pixels: SDXL 128 latent x 8 = 1024, SD v1.5 64 x 8 = 512
         return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def teacher(self):
+        """The teacher UNet as a denoiser (it is not copied: the Distiller makes the real score of it)."""
+        if self.sdxl:
+            uncond = (torch.zeros(1, 77, self.unet.config.cross_attention_dim), torch.zeros(1, 1280))
+        else:
+            uncond = Prompts([], self.tokenizers, self.text_encoders).blank(1)
+        return EpsDenoiser(self.unet, self.alphas_cumprod, uncond, self.resolution if self.sdxl else None)
 
     def to(self, device):
         for module in (self.unet, self.vae, *self.text_encoders):
@@ -3130,32 +3228,34 @@ def _frozen(*modules):
         module.requires_grad_(False).eval()
 
 
-def load_sdxl(model_id=SDXL_MODEL_ID):
-    """SDXL from a Hugging Face id or a local folder with the diffusers layout (unet, vae, text_encoder(_2),
+def load_t2i(model_id, sdxl=True):
+    """SD v1.5 or SDXL from a Hugging Face id or a local folder with the diffusers layout (unet, vae, text_encoder(_2),
     tokenizer(_2), scheduler), all fp32 (official: from_pretrained(model_id, subfolder=...).float())."""
     diffusers, transformers = _hf()
     try:
         unet = diffusers.UNet2DConditionModel.from_pretrained(model_id, subfolder="unet")
         vae = diffusers.AutoencoderKL.from_pretrained(model_id, subfolder="vae")
-        encoders = (transformers.CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder"),
-                    transformers.CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2"))
-        tokenizers = (transformers.CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
-                      transformers.CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2"))
+        encoders = (transformers.CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder"),)
+        tokenizers = (transformers.CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),)
+        if sdxl:
+            encoders += (transformers.CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2"),)
+            tokenizers += (transformers.CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2"),)
         scheduler = diffusers.DDIMScheduler.from_pretrained(model_id, subfolder="scheduler")
     except OSError as e:
-        raise RuntimeError(f"cannot load SDXL from {model_id!r} ({str(e).splitlines()[0]}). On a machine with "
-                           f"internet run `hf download {SDXL_MODEL_ID} --exclude '*.fp16.*' '*.ckpt' "
-                           "--local-dir sdxl-base` and pass --model_id sdxl-base") from None
+        default = SDXL_MODEL_ID if sdxl else SD15_MODEL_ID
+        raise RuntimeError(f"cannot load {model_id!r} ({str(e).splitlines()[0]}). On a machine with internet run "
+                           f"`hf download {default} --exclude '*.fp16.*' '*.ckpt' --local-dir DIR` and pass "
+                           "--model_id DIR") from None
     _frozen(unet, vae, *encoders)
-    return SDXLParts(unet.float(), encoders, tokenizers, vae.float(), scheduler.alphas_cumprod.double())
+    return T2IParts(unet.float(), encoders, tokenizers, vae.float(), scheduler.alphas_cumprod.double())
 
 
-def sdxl_tiny_parts(seed=0):
-    """Random SDXL-shaped networks for a CPU (tests, benchmarks, `sdxl ... --tiny`; nothing downloaded). SDXL's
-    conditioning layout is kept: 77 tokens of 768 (CLIP-L) + 1280 (bigG) = 2048 dims, 1280-d pooled projection,
-    6 x 256 + 1280 = 2816 added-embedding inputs, linear-projection cross-attention, a factor-8 VAE with 4 latent
-    channels. Shrunk: UNet 2 levels of 32/64 channels (128 px -> 16x16 latents -> 8x8 mid block), 2-layer text
-    encoders, an 8/16-channel VAE; character-level CLIP tokenizers built in memory (tokenizer 2 pads with "!")."""
+def tiny_t2i_parts(sdxl=True, seed=0):
+    """Random SD-shaped networks for a CPU (tests, `--tiny true`; nothing downloaded). The conditioning layout is
+    kept: SDXL 77 tokens of 768 (CLIP-L) + 1280 (bigG) = 2048 dims, 1280-d pooled projection, 6 x 256 + 1280 = 2816
+    added-embedding inputs; SD v1.5 77 x 768; a factor-8 VAE with 4 latent channels. Shrunk: UNet 2 levels of 32/64
+    channels (128 px -> 16x16 latents -> 8x8 mid block), 2-layer text encoders, an 8/16-channel VAE;
+    character-level CLIP tokenizers built in memory (SDXL's tokenizer 2 pads with "!")."""
     diffusers, transformers = _hf()
     torch.manual_seed(seed)
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
@@ -3167,24 +3267,33 @@ def sdxl_tiny_parts(seed=0):
                 bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
     encoders = (transformers.CLIPTextModel(transformers.CLIPTextConfig(
                     hidden_size=768, num_attention_heads=2, hidden_act="quick_gelu", pad_token_id=text["eos_token_id"],
-                    **text)),
-                transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-                    hidden_size=1280, projection_dim=1280, num_attention_heads=2, hidden_act="gelu",
-                    pad_token_id=vocab["!"], **text)))
+                    **text)),)
+    if sdxl:
+        encoders += (transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            hidden_size=1280, projection_dim=1280, num_attention_heads=2, hidden_act="gelu", pad_token_id=vocab["!"],
+            **text)),)
+    added = dict(addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816) if sdxl else {}
     unet = diffusers.UNet2DConditionModel(
         sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=2048,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        attention_head_dim=(2, 4), use_linear_projection=sdxl, cross_attention_dim=2048 if sdxl else 768, **added)
     vae = diffusers.AutoencoderKL(
         block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=8,
-        sample_size=128, scaling_factor=0.13025)  # SDXL VAE scaling factor
+        sample_size=128, scaling_factor=0.13025 if sdxl else 0.18215)  # the SDXL / SD v1.5 VAE scaling factors
     _frozen(unet, vae, *encoders)
-    return SDXLParts(unet, encoders, tokenizers, vae, sdxl_alphas_cumprod())
+    return T2IParts(unet, encoders, tokenizers[:len(encoders)], vae, ddpm_alphas_cumprod())
 
 
-def download_dmd2(filename, repo=DMD2_REPO, flag="--checkpoint PATH"):
+def t2i_parts(spec):
+    """The pieces of the model a run was made with: spec = {"model_id", "sdxl", "tiny", "seed"} (checkpoints keep it)."""
+    if spec["tiny"]:
+        return tiny_t2i_parts(spec["sdxl"], spec["seed"])
+    return load_t2i(spec["model_id"], spec["sdxl"])
+
+
+def download_dmd2(filename, repo=DMD2_REPO, flag="--model_id PATH"):
     """Path of a released DMD2 file (or of another Hugging Face repo's) in the huggingface_hub cache, with a clear
     message when offline."""
     from huggingface_hub import hf_hub_download
@@ -3207,19 +3316,6 @@ def load_unet_weights(unet, path):
     return unet
 
 
-def fuse_lora(parts, path):
-    """Fuse a LoRA file into parts.unet the way the official README does: pipeline.load_lora_weights(path), then
-    fuse_lora(lora_scale=1.0) (diffusers converts the released kohya-style dmd2_sdxl_4step_lora file)."""
-    diffusers, _ = _hf()
-    pipe = diffusers.StableDiffusionXLPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
-        tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.unet,
-        scheduler=diffusers.LCMScheduler())
-    pipe.load_lora_weights(path)
-    pipe.fuse_lora(lora_scale=1.0)
-    return parts.unet
-
-
 def add_generator_lora(unet, rank=64, alpha=8):
     """LoRA on the generator only (official: --generator_lora, LoraConfig(r=64, lora_alpha=8, lora_dropout=0) on
     SDXL_LORA_TARGETS); the base weights freeze, only the adapters train."""
@@ -3232,16 +3328,36 @@ def add_generator_lora(unet, rank=64, alpha=8):
     return unet
 
 
-# --- Real data: captioned image folder -> VAE latents, encoded once and cached ----------------------------------
+def t2i_pipe(parts, scheduler):
+    """A diffusers pipeline (SD v1.5 or SDXL) around the parts, for generation with other schedulers."""
+    diffusers, _ = _hf()
+    if parts.sdxl:
+        return diffusers.StableDiffusionXLPipeline(
+            vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
+            tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.unet, scheduler=scheduler)
+    return diffusers.StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoders[0],
+                                             tokenizer=parts.tokenizers[0], unet=parts.unet, scheduler=scheduler,
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+
+
+def fuse_lora(parts, path):
+    """Fuse a LoRA file into parts.unet the way the official README does: pipeline.load_lora_weights(path), then
+    fuse_lora(lora_scale=1.0) (diffusers converts the released kohya-style dmd2_sdxl_4step_lora file)."""
+    diffusers, _ = _hf()
+    pipe = t2i_pipe(parts, diffusers.LCMScheduler())
+    pipe.load_lora_weights(path)
+    pipe.fuse_lora(lora_scale=1.0)
+    return parts.unet
 
 
 def read_captioned_folder(folder):
     """[(image path, caption)]: every png/jpg/jpeg/webp/bmp in `folder` with its caption in a same-named .txt."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such folder (--data wants a folder of images with .txt captions)")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(SDXL_IMAGE_EXTENSIONS))
+        raise FileNotFoundError(f"{folder}: no such folder (--data_path wants a folder of images with .txt captions)")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
-        raise FileNotFoundError(f"{folder}: no images ({', '.join(SDXL_IMAGE_EXTENSIONS)}); the GAN needs real images")
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}); the GAN needs real images")
     items = []
     for name in names:
         caption_file = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
@@ -3254,309 +3370,135 @@ def read_captioned_folder(folder):
 
 def load_image(path, resolution):
     """An RGB image as [3, res, res] in [-1, 1]: centre square crop, LANCZOS resize (official latents: /255*2-1)."""
-    from PIL import Image
     try:
-        with Image.open(path) as image:
+        with PIL.Image.open(path) as image:
             image = image.convert("RGB")
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read this image ({e}); remove it or replace it") from None
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS)
+    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), PIL.Image.LANCZOS)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
 @torch.no_grad()
-def sdxl_latent_dataset(folder, vae, resolution, cache_path="", batch_size=4):
-    """{"latents": fp16 [N, 4, res/8, res/8], "captions": [N]} of a captioned folder, encoded ONCE with
-    vae.encode(x).latent_dist.sample() * scaling_factor (official: sdxl/generate_vae_latents.py, stored fp16) and
-    cached (default folder/.dmd2_sdxl_latents_<res>.pt); re-encoded when file names, sizes or captions change."""
+def encode_latents(folder, vae, resolution, batch_size=8):
+    """(latents, captions) of a captioned folder. The images are encoded ONCE, in batches on the VAE's device, with
+    vae.encode(x).latent_dist.sample() * scaling_factor (official: generate_vae_latents.py), and stored as fp16 in
+    folder/.dmd2_latents_<res>/latents.npy; the returned array is memory-mapped, so a run reads only the rows of its
+    batches and host RAM holds none of it. Re-encoded when file names, sizes or captions change."""
     items = read_captioned_folder(folder)
-    key = [f"{os.path.basename(p)}:{os.path.getsize(p)}" for p, _ in items]
-    captions = [c for _, c in items]
-    cache_path = cache_path or os.path.join(folder, f".dmd2_sdxl_latents_{resolution}.pt")
-    if os.path.exists(cache_path):
-        cached = torch.load(cache_path, weights_only=True)
-        if cached.get("key") == key and cached.get("captions") == captions:
-            return cached
-    device = next(vae.parameters()).device
-    latents = []
+    key = dict(files=[f"{os.path.basename(p)}:{os.path.getsize(p)}" for p, _ in items],
+               captions=[c for _, c in items], resolution=resolution)
+    store = os.path.join(folder, f".dmd2_latents_{resolution}")
+    index_path, array_path = os.path.join(store, "index.json"), os.path.join(store, "latents.npy")
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            if json.load(f) == key:
+                return np.load(array_path, mmap_mode="r"), key["captions"]
+    os.makedirs(store, exist_ok=True)
+    device, side = next(vae.parameters()).device, resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    array = np.lib.format.open_memmap(array_path + ".part", "w+", np.float16,
+                                      (len(items), vae.config.latent_channels, side, side))
     for i in range(0, len(items), batch_size):
         images = torch.stack([load_image(p, resolution) for p, _ in items[i:i + batch_size]]).to(device, vae.dtype)
-        latents.append((vae.encode(images).latent_dist.sample() * vae.config.scaling_factor).half().cpu())
-    data = {"latents": torch.cat(latents), "captions": captions, "key": key}
-    atomic_save(data, cache_path)
-    return data
+        latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+        array[i:i + len(images)] = latents.half().cpu().numpy()
+    array.flush()
+    del array
+    os.replace(array_path + ".part", array_path)
+    with open(index_path, "w") as f:  # written last: an interrupted encoding is never taken for a complete one
+        json.dump(key, f)
+    return np.load(array_path, mmap_mode="r"), key["captions"]
 
 
-# --- Training: one TTUR iteration and the loop ------------------------------------------------------------------
+@torch.no_grad()
+def decode_latents(vae, latents):
+    """Latents -> images in [-1, 1] (float32): vae.decode(z / scaling_factor) (official). The SDXL VAE stays fp32
+    (official: it overflows in fp16)."""
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
 
 
-@dataclass
-class SDXLConfig:
-    """Defaults: the official SDXL 4-step run (experiments/sdxl/sdxl_cond999_8node_lr5e-7_denoising4step_diffusion
-    1000_gan5e-3_guidance8_noinit_noode_backsim_scratch.sh) on one process; every field is a CLI flag."""
-    model_id: str = SDXL_MODEL_ID
-    data: str = ""  # folder of images with .txt captions (real latents for the GAN, prompts for the generator)
-    out_dir: str = "runs/sdxl"
-    tiny: bool = False  # random tiny SDXL-shaped networks (CPU smoke runs; nothing downloaded)
-    steps: int = 4  # generator steps: 4 (official --denoising --num_denoising_step 4) or 1
-    conditioning_timestep: int = 399  # 1-step input timestep (official SDXL 1-step: --conditioning_timestep 399)
-    backward_simulation: bool = True  # official --backward_simulation; false: noised real latents (Table 4 row)
-    real_guidance_scale: float = 8.0  # official --real_guidance_scale 8
-    min_step: int = 20  # official --min_step_percent 0.02
-    max_step: int = 980  # official --max_step_percent 0.98
-    dm_loss_weight: float = 1.0  # official --dm_loss_weight 1
-    gan: bool = True  # official --cls_on_clean_image --gen_cls_loss --diffusion_gan
-    gen_cls_loss_weight: float = 5e-3  # official --gen_cls_loss_weight 5e-3
-    guidance_cls_loss_weight: float = 1e-2  # official --guidance_cls_loss_weight 1e-2
-    dfake_gen_update_ratio: int = 5  # official --dfake_gen_update_ratio 5
-    lr: float = 0.0  # 0: official 5e-7 (generator and guidance), 5e-5 with --lora
-    warmup_steps: int = 500  # official --warmup_step 500
-    max_grad_norm: float = 10.0  # official --max_grad_norm 10
-    batch_size: int = 2  # per process (official: 2 per GPU x 64 GPUs)
-    iters: int = 20000  # critic iterations (official: 19k for the 4-step run)
-    precision: str = "bf16"  # bf16 (official --use_fp16 means bf16 autocast, bf16 real UNet) | fp32
-    gradient_checkpointing: bool = False  # official --gradient_checkpointing (generator; fake UNet in its loss)
-    lora: bool = False  # official --generator_lora --lora_rank 64 --lora_alpha 8
-    lora_rank: int = 64
-    lora_alpha: float = 8.0
-    seed: int = 10  # official --seed 10
-    device: str = "auto"
-    log_every: int = 10
-    ckpt_every: int = 500
-    resume: str = ""  # checkpoint.pt of an earlier run
+def lpips_decoder(parts, cfg, device):
+    """Latents -> images, with gradient, for the ODE pretraining's LPIPS (official: the tiny autoencoder
+    madebyollin/taesdxl; taesd for SD v1.5). --tiny: the tiny model's own VAE."""
+    if cfg.tiny:
+        vae = parts.vae
+    else:
+        diffusers, _ = _hf()
+        vae = _pretrained(diffusers.AutoencoderTiny, "madebyollin/taesdxl" if parts.sdxl else "madebyollin/taesd")
+        _frozen(vae)
+    vae.to(device)
+    return lambda z: vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()
 
 
-@dataclass
-class SDXLState:
-    """The networks, optimisers and iteration counter of an SDXL run."""
-    real_unet: nn.Module
-    fake_unet: nn.Module
-    generator: nn.Module
-    gan_head: nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    sched_g: object
-    sched_d: object
-    step: int = 0
+def t2i_ode_pairs(cfg, teacher, conditions, sample_shape, device):
+    """(noise, prompts, teacher output) pairs for the SDXL 1-step pretraining (official: generate_noise_image_pairs_
+    laion_sdxl.py, 10k pairs, CFG 8 with zero unconditional embeddings): the teacher's deterministic ODE from pure
+    noise x_t = z at t = 999 to t = 0, on cfg.regression_pairs prompts drawn from the captions. Deviation: our EDM Heun
+    sampler (teacher_eval_steps steps snapped to the DDPM table), not diffusers' 50-step Euler. Cached."""
+    settings = dict(n=cfg.regression_pairs, steps=cfg.teacher_eval_steps, seed=cfg.seed, cfg=cfg.guidance_scale,
+                    teacher=teacher_fingerprint(teacher), captions=len(conditions.captions))
+    path = cache_path(cfg, f"odepairs-{cfg.dataset}", settings)
+    if os.path.exists(path):
+        state = read_checkpoint(path)
+        return state["noise"], state["prompts"], state["target"]
+    rng = torch.Generator().manual_seed(cfg.seed + 4)
+    noise = torch.randn((cfg.regression_pairs, *sample_shape), generator=rng)
+    picks = torch.randint(0, len(conditions.captions), (cfg.regression_pairs,), generator=rng).tolist()
+    prompts = [conditions.captions[i] for i in picks]
+    teacher = teacher.to(device).eval()
+    teacher.guidance_scale = cfg.guidance_scale
+    start = float((teacher.sigma_max ** 2 + 1) ** 0.5 / teacher.sigma_max)  # edm_sampler starts at sigma_max z
+    target = sample_teacher(teacher, noise * start, prompts, conditions, cfg.teacher_eval_steps, cfg.eval_batch)
+    teacher.guidance_scale = 1.0
+    atomic_save(dict(noise=noise, prompts=prompts, target=target), path)
+    return noise, prompts, target
 
 
-def sdxl_training_state(parts, cfg, device):
-    """Real score (frozen; bf16 weights under bf16, official), fake score and generator copied from the teacher
-    (official: three from_pretrained loads of the same UNet), the GAN head, AdamW + warm-up for each side."""
-    lr = cfg.lr or (5e-5 if cfg.lora else 5e-7)  # official SDXL scripts: 5e-7; LoRA script: 5e-5 for both
-    real = copy.deepcopy(parts.unet).to(device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
-    fake = copy.deepcopy(parts.unet).to(device).requires_grad_(True).train()
-    generator = copy.deepcopy(parts.unet).to(device).requires_grad_(True).train()
-    if cfg.lora:
-        add_generator_lora(generator, cfg.lora_rank, cfg.lora_alpha)
-    if cfg.gradient_checkpointing:
-        generator.enable_gradient_checkpointing()
-    head = sdxl_gan_head(parts.unet).to(device)
-    opt_g = make_optimizer(generator.parameters(), lr)
-    opt_d = make_optimizer(list(fake.parameters()) + list(head.parameters()), lr)
-    return SDXLState(real.requires_grad_(False).eval(), fake, generator, head, opt_g, opt_d,
-                     warmup_scheduler(opt_g, cfg.warmup_steps), warmup_scheduler(opt_d, cfg.warmup_steps))
-
-
-def sdxl_train_step(state, parts, data, cfg):
-    """One TTUR iteration (official: train_sd.py train_one_step). The generator makes a batch every iteration; every
-    dfake_gen_update_ratio-th it also takes a step first (DM + GAN loss; fake UNet and head frozen). Then the fake
-    UNet + head step on the fake loss of that detached batch + the GAN classifier loss against a real batch."""
-    device = next(state.generator.parameters()).device
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16")
-    acp = parts.alphas_cumprod.to(device)
-    n, batch = len(data["captions"]), cfg.batch_size
-    gen_index, real_index = torch.randint(0, n, (batch,)), torch.randint(0, n, (batch,))  # official: two loaders
-    embeds, pooled = encode_prompts([data["captions"][i] for i in gen_index], parts.tokenizers, parts.text_encoders)
-    real_embeds, real_pooled = encode_prompts([data["captions"][i] for i in real_index], parts.tokenizers,
-                                              parts.text_encoders)
-    embeds, pooled, real_embeds, real_pooled = (x.to(device) for x in (embeds, pooled, real_embeds, real_pooled))
-    real = data["latents"][real_index].to(device, torch.float32)
-    time_ids = sdxl_time_ids(parts.resolution, batch, device)
-    noise = torch.randn(real.shape, device=device)
-    generator_turn = state.step % cfg.dfake_gen_update_ratio == 0
-    log = {}
-
-    x_t, t = sdxl_generator_input(state.generator, sdxl_generator_timesteps(cfg.steps, cfg.conditioning_timestep),
-                                  noise, embeds, pooled, time_ids, acp, cfg.backward_simulation,
-                                  data["latents"][gen_index].to(device, torch.float32))
-    with torch.set_grad_enabled(generator_turn), (autocast if generator_turn else contextlib.nullcontext()):
-        eps = unet_eps(state.generator, x_t, t, embeds, pooled, time_ids)  # official: no-grad turns run fp32
-    x0 = eps_to_x0(x_t, eps.float(), t, acp).float()
-    if generator_turn:
-        state.fake_unet.requires_grad_(False)
-        state.gan_head.requires_grad_(False)  # official: guidance_model.requires_grad_(False) for the G loss
-        loss = torch.zeros((), device=device)
-        if cfg.dm_loss_weight > 0:
-            log["loss_dm"] = sdxl_dm_loss(x0, state.real_unet, state.fake_unet, embeds, pooled, time_ids, acp,
-                                          cfg.real_guidance_scale, cfg.min_step, cfg.max_step)
-            loss = loss + cfg.dm_loss_weight * log["loss_dm"]
-        if cfg.gan:
-            log["gen_cls_loss"] = gan_generator_loss(sdxl_gan_logits(state.fake_unet, state.gan_head, x0, embeds,
-                                                                     pooled, time_ids, acp, autocast))
-            loss = loss + cfg.gen_cls_loss_weight * log["gen_cls_loss"]
-        loss.backward()
-        log["generator_grad_norm"] = torch.nn.utils.clip_grad_norm_(state.generator.parameters(), cfg.max_grad_norm)
-        state.opt_g.step()
-        state.opt_g.zero_grad(set_to_none=True)
-        state.fake_unet.requires_grad_(True)
-        state.gan_head.requires_grad_(True)
-    state.sched_g.step()  # official: the generator scheduler steps every iteration
-
-    if cfg.gradient_checkpointing:
-        state.fake_unet.enable_gradient_checkpointing()  # official: only for the fake loss
-    log["loss_fake"] = sdxl_fake_loss(state.fake_unet, x0, embeds, pooled, time_ids, acp, autocast)
-    if cfg.gradient_checkpointing:
-        state.fake_unet.disable_gradient_checkpointing()
-    loss = log["loss_fake"]
-    if cfg.gan:
-        logits_real = sdxl_gan_logits(state.fake_unet, state.gan_head, real, real_embeds, real_pooled, time_ids, acp,
-                                      autocast)
-        logits_fake = sdxl_gan_logits(state.fake_unet, state.gan_head, x0.detach(), embeds, pooled, time_ids, acp,
-                                      autocast)
-        log["guidance_cls_loss"] = gan_discriminator_loss(logits_real, logits_fake)
-        loss = loss + cfg.guidance_cls_loss_weight * log["guidance_cls_loss"]
-    loss.backward()
-    log["guidance_grad_norm"] = torch.nn.utils.clip_grad_norm_(
-        list(state.fake_unet.parameters()) + list(state.gan_head.parameters()), cfg.max_grad_norm)
-    state.opt_d.step()
-    state.opt_d.zero_grad(set_to_none=True)
-    state.sched_d.step()
-    state.step += 1
-    return {k: float(v.detach()) for k, v in log.items()}
-
-
-def sdxl_checkpoint(state, cfg):
-    """Everything to resume exactly; a LoRA generator stores only its adapter weights."""
-    generator = {k: v for k, v in state.generator.state_dict().items() if not cfg.lora or "lora" in k}
-    return {"generator": generator, "fake_unet": state.fake_unet.state_dict(), "gan_head": state.gan_head.state_dict(),
-            "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
-            "sched_g": state.sched_g.state_dict(), "sched_d": state.sched_d.state_dict(), "step": state.step,
-            "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def load_sdxl_checkpoint(path, state=None):
-    """Read a train_sdxl checkpoint (weights_only); with `state`, restore networks, optimisers, step and RNG."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint (it is out_dir/checkpoint.pt of `dmd2.py sdxl train`)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if state is not None:
-        state.generator.load_state_dict(ckpt["generator"], strict=not ckpt["config"]["lora"])  # LoRA: adapters only
-        state.fake_unet.load_state_dict(ckpt["fake_unet"])
-        state.gan_head.load_state_dict(ckpt["gan_head"])
-        for name in ("opt_g", "opt_d", "sched_g", "sched_d"):
-            getattr(state, name).load_state_dict(ckpt[name])
-        state.step = ckpt["step"]
-        torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-    return ckpt
-
-
-def train_sdxl(cfg, parts=None, data=None):
-    """The SDXL training loop on one device: latents of cfg.data (encoded once), TTUR iterations, a log line every
-    log_every iterations, out_dir/checkpoint.pt every ckpt_every and at the end. Returns the training state.
-    Multi-GPU sharding (the official run: 64 GPUs with FSDP) is not part of this loop; see the README for memory."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    parts = (parts or (sdxl_tiny_parts(cfg.seed) if cfg.tiny else load_sdxl(cfg.model_id))).to(device)
-    data = data or sdxl_latent_dataset(cfg.data, parts.vae, parts.resolution)
-    torch.manual_seed(cfg.seed)  # after the (possibly cached) encoding: a run does not depend on the cache
-    state = sdxl_training_state(parts, cfg, device)
-    if cfg.resume:
-        load_sdxl_checkpoint(cfg.resume, state)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    path, start = os.path.join(cfg.out_dir, "checkpoint.pt"), time.time()
-    while state.step < cfg.iters:
-        log = sdxl_train_step(state, parts, data, cfg)
-        if state.step % cfg.log_every == 0 or state.step == cfg.iters:
-            print(f"sdxl iter {state.step}/{cfg.iters} " + " ".join(f"{k} {v:.4g}" for k, v in log.items())
-                  + f" ({time.time() - start:.1f} s)", flush=True)
-        if state.step % cfg.ckpt_every == 0 or state.step == cfg.iters:
-            atomic_save(sdxl_checkpoint(state, cfg), path)
-    return state
-
-
-# --- Command line: python dmd2.py sdxl sample|train ... ---------------------------------------------------------
-
-
-def _sdxl_sampling_unet(args):
-    """(parts, timesteps) with parts.unet set to the generator: a train_sdxl checkpoint (.pt, on the networks it was
-    trained from), a UNet state-dict file, or the released DMD2 UNet / LoRA (downloaded)."""
-    if args.checkpoint.endswith(".pt"):
-        ckpt = load_sdxl_checkpoint(args.checkpoint)
-        cfg = ckpt["config"]
-        parts = sdxl_tiny_parts(cfg["seed"]) if cfg["tiny"] else load_sdxl(cfg["model_id"])
-        if cfg["lora"]:
-            add_generator_lora(parts.unet, cfg["lora_rank"], cfg["lora_alpha"])
-        parts.unet.load_state_dict(ckpt["generator"], strict=not cfg["lora"])
-        return parts, sdxl_generator_timesteps(cfg["steps"], cfg["conditioning_timestep"])
-    parts = sdxl_tiny_parts() if args.tiny else load_sdxl(args.model_id)
-    if args.lora:
-        fuse_lora(parts, args.checkpoint or download_dmd2(DMD2_SDXL_FILES["lora"]))
-    elif args.checkpoint or not args.tiny:
-        load_unet_weights(parts.unet, args.checkpoint or download_dmd2(DMD2_SDXL_FILES[args.steps]))
-    return parts, sdxl_generator_timesteps(args.steps, 399)  # released 1-step model: t = 399 (official README)
-
-
-def sdxl_sample_main(argv):
-    """python dmd2.py sdxl sample --prompt TEXT [--prompt ...] [--steps 4|1] [--lora] [--checkpoint PATH] [--out DIR]"""
-    parser = argparse.ArgumentParser(description=sdxl_sample_main.__doc__)
-    parser.add_argument("--prompt", action="append", required=True)
-    parser.add_argument("--steps", type=int, choices=[1, 4], default=4)
-    parser.add_argument("--lora", action="store_true", help="the released 4-step LoRA on the SDXL base UNet")
-    parser.add_argument("--checkpoint", default="", help="default: the released DMD2 UNet from tianweiy/DMD2")
-    parser.add_argument("--out", default="sdxl_samples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num", type=int, default=1, help="images per prompt")
-    parser.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="")
-    parser.add_argument("--model_id", default=SDXL_MODEL_ID)
-    parser.add_argument("--tiny", action="store_true", help="random tiny SDXL-shaped networks (smoke test)")
-    args = parser.parse_args(argv)
-    if args.lora and args.steps != 4:
-        parser.error("the released LoRA is 4-step")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
-        args.precision or ("fp16" if device.type == "cuda" else "fp32")]
-    parts, timesteps = _sdxl_sampling_unet(args)
-    parts.to(device)
-    if dtype != torch.float32:
-        parts.unet.to(dtype)  # the VAE stays fp32 (official)
-    prompts = [p for p in args.prompt for _ in range(args.num)]
-    embeds, pooled = encode_prompts(prompts, parts.tokenizers, parts.text_encoders)
-    rng = torch.Generator(device).manual_seed(args.seed)
-    size = parts.unet.config.sample_size
-    noise = torch.randn((len(prompts), parts.unet.config.in_channels, size, size), generator=rng, device=device)
-    latents = sdxl_sample(parts.unet, embeds, pooled, sdxl_time_ids(parts.resolution, len(prompts), device),
-                          parts.alphas_cumprod, noise, timesteps, rng)
-    from PIL import Image
-    os.makedirs(args.out, exist_ok=True)
-    for i, image in enumerate(decode_latents(parts.vae, latents)):
-        Image.fromarray(image).save(os.path.join(args.out, f"{i:03d}.png"))
-    print(f"wrote {len(prompts)} images to {args.out}/ ({len(timesteps)} steps at t = {timesteps})")
-
-
-def sdxl_main(argv):
-    """python dmd2.py sdxl sample ... | python dmd2.py sdxl train --data FOLDER [--flag value ...]"""
-    if not argv or argv[0] not in ("sample", "train"):
-        raise SystemExit("usage: python dmd2.py sdxl sample --prompt TEXT [...] | python dmd2.py sdxl train --data DIR")
-    if argv[0] == "sample":
-        return sdxl_sample_main(argv[1:])
-    parser = argparse.ArgumentParser(description="DMD2 on SDXL: python dmd2.py sdxl train --data DIR [--flag value]")
-    for f in dataclasses.fields(SDXLConfig):
-        kind = {"bool": _parse_bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str)
-                                                                             else f.type.__name__]
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default)
-    cfg = SDXLConfig(**vars(parser.parse_args(argv[1:])))
-    if not cfg.data:
-        parser.error("--data FOLDER is required: images with same-named .txt captions")
-    if cfg.steps < 1 or cfg.dfake_gen_update_ratio < 1 or cfg.precision not in ("bf16", "fp32"):
-        parser.error("--steps and --dfake_gen_update_ratio must be >= 1; --precision is bf16 or fp32")
-    if cfg.dm_loss_weight <= 0 and not cfg.gan:
-        parser.error("the generator has no loss: keep --dm_loss_weight > 0 or --gan true")
-    return train_sdxl(cfg)
+def run_t2i(cfg):
+    """Distil SD v1.5 or SDXL (presets sdxl, sdxl-1step, sdxl-ode, sd15, sd15-gan) with the method of sections 3-7 on
+    the captioned images of --data_path: the same Distiller, train() loop, run folder, resume, log, curves and sample
+    grids as the EDM rungs, one or many processes. At the end rank 0 writes the generator's UNet as a diffusers state
+    dict, run_dir/unet.bin (the released dmd2_sdxl_*_unet layout)."""
+    sdxl = cfg.dataset.startswith("sdxl")
+    spec = dict(model_id=cfg.model_id or (SDXL_MODEL_ID if sdxl else SD15_MODEL_ID), sdxl=sdxl, tiny=cfg.tiny,
+                seed=cfg.seed)
+    run_dir = os.path.join(cfg.out_dir, cfg.dataset, cfg.run_name or f"student_{cfg.generator_steps}step")
+    check_run(cfg, run_dir)
+    items = read_captioned_folder(cfg.data_path)  # cheap checks before any model is loaded
+    device = resolve_device(cfg)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    with distributed(device, cfg.dist_timeout) as (rank, world_size, local_rank):
+        parts = t2i_parts(spec)
+        for module in (parts.vae, *parts.text_encoders):
+            module.to(device)
+        if local_rank == 0:  # encoded once per node; the others wait, then map the file
+            encode_latents(cfg.data_path, parts.vae, parts.resolution)
+        if dist.is_initialized():
+            dist.barrier()
+        latents, captions = encode_latents(cfg.data_path, parts.vae, parts.resolution)
+        if rank == 0:
+            print(f"{len(items)} captioned images -> latents {tuple(latents.shape)}")
+        conditions = Prompts(captions, parts.tokenizers, parts.text_encoders)
+        teacher = prepare_network(parts.teacher(), cfg, device)
+        teacher.spec = dict(kind="t2i", kwargs=spec)
+        parts.unet = None  # the teacher UNet now lives only in the Distiller's real score
+        sample_shape = tuple(latents.shape[1:])
+        pairs = t2i_ode_pairs(cfg, teacher, conditions, sample_shape, device) if cfg.regression_pairs else None
+        real = InMemoryBatches(latents, captions, cfg.batch_size * world_size, cfg.seed, rank, world_size)
+        distiller = train(cfg, teacher, real, sample_shape, run_dir, pairs, rank, world_size, device,
+                          init=(cfg.generator_init, cfg.guidance_init), conditions=conditions,
+                          decode=functools.partial(decode_latents, parts.vae),
+                          lpips_decode=lpips_decoder(parts, cfg, device) if cfg.regression_loss_weight else None)
+        if rank == 0 and not cfg.lora_rank:
+            path = os.path.join(run_dir, "unet.bin")
+            atomic_save({k: v.float().cpu() for k, v in (distiller.ema or distiller.generator).unet.state_dict().items()},
+                        path)
+            print(f"generator UNet written to {path}; sample it with: python dmd2.py sample --checkpoint "
+                  f"{os.path.join(run_dir, 'checkpoint.pt')} --prompt TEXT")
+    return distiller
 
 
 USER_ERRORS = (ValueError, OSError, RuntimeError, ImportError, FloatingPointError)

@@ -136,7 +136,7 @@ def main():
     sampling = {"teacher (Heun 18 steps, NFE 35)": n / teacher_s}
     for steps in (1, 4):
         sig = dmd2.generator_sigmas(steps, d.sigmas)
-        sampling[f"student {steps} step"] = n / timed(lambda: dmd2.sample_student(d.generator, noise, labels, sig, 10), 3)
+        sampling[f"student {steps} step"] = n / timed(lambda: dmd2.sample_student(d.generator, noise, labels, sig, d.conditions), 3)
     out["images_per_s"] = sampling
     out["student_1step_vs_teacher"] = sampling["student 1 step"] / sampling["teacher (Heun 18 steps, NFE 35)"]
     out["student_4step_vs_teacher"] = sampling["student 4 step"] / sampling["teacher (Heun 18 steps, NFE 35)"]

@@ -47,7 +47,7 @@ def test_karras_grid_matches_official_values():
 
 def test_generator_sigmas_one_and_four_steps():
     s = dmd2.karras_sigmas()
-    assert dmd2.generator_sigmas(1, s, 80.0).tolist() == [80.0]
+    assert dmd2.generator_sigmas(1, s, 999).tolist() == [80.0]  # official --conditioning_sigma 80
     four = dmd2.generator_sigmas(4, s)
     assert torch.equal(four, s[[999, 749, 499, 249]])  # the paper's [999, 749, 499, 249] on the EDM grid
 
@@ -166,7 +166,7 @@ def test_few_step_training_gets_gradient_only_through_last_step():
 def test_noised_real_inputs_level_zero_is_pure_noise():
     step_sigmas = dmd2.generator_sigmas(4, dmd2.karras_sigmas())
     real, noise = torch.ones(4, 2), torch.randn(4, 2)
-    x, sigma = dmd2.noised_real_inputs(real, step_sigmas, torch.tensor([0, 1, 2, 3]), noise)
+    x, sigma = dmd2.noised_real_inputs(None, real, step_sigmas, torch.tensor([0, 1, 2, 3]), noise)
     assert torch.allclose(x[0], noise[0] * 80.0)
     assert torch.allclose(x[2], 1 + step_sigmas[2] * noise[2])
     assert torch.equal(sigma, step_sigmas)

@@ -133,8 +133,8 @@ class Reference:
         cfg, s = self.cfg, self.sigmas
         lr_factor = min(1.0, i / cfg.warmup_steps)  # constant_with_warmup: factor step / warmup at scheduler step i
         labels = F.one_hot(draws.pop(0), NUM_CLASSES).double()
-        z = draws.pop(0).double() * cfg.conditioning_sigma
-        sigma_in = torch.full((len(z),), cfg.conditioning_sigma, dtype=torch.float64)
+        sigma_in = s[cfg.conditioning_timestep].expand(len(labels))  # level 999 of the grid: sigma 80
+        z = draws.pop(0).double() * sigma_in[0]
         if i % cfg.dfake_gen_update_ratio == 0:
             x = self.gen(z, sigma_in, labels)
             t, noise = draws.pop(0), draws.pop(0).double()
@@ -248,7 +248,7 @@ def test_presets_equal_the_official_scripts():
                     dfake_gen_update_ratio=5, cls_loss_weight=1e-2, gan=True, gen_cls_loss_weight=3e-3,
                     diffusion_gan=True, diffusion_gan_max_timestep=1000, warmup_steps=500, min_step_percent=0.02,
                     max_step_percent=0.98, num_train_timesteps=1000, sigma_max=80.0, sigma_min=0.002,
-                    sigma_data=0.5, rho=7.0, conditioning_sigma=80.0, max_grad_norm=10.0, ema_decay=0.0,
+                    sigma_data=0.5, rho=7.0, conditioning_timestep=999, max_grad_norm=10.0, ema_decay=0.0,
                     dm_loss_weight=1.0, regression_loss_weight=0.0, generator_steps=1, backward_simulation=True,
                     teacher_bf16_weights=False)
     for dataset in ("imagenet64", "cifar10"):
