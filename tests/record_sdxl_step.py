@@ -1,6 +1,7 @@
-"""Record what the SDXL training step computes today, so a re-implementation can be held to it (issue 13).
+"""What the SDXL training step computed before issue 13 unified it, and the replay of that record through the
+unified path (tests/test_sdxl_record.py).
 
-What it records, for a tiny random SDXL-shaped model (dmd2.sdxl_tiny_parts(seed=0)) in fp32 on the CPU, through
+What was recorded, for a tiny random SDXL-shaped model (now dmd2.tiny_t2i_parts(seed=0)) in fp32 on the CPU, through
 dmd2.sdxl_train_step: one TTUR cycle (dfake_gen_update_ratio 2, two iterations: generator turn + critic turn, then a
 critic turn; warm-up 0, lr 1e-3, batch 2, GAN on) for the 4-step backward-simulation generator ("4step") and the
 1-step generator at t = 399 ("1step"):
@@ -17,15 +18,11 @@ critic turn; warm-up 0, lr 1e-3, batch 2, GAN on) for the 4-step backward-simula
 No network weights are stored. The record was made from commit 37b252e ("DDP: forward_sync_buffers ...") with
 torch 2.14.1, diffusers 0.42.1, transformers 5.24.0 (the file's "meta" says the same).
 
-Regenerate (with dmd2.py as of that commit, which the script checks is committed; about 20 s on one CPU core;
-two runs give byte-identical files):
-    python tests/record_sdxl_step.py            # writes tests/data/sdxl_step_record.pt
-tests/test_sdxl_record.py replays the recorded draws through run_cycle() and compares."""
-import argparse
+The record is not regenerated from today's code (it pins the old step): the recorder is this file at commit 37b252e.
+Here run_cycle() replays the recorded draws through the unified Distiller; tests/test_sdxl_record.py compares."""
 import dataclasses
 import math
 import os
-import subprocess
 import sys
 
 import torch
@@ -34,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dmd2  # noqa: E402
 
 RECORD_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sdxl_step_record.pt")
+RECORD = torch.load(RECORD_PATH, weights_only=True) if os.path.exists(RECORD_PATH) else None
 HEAD_ENTRIES = 32  # first flattened entries kept per tensor
 DRAW_SEED = 29  # private generator of the draws: the 4-step generator turn rolls out k = 3 steps, the next k = 2
 CONFIGS = {"4step": dict(steps=4), "1step": dict(steps=1, conditioning_timestep=399)}
@@ -160,38 +158,64 @@ class RandomDraws:
         return serve
 
 
-def label_roles(draws, generator_turn):
-    """Name each draw of one iteration by its role in the method, from the function that drew it (order within
-    that function as in today's code). The GAN logits are drawn for the generator loss (generator turn only),
-    then for the real batch and the fake batch of the classifier loss."""
-    gan_pairs = (["gan_generator"] if generator_turn else []) + ["gan_real", "gan_fake"]
-    per_caller = {"sdxl_train_step": ["gen_index", "real_index", "generator_noise"],
-                  "sdxl_generator_input": ["backsim_k"], "sdxl_dm_loss": ["dm_t", "dm_noise"],
-                  "sdxl_fake_loss": ["fake_t", "fake_noise"],
-                  "sdxl_gan_logits": [f"{who}_{what}" for who in gan_pairs for what in ("t", "noise")]}
-    renoise = 0
-    for draw in draws:
-        caller = draw["caller"]
-        if caller == "sdxl_backward_simulation":
-            draw["role"] = "backsim_start_noise" if draw["kind"] == "randn" else f"backsim_renoise_{renoise}"
-            renoise += draw["kind"] == "randn_like"
-        elif per_caller.get(caller):
-            draw["role"] = per_caller[caller].pop(0)
-        else:
-            raise AssertionError(f"unexpected draw {draw['kind']} {draw['shape']} from {caller}")
-
-
 # --- one TTUR cycle ---------------------------------------------------------------------------------------------
 
+# The recorded configuration (sdxl_train_step's SDXLConfig, in the record's "config") and the Config fields that
+# carry the same knobs in the unified path.
+RECORD_TO_CONFIG = {"steps": "generator_steps", "conditioning_timestep": "conditioning_timestep",
+                    "backward_simulation": "backward_simulation", "real_guidance_scale": "guidance_scale",
+                    "dm_loss_weight": "dm_loss_weight", "gan": "gan", "gen_cls_loss_weight": "gen_cls_loss_weight",
+                    "guidance_cls_loss_weight": "cls_loss_weight", "dfake_gen_update_ratio": "dfake_gen_update_ratio",
+                    "lr": "generator_lr", "warmup_steps": "warmup_steps", "max_grad_norm": "max_grad_norm",
+                    "batch_size": "batch_size", "iters": "iters", "precision": "precision", "seed": "seed",
+                    "tiny": "tiny", "device": "device", "log_every": "log_every", "ckpt_every": "ckpt_every"}
+LOG_NAMES = {"loss_dm": "loss_dm", "loss_gan_g": "gen_cls_loss", "grad_norm_g": "generator_grad_norm",
+             "loss_fake": "loss_fake", "loss_gan_d": "guidance_cls_loss", "grad_norm_d": "guidance_grad_norm"}
 
-def run_cycle(parts, name, recorded_draws=None):
-    """Two iterations of dmd2.sdxl_train_step for CONFIGS[name] on tiny_data(), recording the draws (or replaying
-    recorded_draws). Returns {"config", "initial", "draws", "logs", "optimizer_steps", "names", "shapes"}."""
-    cfg = dmd2.SDXLConfig(**COMMON, **CONFIGS[name])
-    device = torch.device("cpu")
-    state = dmd2.sdxl_training_state(parts, cfg, device)
-    init_gan_head(state.gan_head)
-    nets = {"generator": state.generator, "fake_unet": state.fake_unet, "gan_head": state.gan_head}
+
+def unified_config(recorded):
+    """The dmd2.Config of a recorded SDXLConfig dict: same knobs, plus what the old step hard-coded: the DM index
+    range [20, 981) (--min/max_step_percent 0.02/0.98), the unweighted epsilon MSE (sigma_data = inf), the diffusion
+    GAN over 1000 levels, one learning rate for both sides."""
+    assert (recorded["min_step"], recorded["max_step"]) == (20, 980) and not recorded["lora"]
+    assert not recorded["gradient_checkpointing"] and recorded["lr"] > 0
+    cfg = dmd2.Config(dataset="sdxl", **{new: recorded[old] for old, new in RECORD_TO_CONFIG.items()})
+    return dataclasses.replace(cfg, guidance_lr=recorded["lr"], sigma_data=math.inf, min_step_percent=0.02,
+                               max_step_percent=0.98, diffusion_gan=True, diffusion_gan_max_timestep=1000,
+                               ema_decay=0.0, micro_batch=0)
+
+
+def unified_order(draws, k, steps, generator_turn):
+    """One iteration's recorded draws, ordered as the unified path draws them, without the two the old step drew
+    and then discarded (the rollout's last re-noising, replaced by generator_noise when x0 is re-noised to t_k; and,
+    when there is no rollout, its fresh start, replaced by pure noise). The unified backward simulation re-noises
+    its last x0 to t_k itself, with the draw the old step called generator_noise; a 1-step generator draws no k."""
+    by_role = {d["role"]: d for d in draws}
+    if steps == 1:
+        rollout = ["generator_noise"]
+    else:
+        rollout = ["backsim_k"] + (["generator_noise"] if k == 0 else
+                                   ["backsim_start_noise"] + [f"backsim_renoise_{j}" for j in range(k - 1)]
+                                   + ["generator_noise"])
+    roles = (["real_index", "gen_index"] + rollout
+             + (["dm_t", "dm_noise", "gan_generator_t", "gan_generator_noise"] if generator_turn else [])
+             + ["fake_t", "fake_noise", "gan_real_t", "gan_real_noise", "gan_fake_t", "gan_fake_noise"])
+    return [by_role[role] for role in roles]
+
+
+def run_cycle(parts, name, recorded_draws):
+    """Two iterations for CONFIGS[name] on tiny_data() through the unified path (the tiny UNet as an EpsDenoiser
+    teacher, dmd2.Distiller.train_step, real batches from dmd2.InMemoryBatches, prompts from dmd2.Prompts), with
+    the recorded draws served in place of torch's random functions. Returns {"config", "initial", "draws", "logs", "optimizer_steps",
+    "names", "shapes"}, with logs under the record's names."""
+    recorded_cfg = dict(RECORD["runs"][name]["config"])
+    cfg = unified_config(recorded_cfg)
+    data = tiny_data()
+    distiller = dmd2.Distiller(cfg, parts.teacher(), (4, 16, 16), conditions=dmd2.Prompts(
+        data["captions"], parts.tokenizers, parts.text_encoders))
+    real = dmd2.InMemoryBatches(data["latents"], data["captions"], cfg.batch_size, cfg.seed)
+    init_gan_head(distiller.head)
+    nets = {"generator": distiller.generator.unet, "fake_unet": distiller.fake_score.unet, "gan_head": distiller.head}
     names = {net: [n for n, p in module.named_parameters() if p.requires_grad] for net, module in nets.items()}
     shapes = {net: [list(p.shape) for p in module.parameters() if p.requires_grad] for net, module in nets.items()}
     owner = {id(p): (net, n) for net, module in nets.items() for n, p in module.named_parameters()}
@@ -208,7 +232,7 @@ def run_cycle(parts, name, recorded_draws=None):
             return {net: [found[net][n] for n in names[net]] for net in found}
 
         def before(opt, args, kwargs):
-            steps.append({"iteration": state.step, "optimizer": which,
+            steps.append({"iteration": distiller.step, "optimizer": which,
                           "grads": {net: fingerprint([p.grad for p in ps]) for net, ps in params().items()},
                           "without_grad": [net for net, module in nets.items()
                                            if all(p.grad is None for p in module.parameters())]})
@@ -217,58 +241,32 @@ def run_cycle(parts, name, recorded_draws=None):
             steps[-1]["weights"] = {net: fingerprint(ps) for net, ps in params().items()}
         optimizer.register_step_pre_hook(before)
         optimizer.register_step_post_hook(after)
-    watch(state.opt_g, "generator")
-    watch(state.opt_d, "critic")
+    watch(distiller.opt_g, "generator")
+    watch(distiller.opt_d, "critic")
 
-    data, logs, draws, generator = tiny_data(), [], [], torch.Generator().manual_seed(DRAW_SEED)
+    logs = []
     for _ in range(cfg.iters):
-        generator_turn = state.step % cfg.dfake_gen_update_ratio == 0
-        recorded = None
-        if recorded_draws is not None:
-            recorded = [d for d in recorded_draws if d["iteration"] == state.step]
-        with RandomDraws(recorded, generator) as rng:
-            logs.append(dmd2.sdxl_train_step(state, parts, data, cfg))
-        if recorded is None:
-            label_roles(rng.draws, generator_turn)
-            for d in rng.draws:
-                d["iteration"] = state.step - 1
-            draws += rng.draws
-    return {"config": dataclasses.asdict(cfg), "initial": initial, "draws": draws if recorded_draws is None else [],
-            "logs": logs, "optimizer_steps": steps, "names": names, "shapes": shapes}
+        generator_turn = distiller.step % cfg.dfake_gen_update_ratio == 0
+        draws = [d for d in recorded_draws if d["iteration"] == distiller.step]
+        k = next((d["value"].item() for d in draws if d["role"] == "backsim_k"), 0)
+        with RandomDraws(unified_order(draws, k, cfg.generator_steps, generator_turn)):
+            log = distiller.train_step(next(real))
+        logs.append({LOG_NAMES[key]: value for key, value in log.items() if key in LOG_NAMES})
+    return {"config": {**recorded_cfg, **{old: getattr(cfg, new) for old, new in RECORD_TO_CONFIG.items()},
+                       "real_guidance_scale": cfg.guidance_scale},
+            "initial": initial, "draws": [], "logs": logs, "optimizer_steps": steps, "names": names, "shapes": shapes}
 
 
 @torch.no_grad()
 def embedding_fingerprint(parts):
-    embeds, pooled = dmd2.encode_prompts(tiny_data()["captions"], parts.tokenizers, parts.text_encoders)
+    embeds, pooled = dmd2.Prompts([], parts.tokenizers, parts.text_encoders).encode(tiny_data()["captions"])
     return fingerprint([embeds, pooled])
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=RECORD_PATH)
-    args = parser.parse_args(argv)
-    import diffusers
-    import transformers
-    torch.set_num_threads(1)
-    parts = dmd2.sdxl_tiny_parts(seed=0)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    commit = subprocess.run(["git", "-C", root, "log", "-1", "--format=%H %s", "--", "dmd2.py"], capture_output=True,
-                            text=True).stdout.strip()
-    if subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--", "dmd2.py"]).returncode:
-        raise SystemExit("dmd2.py differs from its last commit: record from a committed dmd2.py")
-    runs = {name: run_cycle(parts, name) for name in CONFIGS}
-    ks = [d["value"].item() for d in runs["4step"]["draws"] if d["role"] == "backsim_k"]
-    assert ks == [3, 2], f"DRAW_SEED gives rollout lengths {ks}; want 3 in the generator turn, then 2"
-    record = {"meta": {"dmd2_commit": commit, "torch": str(torch.__version__), "diffusers": diffusers.__version__,
-                       "transformers": transformers.__version__, "command": "python tests/record_sdxl_step.py",
-                       "draw_seed": DRAW_SEED},
-              "data": tiny_data(), "embeddings": embedding_fingerprint(parts), "runs": runs}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    torch.save(record, args.out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB) from dmd2.py at {commit}")
-    for name, run in runs.items():
-        print(name, "draws", [d["role"] for d in run["draws"]])
-        print(name, "logs", run["logs"])
+def main():
+    raise SystemExit("The record was made by this script and dmd2.sdxl_train_step at commit 37b252e; both changed "
+                     "since (issue 13 replaced the step by the unified Distiller). To re-record, check out that commit:"
+                     " git worktree add /tmp/rec 37b252e && cd /tmp/rec && python tests/record_sdxl_step.py")
 
 
 if __name__ == "__main__":

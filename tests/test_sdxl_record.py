@@ -21,13 +21,11 @@ one quantity would fail):
     a sqrt(numel) and the tensor's gradient norm deciding;
   * tol = 5e-6 in the first iteration, 2e-5 in the second (after one optimiser step, which amplifies rounding).
 
-For the refactor of issue 13: sdxl_train_step and its twins will be deleted. Keep this test green by pointing
-record_sdxl_step.run_cycle at the unified path (the adapter, Distiller, the one train step) with the same tiny
-networks, data, GAN head initialisation (init_gan_head) and configuration, and route the same draws through it:
-each recorded draw carries its role ("dm_t", "gan_real_noise", "backsim_renoise_1", ...), so an implementation
-that draws in another order or through another call (randn instead of randn_like, its own torch.Generator) may
-reorder the recorded list by role; the distributions, numbers of values and the comparisons here must not change. Do not re-record: the record is today's
-code, and the point is that the new code computes what it computed."""
+Issue 13 deleted sdxl_train_step: record_sdxl_step.run_cycle now runs the unified path (the tiny UNet as an
+EpsDenoiser teacher, Distiller.train_step, InMemoryBatches, Prompts) with the same tiny networks, data, GAN head
+initialisation and configuration (record_sdxl_step.unified_config), serving each recorded draw to the call that
+plays its role (record_sdxl_step.unified_order; the two draws the old step made and discarded are not served).
+The record itself is not re-made: the point is that the new code computes what the old code computed."""
 import pytest
 import torch
 
@@ -42,7 +40,7 @@ B, LATENT = 2, [2, 4, 16, 16]
 
 @pytest.fixture(scope="module")
 def parts():
-    return dmd2.sdxl_tiny_parts(seed=0)
+    return dmd2.tiny_t2i_parts(sdxl=True, seed=0)
 
 
 def replay(parts, name, draws):
@@ -111,7 +109,7 @@ def mismatches(run, ref):
 
 
 def test_tiny_model_data_and_embeddings_are_the_recorded_ones(parts, replays):
-    """A failure here means the tiny model changed (sdxl_tiny_parts, diffusers, transformers), not the step."""
+    """A failure here means the tiny model changed (tiny_t2i_parts, diffusers, transformers), not the step."""
     data = rec.tiny_data()
     assert torch.equal(data["latents"], RECORD["data"]["latents"]) and data["captions"] == RECORD["data"]["captions"]
     embeddings, recorded = rec.embedding_fingerprint(parts), RECORD["embeddings"]
