@@ -1,6 +1,6 @@
 """Text-to-image evaluation (dmd2.py section 8b2) against the libraries that define the protocol: clean-fid (resize,
 folder FID), open_clip (CLIP score) and pandas (the official data_process.py subset). CPU, nothing downloaded: the
-Inception and CLIP networks are randomly initialised and saved as files, the SDXL student is sdxl_tiny_parts()."""
+Inception and CLIP networks are randomly initialised and saved as files, the SDXL student is tiny_t2i_parts()."""
 import contextlib
 import dataclasses
 import functools
@@ -280,12 +280,14 @@ def test_prefixed_tokens_equal_the_official_token_insertion():
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    """A tiny random SDXL-shaped 4-step student saved as a `dmd2.py sdxl train` checkpoint."""
+    """A tiny random SDXL-shaped 4-step student saved as a `dmd2.py --dataset sdxl --tiny true` run checkpoint."""
     pytest.importorskip("diffusers")
     folder = tmp_path_factory.mktemp("student")
-    parts = dmd2.sdxl_tiny_parts(seed=0)
-    torch.save({"generator": parts.unet.state_dict(), "config": dataclasses.asdict(dmd2.SDXLConfig(tiny=True, seed=0))},
-               folder / "checkpoint.pt")
+    spec = dict(model_id="", sdxl=True, tiny=True, seed=0)
+    generator = dmd2.t2i_parts(spec).teacher()
+    config = dataclasses.asdict(dmd2.Config(**{**dmd2.PRESETS["sdxl"], "dataset": "sdxl", "tiny": True, "seed": 0}))
+    torch.save({"config": config, "arch": {"kind": "t2i", "kwargs": spec},
+                "distiller": {"generator": generator.state_dict(), "ema": None, "step": 0}}, folder / "checkpoint.pt")
     return str(folder / "checkpoint.pt")
 
 
@@ -332,19 +334,24 @@ def test_student_pipeline_equals_our_sampler(tmp_path, student):
     for i, prompt in enumerate(["a red cat", "two dogs"]):
         generator = torch.Generator().manual_seed(9 + i)
         latents = torch.randn(4, 16, 16, generator=generator)[None]
-        embeds, pooled = dmd2.encode_prompts([prompt], (pipe.tokenizer, pipe.tokenizer_2),
-                                             (pipe.text_encoder, pipe.text_encoder_2))
-        x0 = dmd2.sdxl_sample(pipe.unet, embeds, pooled, dmd2.sdxl_time_ids(128, 1), dmd2.sdxl_alphas_cumprod(),
-                              latents, call["timesteps"], generator)
-        ours = dmd2.decode_latents(pipe.vae, x0)[0].astype(int)
+        parts = dmd2.T2IParts(pipe.unet, (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2),
+                              pipe.vae, dmd2.ddpm_alphas_cumprod())
+        denoiser = parts.teacher()
+        cond = dmd2.Prompts([], parts.tokenizers, parts.text_encoders).encode([prompt])
+        step_sigmas = dmd2.generator_sigmas(4, denoiser.sigmas)
+        with torch.no_grad():
+            x0 = dmd2.generate(denoiser, latents, cond, step_sigmas,
+                               lambda shape, device=None: torch.randn(shape, generator=generator))
+        image = (dmd2.decode_latents(pipe.vae, x0)[0] + 1) * 127.5  # official: clamp, then truncate
+        ours = image.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy().astype(int)
         assert np.abs(np.asarray(PIL.Image.open(tmp_path / f"{i:05d}.png")).astype(int) - ours).max() <= 1
 
 
 def test_every_model_kind_builds_its_pipeline_and_generates(tmp_path, monkeypatch):
     """The branches of t2i_pipeline offline: SDXL base is the tiny model (a saved pipeline folder for --model_id /
-    hf:ID, load_sdxl patched), every downloaded UNet file is a tiny state dict; the files asked for are recorded."""
+    hf:ID, load_t2i patched), every downloaded UNet file is a tiny state dict; the files asked for are recorded."""
     diffusers = pytest.importorskip("diffusers")
-    parts = dmd2.sdxl_tiny_parts(seed=0)
+    parts = dmd2.tiny_t2i_parts(seed=0)
     euler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                              steps_offset=1, timestep_spacing="leading")  # SDXL base's scheduler
     diffusers.StableDiffusionXLPipeline(
@@ -354,7 +361,7 @@ def test_every_model_kind_builds_its_pipeline_and_generates(tmp_path, monkeypatc
     torch.save(parts.unet.state_dict(), tmp_path / "unet.bin")
     parts.unet.save_pretrained(tmp_path / "lcm_unet")
     asked = []
-    monkeypatch.setattr(dmd2, "load_sdxl", lambda model_id: dmd2.sdxl_tiny_parts(seed=0))
+    monkeypatch.setattr(dmd2, "load_t2i", lambda model_id, sdxl=True: dmd2.tiny_t2i_parts(seed=0))
     monkeypatch.setattr(dmd2, "download_dmd2", lambda name, repo=dmd2.DMD2_REPO, flag="": asked.append(
         f"{repo}/{name}") or str(tmp_path / "unet.bin"))
     base = str(tmp_path / "sdxl")
