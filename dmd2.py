@@ -1409,16 +1409,18 @@ def avg_pool_3x3(x):
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # TF excludes the padding (pytorch-fid)
 
 
+def add_convs(module, **specs):
+    """module.name = InceptionConv(in, out, kernel[, stride[, padding]]) for every name=(in, out, kernel, ...)."""
+    for name, spec in specs.items():
+        setattr(module, name, InceptionConv(*spec))
+
+
 class InceptionA(nn.Module):  # Mixed_5b..5d (pytorch-fid FIDInceptionA)
-    def __init__(self, in_channels, pool_features):
+    def __init__(self, cin, pool_features):
         super().__init__()
-        self.branch1x1 = InceptionConv(in_channels, 64, 1)
-        self.branch5x5_1 = InceptionConv(in_channels, 48, 1)
-        self.branch5x5_2 = InceptionConv(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = InceptionConv(in_channels, 64, 1)
-        self.branch3x3dbl_2 = InceptionConv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = InceptionConv(96, 96, 3, padding=1)
-        self.branch_pool = InceptionConv(in_channels, pool_features, 1)
+        add_convs(self, branch1x1=(cin, 64, 1), branch5x5_1=(cin, 48, 1), branch5x5_2=(48, 64, 5, 1, 2),
+                  branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1), branch3x3dbl_3=(96, 96, 3, 1, 1),
+                  branch_pool=(cin, pool_features, 1))
 
     def forward(self, x):
         a, b, c = parallel_1x1(x, self.branch1x1, self.branch5x5_1, self.branch3x3dbl_1)
@@ -1428,12 +1430,10 @@ class InceptionA(nn.Module):  # Mixed_5b..5d (pytorch-fid FIDInceptionA)
 
 
 class InceptionB(nn.Module):  # Mixed_6a (torchvision InceptionB)
-    def __init__(self, in_channels):
+    def __init__(self, cin):
         super().__init__()
-        self.branch3x3 = InceptionConv(in_channels, 384, 3, stride=2)
-        self.branch3x3dbl_1 = InceptionConv(in_channels, 64, 1)
-        self.branch3x3dbl_2 = InceptionConv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = InceptionConv(96, 96, 3, stride=2)
+        add_convs(self, branch3x3=(cin, 384, 3, 2), branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1),
+                  branch3x3dbl_3=(96, 96, 3, 2))
 
     def forward(self, x):
         c = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
@@ -1441,19 +1441,13 @@ class InceptionB(nn.Module):  # Mixed_6a (torchvision InceptionB)
 
 
 class InceptionC(nn.Module):  # Mixed_6b..6e (pytorch-fid FIDInceptionC)
-    def __init__(self, in_channels, channels_7x7):
+    def __init__(self, cin, c7):
         super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = InceptionConv(in_channels, 192, 1)
-        self.branch7x7_1 = InceptionConv(in_channels, c7, 1)
-        self.branch7x7_2 = InceptionConv(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = InceptionConv(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = InceptionConv(in_channels, c7, 1)
-        self.branch7x7dbl_2 = InceptionConv(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = InceptionConv(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = InceptionConv(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = InceptionConv(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = InceptionConv(in_channels, 192, 1)
+        row, col = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # kernel, stride, padding of the 1x7 and 7x1 convs
+        add_convs(self, branch1x1=(cin, 192, 1), branch7x7_1=(cin, c7, 1), branch7x7_2=(c7, c7, *row),
+                  branch7x7_3=(c7, 192, *col), branch7x7dbl_1=(cin, c7, 1), branch7x7dbl_2=(c7, c7, *col),
+                  branch7x7dbl_3=(c7, c7, *row), branch7x7dbl_4=(c7, c7, *col), branch7x7dbl_5=(c7, 192, *row),
+                  branch_pool=(cin, 192, 1))
 
     def forward(self, x):
         a, b, c = parallel_1x1(x, self.branch1x1, self.branch7x7_1, self.branch7x7dbl_1)
@@ -1463,14 +1457,11 @@ class InceptionC(nn.Module):  # Mixed_6b..6e (pytorch-fid FIDInceptionC)
 
 
 class InceptionD(nn.Module):  # Mixed_7a (torchvision InceptionD)
-    def __init__(self, in_channels):
+    def __init__(self, cin):
         super().__init__()
-        self.branch3x3_1 = InceptionConv(in_channels, 192, 1)
-        self.branch3x3_2 = InceptionConv(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = InceptionConv(in_channels, 192, 1)
-        self.branch7x7x3_2 = InceptionConv(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = InceptionConv(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = InceptionConv(192, 192, 3, stride=2)
+        add_convs(self, branch3x3_1=(cin, 192, 1), branch3x3_2=(192, 320, 3, 2), branch7x7x3_1=(cin, 192, 1),
+                  branch7x7x3_2=(192, 192, (1, 7), 1, (0, 3)), branch7x7x3_3=(192, 192, (7, 1), 1, (3, 0)),
+                  branch7x7x3_4=(192, 192, 3, 2))
 
     def forward(self, x):
         a, b = parallel_1x1(x, self.branch3x3_1, self.branch7x7x3_1)
@@ -1479,18 +1470,13 @@ class InceptionD(nn.Module):  # Mixed_7a (torchvision InceptionD)
 
 
 class InceptionE(nn.Module):  # Mixed_7b (FIDInceptionE_1, average pool) and Mixed_7c (FIDInceptionE_2, max pool)
-    def __init__(self, in_channels, max_pool):
+    def __init__(self, cin, max_pool):
         super().__init__()
         self.max_pool = max_pool  # a quirk of the TF graph kept by pytorch-fid: Mixed_7c pools with max
-        self.branch1x1 = InceptionConv(in_channels, 320, 1)
-        self.branch3x3_1 = InceptionConv(in_channels, 384, 1)
-        self.branch3x3_2a = InceptionConv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = InceptionConv(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = InceptionConv(in_channels, 448, 1)
-        self.branch3x3dbl_2 = InceptionConv(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = InceptionConv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = InceptionConv(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = InceptionConv(in_channels, 192, 1)
+        row, col = ((1, 3), 1, (0, 1)), ((3, 1), 1, (1, 0))  # kernel, stride, padding of the 1x3 and 3x1 convs
+        add_convs(self, branch1x1=(cin, 320, 1), branch3x3_1=(cin, 384, 1), branch3x3_2a=(384, 384, *row),
+                  branch3x3_2b=(384, 384, *col), branch3x3dbl_1=(cin, 448, 1), branch3x3dbl_2=(448, 384, 3, 1, 1),
+                  branch3x3dbl_3a=(384, 384, *row), branch3x3dbl_3b=(384, 384, *col), branch_pool=(cin, 192, 1))
 
     def forward(self, x):
         a, b, c = parallel_1x1(x, self.branch1x1, self.branch3x3_1, self.branch3x3dbl_1)
@@ -1535,19 +1521,16 @@ class InceptionV3(nn.Module):
         if mode not in ("edm", "pytorch-fid"):
             raise ValueError(f"InceptionV3 mode must be 'edm' or 'pytorch-fid', got {mode!r}")
         self.mode = mode
-        self.Conv2d_1a_3x3 = InceptionConv(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = InceptionConv(32, 32, 3)
-        self.Conv2d_2b_3x3 = InceptionConv(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = InceptionConv(64, 80, 1)
-        self.Conv2d_4a_3x3 = InceptionConv(80, 192, 3)
+        add_convs(self, Conv2d_1a_3x3=(3, 32, 3, 2), Conv2d_2a_3x3=(32, 32, 3), Conv2d_2b_3x3=(32, 64, 3, 1, 1),
+                  Conv2d_3b_1x1=(64, 80, 1), Conv2d_4a_3x3=(80, 192, 3))
         self.Mixed_5b = InceptionA(192, pool_features=32)
         self.Mixed_5c = InceptionA(256, pool_features=64)
         self.Mixed_5d = InceptionA(288, pool_features=64)
         self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b = InceptionE(1280, max_pool=False)
         self.Mixed_7c = InceptionE(2048, max_pool=True)
