@@ -2289,7 +2289,7 @@ def prepare_network(net, cfg, device):
 
 def cache_path(cfg, kind, settings):
     """A file in the cache named by what made it (so a changed recipe never reuses a stale file)."""
-    folder = cfg.cache_dir or os.environ.get("DMD2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmd2")
+    folder = cfg.cache_dir or default_cache_dir()
     os.makedirs(folder, exist_ok=True)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(folder, f"{kind}-{digest}.pt")
