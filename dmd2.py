@@ -1507,11 +1507,9 @@ def tf1_bilinear_resize(x, size=299):
 
 
 class InceptionV3(nn.Module):
-    """The FID Inception network (TF inception-2015-12-05 graph) returning 2048-d pool features, float32.
-
-    Module tree and state-dict keys are torchvision's / pytorch-fid's, so pytorch-fid's
-    pt_inception-2015-12-05-6726825d.pth loads strictly (fc is kept only for that; features never use it).
-    Input: uint8 images [N, 3, H, W], any H, W. Preprocessing `mode`:
+    """The FID Inception network (TF inception-2015-12-05 graph) returning 2048-d pool features, float32. Module
+    tree and state-dict keys are torchvision's / pytorch-fid's, so pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+    loads strictly (fc is kept only for that). Input: uint8 images [N, 3, H, W], any H, W. Preprocessing `mode`:
       'edm'         TF1 bilinear resize to 299, (x - 128) / 128 (EDM fid.py / NVIDIA detector: the paper's FID);
       'pytorch-fid' x / 255, F.interpolate bilinear (align_corners=False) to 299, 2x - 1 (pytorch-fid's numbers).
     Runs in inference mode, channels_last, batch norm folded into the convolutions, float32 throughout."""
@@ -2309,8 +2307,9 @@ def embedded_teacher(cfg, batches, sample_shape, device):
     path = cache_path(cfg, f"teacher-{cfg.dataset}", settings)
     net = prepare_network(build_network(spec), cfg, device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    if os.path.exists(path) and read_checkpoint(path).get("done"):
-        ema.load_state_dict(read_checkpoint(path)["ema"])
+    cached = read_checkpoint(path) if os.path.exists(path) else {}
+    if cached.get("done"):
+        ema.load_state_dict(cached["ema"])
         return ema
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr)
     scheduler = warmup_scheduler(optimizer, 100)
