@@ -167,7 +167,8 @@ PRESETS = {
 # 2. Embedded data: made in code, deterministic from a seed, nothing to download
 
 
-TOY2D_MODES = torch.stack([torch.cos(torch.arange(8) * 2 * math.pi / 8), torch.sin(torch.arange(8) * 2 * math.pi / 8)], 1)
+TOY2D_MODES = torch.stack([torch.cos(torch.arange(8) * 2 * math.pi / 8),
+                           torch.sin(torch.arange(8) * 2 * math.pi / 8)], 1)  # the 8 mode centres
 
 
 def toy2d_sample(n, rng=None, device="cpu"):
