@@ -201,17 +201,18 @@ PRESETS = {
 # 2. Embedded data: made in code, deterministic from a seed, nothing to download
 
 
+TOY2D_MODES = torch.stack([torch.cos(torch.arange(8) * 2 * math.pi / 8),
+                           torch.sin(torch.arange(8) * 2 * math.pi / 8)], 1)  # the 8 mode centres
+
+
 def toy2d_sample(n, rng=None, device="cpu"):
-    """The 2-D class-conditional mixture: 8 Gaussian modes (std 0.08) on the unit circle; class c owns the two
-    opposite modes c and c+4, so a generator that drops one of them shows up as mode collapse."""
+    """The 2-D class-conditional mixture: 8 Gaussian modes (std 0.08) on the unit circle (TOY2D_MODES); class c owns
+    the two opposite modes c and c+4, so a generator that drops one of them shows up as mode collapse."""
     labels = torch.randint(0, 4, (n,), generator=rng, device=device)
     mode = labels + 4 * torch.randint(0, 2, (n,), generator=rng, device=device)
-    angle = mode.float() * (2 * math.pi / 8)
-    centers = torch.stack([angle.cos(), angle.sin()], dim=1)
-    return centers + 0.08 * torch.randn(n, 2, generator=rng, device=device), labels
+    return TOY2D_MODES.to(device)[mode] + 0.08 * torch.randn(n, 2, generator=rng, device=device), labels
 
 
-TOY2D_MODES = torch.stack([torch.cos(torch.arange(8) * 2 * math.pi / 8), torch.sin(torch.arange(8) * 2 * math.pi / 8)], 1)
 SHAPE_NAMES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond", "bars", "half-disk", "frame"]
 
 
@@ -283,14 +284,11 @@ class InMemoryBatches:
         return images, take(self.labels, idx)
 
 
-class Toy2DBatches:
+class Toy2DBatches(InMemoryBatches):
     """Fresh samples of the true 2-D distribution for every batch (the data set is infinite)."""
 
     def __init__(self, global_batch, seed, rank=0, world_size=1):
-        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
-        self.rng = torch.Generator().manual_seed(seed)
-
-    state_dict, load_state_dict = InMemoryBatches.state_dict, InMemoryBatches.load_state_dict
+        super().__init__(None, None, global_batch, seed, rank, world_size)
 
     def __next__(self):
         x, y = toy2d_sample(self.global_batch, self.rng)
@@ -484,13 +482,12 @@ def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
 
 
 def real_batches(dataset, batch_size, seed, rank=0, world_size=1, num_workers=0, start_batch=0):
-    """Infinite iterator of (images float32 in [-1,1], labels int64) for this rank. Each epoch is a permutation
-    seeded with seed + epoch, cut into GLOBAL batches of world_size * batch_size (incomplete ones dropped), and rank r
-    keeps the r-th slice of each: W processes with batch B read exactly the batches of one process with batch W*B, as
-    they draw its noise (SharedNoise). Official: DataLoader(shuffle=True, drop_last=True, num_workers=12) sharded by
-    accelerate, whose per-rank split differs (each rank still draws uniformly without replacement). Batch k is a pure
-    function of (seed, k, rank, world_size, len(dataset)), so exact resume is real_batches(..., start_batch=batches
-    consumed): skipped batches are never decoded."""
+    """Infinite iterator of (images float32 in [-1,1], labels int64) for this rank. Epoch e is a permutation seeded
+    seed + e, cut into global batches of world_size * batch_size (incomplete ones dropped); rank r keeps the r-th
+    slice, so W processes with batch B read the batches of one process with batch W*B (as SharedNoise draws noise).
+    Official: DataLoader(shuffle=True, drop_last=True, num_workers=12) sharded by accelerate (another per-rank split,
+    also uniform without replacement). Batch k depends only on (seed, k, rank, world_size, len(dataset)): exact
+    resume is start_batch=batches consumed, and skipped batches are never decoded."""
     global_batch = batch_size * world_size
     batches_per_epoch = len(dataset) // global_batch
     if batches_per_epoch == 0:
@@ -1465,9 +1462,7 @@ def save_samples(samples, labels, path):
     fig = Figure(figsize=(3.2, 3.2))
     ax = fig.subplots()
     ax.scatter(samples[:, 0], samples[:, 1], c=labels, cmap="tab10", s=2, vmin=0, vmax=9)
-    ax.set_xlim(-1.6, 1.6)
-    ax.set_ylim(-1.6, 1.6)
-    ax.set_aspect("equal")
+    ax.set(xlim=(-1.6, 1.6), ylim=(-1.6, 1.6), aspect="equal")
     fig.savefig(path, dpi=100)
 
 
@@ -1492,13 +1487,9 @@ def toy2d_metrics(x, labels, seed=123):
 @torch.no_grad()
 def classifier_features(classifier, images, batch=500):
     """Pooled features and predicted labels of the shapes classifier for float images in [-1, 1]."""
-    feats, preds = [], []
-    for i in range(0, len(images), batch):
-        x = images_to_uint8(images[i:i + batch]).float() / 127.5 - 1  # the evaluated images are the saved uint8 ones
-        f = classifier.features(x)
-        feats.append(f.double())
-        preds.append(classifier.fc(f).argmax(1))
-    return torch.cat(feats).numpy(), torch.cat(preds)
+    x = images_to_uint8(images).float() / 127.5 - 1  # the evaluated images are the saved uint8 ones
+    feats = torch.cat([classifier.features(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return feats.double().numpy(), classifier.fc(feats).argmax(1)
 
 
 def image_metrics(images, labels, classifier, ref_features):
@@ -1522,9 +1513,8 @@ INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_
 
 
 class InceptionConv(nn.Module):
-    """Conv (no bias) + inference batch norm (eps 1e-3) + ReLU: torchvision's BasicConv2d names (conv, bn).
-    The batch norm is folded into the convolution at every call (w * s, beta - mean * s, s = gamma/sqrt(var+eps)):
-    one kernel instead of three, equal to the unfolded form up to float32 rounding."""
+    """Conv (no bias) + inference batch norm (eps 1e-3) + ReLU, named as torchvision's BasicConv2d (conv, bn). The
+    batch norm is folded into the convolution at every call (w s, beta - mean s, s = gamma / sqrt(var + eps))."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
         super().__init__()
@@ -1551,16 +1541,18 @@ def avg_pool_3x3(x):
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # TF excludes the padding (pytorch-fid)
 
 
+def add_convs(module, **specs):
+    """module.name = InceptionConv(in, out, kernel[, stride[, padding]]) for every name=(in, out, kernel, ...)."""
+    for name, spec in specs.items():
+        setattr(module, name, InceptionConv(*spec))
+
+
 class InceptionA(nn.Module):  # Mixed_5b..5d (pytorch-fid FIDInceptionA)
-    def __init__(self, in_channels, pool_features):
+    def __init__(self, cin, pool_features):
         super().__init__()
-        self.branch1x1 = InceptionConv(in_channels, 64, 1)
-        self.branch5x5_1 = InceptionConv(in_channels, 48, 1)
-        self.branch5x5_2 = InceptionConv(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = InceptionConv(in_channels, 64, 1)
-        self.branch3x3dbl_2 = InceptionConv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = InceptionConv(96, 96, 3, padding=1)
-        self.branch_pool = InceptionConv(in_channels, pool_features, 1)
+        add_convs(self, branch1x1=(cin, 64, 1), branch5x5_1=(cin, 48, 1), branch5x5_2=(48, 64, 5, 1, 2),
+                  branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1), branch3x3dbl_3=(96, 96, 3, 1, 1),
+                  branch_pool=(cin, pool_features, 1))
 
     def forward(self, x):
         a, b, c = parallel_1x1(x, self.branch1x1, self.branch5x5_1, self.branch3x3dbl_1)
@@ -1570,12 +1562,10 @@ class InceptionA(nn.Module):  # Mixed_5b..5d (pytorch-fid FIDInceptionA)
 
 
 class InceptionB(nn.Module):  # Mixed_6a (torchvision InceptionB)
-    def __init__(self, in_channels):
+    def __init__(self, cin):
         super().__init__()
-        self.branch3x3 = InceptionConv(in_channels, 384, 3, stride=2)
-        self.branch3x3dbl_1 = InceptionConv(in_channels, 64, 1)
-        self.branch3x3dbl_2 = InceptionConv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = InceptionConv(96, 96, 3, stride=2)
+        add_convs(self, branch3x3=(cin, 384, 3, 2), branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1),
+                  branch3x3dbl_3=(96, 96, 3, 2))
 
     def forward(self, x):
         c = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
@@ -1583,19 +1573,13 @@ class InceptionB(nn.Module):  # Mixed_6a (torchvision InceptionB)
 
 
 class InceptionC(nn.Module):  # Mixed_6b..6e (pytorch-fid FIDInceptionC)
-    def __init__(self, in_channels, channels_7x7):
+    def __init__(self, cin, c7):
         super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = InceptionConv(in_channels, 192, 1)
-        self.branch7x7_1 = InceptionConv(in_channels, c7, 1)
-        self.branch7x7_2 = InceptionConv(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = InceptionConv(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = InceptionConv(in_channels, c7, 1)
-        self.branch7x7dbl_2 = InceptionConv(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = InceptionConv(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = InceptionConv(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = InceptionConv(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = InceptionConv(in_channels, 192, 1)
+        row, col = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # kernel, stride, padding of the 1x7 and 7x1 convs
+        add_convs(self, branch1x1=(cin, 192, 1), branch7x7_1=(cin, c7, 1), branch7x7_2=(c7, c7, *row),
+                  branch7x7_3=(c7, 192, *col), branch7x7dbl_1=(cin, c7, 1), branch7x7dbl_2=(c7, c7, *col),
+                  branch7x7dbl_3=(c7, c7, *row), branch7x7dbl_4=(c7, c7, *col), branch7x7dbl_5=(c7, 192, *row),
+                  branch_pool=(cin, 192, 1))
 
     def forward(self, x):
         a, b, c = parallel_1x1(x, self.branch1x1, self.branch7x7_1, self.branch7x7dbl_1)
@@ -1605,14 +1589,11 @@ class InceptionC(nn.Module):  # Mixed_6b..6e (pytorch-fid FIDInceptionC)
 
 
 class InceptionD(nn.Module):  # Mixed_7a (torchvision InceptionD)
-    def __init__(self, in_channels):
+    def __init__(self, cin):
         super().__init__()
-        self.branch3x3_1 = InceptionConv(in_channels, 192, 1)
-        self.branch3x3_2 = InceptionConv(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = InceptionConv(in_channels, 192, 1)
-        self.branch7x7x3_2 = InceptionConv(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = InceptionConv(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = InceptionConv(192, 192, 3, stride=2)
+        add_convs(self, branch3x3_1=(cin, 192, 1), branch3x3_2=(192, 320, 3, 2), branch7x7x3_1=(cin, 192, 1),
+                  branch7x7x3_2=(192, 192, (1, 7), 1, (0, 3)), branch7x7x3_3=(192, 192, (7, 1), 1, (3, 0)),
+                  branch7x7x3_4=(192, 192, 3, 2))
 
     def forward(self, x):
         a, b = parallel_1x1(x, self.branch3x3_1, self.branch7x7x3_1)
@@ -1621,18 +1602,13 @@ class InceptionD(nn.Module):  # Mixed_7a (torchvision InceptionD)
 
 
 class InceptionE(nn.Module):  # Mixed_7b (FIDInceptionE_1, average pool) and Mixed_7c (FIDInceptionE_2, max pool)
-    def __init__(self, in_channels, max_pool):
+    def __init__(self, cin, max_pool):
         super().__init__()
         self.max_pool = max_pool  # a quirk of the TF graph kept by pytorch-fid: Mixed_7c pools with max
-        self.branch1x1 = InceptionConv(in_channels, 320, 1)
-        self.branch3x3_1 = InceptionConv(in_channels, 384, 1)
-        self.branch3x3_2a = InceptionConv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = InceptionConv(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = InceptionConv(in_channels, 448, 1)
-        self.branch3x3dbl_2 = InceptionConv(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = InceptionConv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = InceptionConv(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = InceptionConv(in_channels, 192, 1)
+        row, col = ((1, 3), 1, (0, 1)), ((3, 1), 1, (1, 0))  # kernel, stride, padding of the 1x3 and 3x1 convs
+        add_convs(self, branch1x1=(cin, 320, 1), branch3x3_1=(cin, 384, 1), branch3x3_2a=(384, 384, *row),
+                  branch3x3_2b=(384, 384, *col), branch3x3dbl_1=(cin, 448, 1), branch3x3dbl_2=(448, 384, 3, 1, 1),
+                  branch3x3dbl_3a=(384, 384, *row), branch3x3dbl_3b=(384, 384, *col), branch_pool=(cin, 192, 1))
 
     def forward(self, x):
         a, b, c = parallel_1x1(x, self.branch1x1, self.branch3x3_1, self.branch3x3dbl_1)
@@ -1663,11 +1639,9 @@ def tf1_bilinear_resize(x, size=299):
 
 
 class InceptionV3(nn.Module):
-    """The FID Inception network (TF inception-2015-12-05 graph) returning 2048-d pool features, float32.
-
-    Module tree and state-dict keys are torchvision's / pytorch-fid's, so pytorch-fid's
-    pt_inception-2015-12-05-6726825d.pth loads strictly (fc is kept only for that; features never use it).
-    Input: uint8 images [N, 3, H, W], any H, W. Preprocessing `mode`:
+    """The FID Inception network (TF inception-2015-12-05 graph) returning 2048-d pool features, float32. Module
+    tree and state-dict keys are torchvision's / pytorch-fid's, so pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+    loads strictly (fc is kept only for that). Input: uint8 images [N, 3, H, W], any H, W. Preprocessing `mode`:
       'edm'         TF1 bilinear resize to 299, (x - 128) / 128 (EDM fid.py / NVIDIA detector: the paper's FID);
       'pytorch-fid' x / 255, F.interpolate bilinear (align_corners=False) to 299, 2x - 1 (pytorch-fid's numbers).
     Runs in inference mode, channels_last, batch norm folded into the convolutions, float32 throughout."""
@@ -1677,19 +1651,16 @@ class InceptionV3(nn.Module):
         if mode not in ("edm", "pytorch-fid"):
             raise ValueError(f"InceptionV3 mode must be 'edm' or 'pytorch-fid', got {mode!r}")
         self.mode = mode
-        self.Conv2d_1a_3x3 = InceptionConv(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = InceptionConv(32, 32, 3)
-        self.Conv2d_2b_3x3 = InceptionConv(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = InceptionConv(64, 80, 1)
-        self.Conv2d_4a_3x3 = InceptionConv(80, 192, 3)
+        add_convs(self, Conv2d_1a_3x3=(3, 32, 3, 2), Conv2d_2a_3x3=(32, 32, 3), Conv2d_2b_3x3=(32, 64, 3, 1, 1),
+                  Conv2d_3b_1x1=(64, 80, 1), Conv2d_4a_3x3=(80, 192, 3))
         self.Mixed_5b = InceptionA(192, pool_features=32)
         self.Mixed_5c = InceptionA(256, pool_features=64)
         self.Mixed_5d = InceptionA(288, pool_features=64)
         self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b = InceptionE(1280, max_pool=False)
         self.Mixed_7c = InceptionE(2048, max_pool=True)
@@ -1724,10 +1695,6 @@ class InceptionV3(nn.Module):
         return x.mean(dim=(2, 3))  # pool_3: global average pool -> [N, 2048]
 
 
-def read_inception_weights(path):
-    return read_checkpoint(path, "Inception weights file", f"Delete it and download {INCEPTION_URL} again.", ValueError)
-
-
 def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
     """InceptionV3 in eval mode with pytorch-fid's weights, loaded strictly from `path`, else from the cache
     (cache_dir, default $DMD2_CACHE or ~/.cache/dmd2), else downloaded into the cache (download_cached)."""
@@ -1737,7 +1704,8 @@ def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
         raise FileNotFoundError(f"{path}: Inception weights not found (get {INCEPTION_URL})")
     net = InceptionV3(mode)
     try:
-        net.load_state_dict(read_inception_weights(path), strict=True)
+        net.load_state_dict(read_checkpoint(path, "Inception weights file",
+                                            f"Delete it and download {INCEPTION_URL} again.", ValueError), strict=True)
     except (RuntimeError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not pytorch-fid's Inception state dict ({str(error).splitlines()[0]}); "
                          f"expected the file {INCEPTION_URL}") from None
@@ -1864,10 +1832,8 @@ def image_to_chw(image, name):
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise ValueError(f"{name}: {array.dtype} pixels (PIL mode {image.mode}); FID needs 8-bit images")
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.shape[2] == 1:
-        array = array.repeat(3, axis=2)
+    array = array[:, :, None] if array.ndim == 2 else array
+    array = array.repeat(3, axis=2) if array.shape[2] == 1 else array
     if array.shape[2] != 3:
         raise ValueError(f"{name}: {array.shape[2]} channels (PIL mode {image.mode}); FID needs RGB or grayscale")
     return array.transpose(2, 0, 1)
@@ -1940,19 +1906,15 @@ def compute_reference_stats(image_source, out_path=None, inception=None, batch_s
 
 def generator_stats(generate_fn, inception, num_samples=50_000, num_classes=1000, batch_size=64, seed=0,
                     noise_shape=(3, 64, 64), rank=None, world_size=None, feature_dim=2048, device="cpu"):
-    """Feature statistics of a generator under the ImageNet-64 protocol. `generate_fn(noise, labels)` gets unit
-    Gaussian noise [B, *noise_shape] and int64 class indices [B] on `device` (it scales the noise itself, e.g. by
-    sigma_max = 80, and one-hot encodes the labels) and returns images in [-1, 1]; `inception` maps uint8 images
-    to [N, feature_dim] features (an InceptionV3 on `device`).
-
-    Sample i of 0..num_samples-1 has label i % num_classes (official: arange % 1000, exactly 50 per class at 50k)
-    and noise of shape noise_shape from its own seed, seed + i (EDM generate.py --seeds=0-49999; the official DMD2
-    evaluator seeds each process with 10 + rank instead), so the result does not depend on batch_size or on the
-    number of processes (a multi-step generator that needs fresh noise per step takes it from a longer noise_shape,
-    e.g. (K, 3, 64, 64)). Rank r of world_size (default: torch.distributed) evaluates a contiguous run of whole
-    label cycles, so each rank's share is class-balanced and the union is exactly the single-process set (the
-    official evaluator repeats the label sequence on every GPU, which unbalances classes). Sums are reduced over
-    ranks; the returned FeatureStats is the global one."""
+    """Global FeatureStats of a generator under the ImageNet-64 protocol. `generate_fn(noise, labels)` gets unit
+    Gaussian noise [B, *noise_shape] and int64 labels [B] on `device` (it scales the noise, e.g. by sigma_max = 80,
+    and one-hot encodes) and returns images in [-1, 1]; `inception` maps uint8 images to [N, feature_dim].
+    Sample i has label i % num_classes (official: arange % 1000, 50 per class at 50k) and noise of shape noise_shape
+    from its own seed + i (EDM generate.py --seeds=0-49999; the official evaluator seeds each process 10 + rank), so
+    the result does not depend on batch_size or the number of processes (a few-step generator takes its per-step
+    noise from a longer noise_shape, e.g. (K, 3, 64, 64)). Rank r of world_size (default: torch.distributed) takes a
+    contiguous run of whole label cycles: class-balanced shares whose union is the single-process set (the official
+    evaluator repeats the labels on every GPU, which unbalances classes)."""
     if num_samples % num_classes:
         raise ValueError(f"num_samples {num_samples} must be a multiple of num_classes {num_classes}")
     default_rank, default_world = _rank_world()
@@ -1972,14 +1934,13 @@ def generator_stats(generate_fn, inception, num_samples=50_000, num_classes=1000
     return stats.all_reduce()
 
 
-def fid_of_generator(generate_fn, ref_path, inception=None, num_samples=50_000, num_classes=1000, batch_size=64,
-                     seed=0, noise_shape=(3, 64, 64), rank=None, world_size=None, feature_dim=2048, device="cpu"):
+def fid_of_generator(generate_fn, ref_path, inception=None, feature_dim=2048, device="cpu", **protocol):
     """FID of generate_fn(noise, labels) -> [-1, 1] images against EDM-layout reference statistics (EDM's
-    imagenet-64x64.npz for the paper's ImageNet numbers). Every rank returns the same value."""
+    imagenet-64x64.npz for the paper's ImageNet numbers); `protocol`: generator_stats's num_samples, num_classes,
+    batch_size, seed, noise_shape, rank, world_size. Every rank returns the same value."""
     ref_mu, ref_sigma = load_stats(ref_path, feature_dim)  # fail before sampling, not after
     inception = inception or load_inception(device=device)
-    stats = generator_stats(generate_fn, inception, num_samples, num_classes, batch_size, seed, noise_shape,
-                            rank, world_size, feature_dim, device)
+    stats = generator_stats(generate_fn, inception, feature_dim=feature_dim, device=device, **protocol)
     return frechet_distance(*stats.mu_sigma(), ref_mu, ref_sigma)
 
 
@@ -2001,16 +1962,15 @@ def fid_main(argv=None):
     if not ((args.images and args.ref and not args.ref_from) or (args.ref_from and args.out and not args.images)):
         parser.error("use either --images DIR_or_ZIP --ref REF.npz, or --ref-from DATASET --out REF.npz")
     verbose = _rank_world()[0] == 0
+    ref = None if args.ref_from else load_stats(args.ref)  # a bad --ref fails before the weights are read
+    inception = load_inception(args.inception, args.cache_dir, args.mode, args.device)
     if args.ref_from:
-        inception = load_inception(args.inception, args.cache_dir, args.mode, args.device)
         compute_reference_stats(args.ref_from, args.out, inception, args.batch, device=args.device)
         if verbose:
             print(f"saved reference statistics of {args.ref_from} to {args.out}")
         return None
-    ref_mu, ref_sigma = load_stats(args.ref)
-    inception = load_inception(args.inception, args.cache_dir, args.mode, args.device)
     stats = image_stats(args.images, inception, args.batch, device=args.device)
-    fid = frechet_distance(*stats.mu_sigma(), ref_mu, ref_sigma)
+    fid = frechet_distance(*stats.mu_sigma(), *ref)
     if verbose:
         print(f"FID {fid:.4f} ({stats.count} images from {args.images}; reference {args.ref}; mode {args.mode})")
     return fid
@@ -2471,7 +2431,7 @@ def prepare_network(net, cfg, device):
 
 def cache_path(cfg, kind, settings):
     """A file in the cache named by what made it (so a changed recipe never reuses a stale file)."""
-    folder = cfg.cache_dir or os.environ.get("DMD2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmd2")
+    folder = cfg.cache_dir or default_cache_dir()
     os.makedirs(folder, exist_ok=True)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(folder, f"{kind}-{digest}.pt")
@@ -2491,8 +2451,9 @@ def embedded_teacher(cfg, batches, sample_shape, device):
     path = cache_path(cfg, f"teacher-{cfg.dataset}", settings)
     net = prepare_network(build_network(spec), cfg, device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    if os.path.exists(path) and read_checkpoint(path).get("done"):
-        ema.load_state_dict(read_checkpoint(path)["ema"])
+    cached = read_checkpoint(path) if os.path.exists(path) else {}
+    if cached.get("done"):
+        ema.load_state_dict(cached["ema"])
         return ema
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr)
     scheduler = warmup_scheduler(optimizer, 100)
