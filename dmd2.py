@@ -60,6 +60,11 @@ except ImportError:
 import edm_net
 
 
+# ================================================================================================================
+# PART I. THE METHOD: config, noise, losses, GAN head, generators, the denoiser adapter, the distiller
+# ================================================================================================================
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Config and presets. Every field is a CLI flag (--name value); a preset fills in what the dataset needs.
 
@@ -196,418 +201,8 @@ PRESETS = {
 }
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Embedded data: made in code, deterministic from a seed, nothing to download
-
-
-TOY2D_MODES = torch.stack([torch.cos(torch.arange(8) * 2 * math.pi / 8),
-                           torch.sin(torch.arange(8) * 2 * math.pi / 8)], 1)  # the 8 mode centres
-
-
-def toy2d_sample(n, rng=None, device="cpu"):
-    """The 2-D class-conditional mixture: 8 Gaussian modes (std 0.08) on the unit circle (TOY2D_MODES); class c owns
-    the two opposite modes c and c+4, so a generator that drops one of them shows up as mode collapse."""
-    labels = torch.randint(0, 4, (n,), generator=rng, device=device)
-    mode = labels + 4 * torch.randint(0, 2, (n,), generator=rng, device=device)
-    return TOY2D_MODES.to(device)[mode] + 0.08 * torch.randn(n, 2, generator=rng, device=device), labels
-
-
-SHAPE_NAMES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond", "bars", "half-disk", "frame"]
-
-
-def _shape_masks(label, u, v):
-    """Inside-masks of the 10 embedded shape classes on normalised coordinates u, v (radius ~1)."""
-    r2, au, av = u * u + v * v, np.abs(u), np.abs(v)
-    box = np.maximum(au, av)
-    a, b = np.abs(u + v) / math.sqrt(2), np.abs(u - v) / math.sqrt(2)  # the plus sign turned 45 degrees
-    return [r2 < 1, box < 0.8, (v > -0.7) & (v < 0.9 - 1.8 * au), (r2 < 1) & (r2 > 0.36),
-            ((au < 0.3) & (av < 1)) | ((av < 0.3) & (au < 1)), ((a < 0.3) & (b < 1)) | ((b < 0.3) & (a < 1)),
-            au + av < 1, (av > 0.25) & (av < 0.7) & (au < 0.9), (r2 < 1) & (v > 0), (box < 0.9) & (box > 0.55),
-            ][label]
-
-
-def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
-    """The embedded image set: uint8 [N, 3, R, R] class-conditional shapes and int64 labels [N].
-
-    Ten shape classes (SHAPE_NAMES) with random position, size, a small rotation, a random bright colour on a
-    random dark background, anti-aliased by rendering at supersample x R and averaging. Colour carries no class
-    information, so a class-conditional model has to get the geometry right."""
-    rs = np.random.RandomState(seed)
-    labels = rs.randint(0, len(SHAPE_NAMES), num_images)
-    s = resolution * supersample
-    grid = (np.arange(s) + 0.5) / s * 2 - 1  # pixel centres in [-1, 1]
-    ys, xs = np.meshgrid(grid, grid, indexing="ij")
-    images = np.empty((num_images, 3, resolution, resolution), np.uint8)
-    for i, label in enumerate(labels):
-        cx, cy, size, angle = rs.uniform(-0.25, 0.25), rs.uniform(-0.25, 0.25), rs.uniform(0.45, 0.7), rs.uniform(-0.25, 0.25)
-        dx, dy = (xs - cx) / size, (ys - cy) / size
-        u, v = math.cos(angle) * dx + math.sin(angle) * dy, -math.sin(angle) * dx + math.cos(angle) * dy
-        mask = _shape_masks(label, u, -v).astype(np.float32)  # -v: "up" is up in the image
-        mask = mask.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
-        fg = _hsv_to_rgb(rs.uniform(), rs.uniform(0.6, 1.0), rs.uniform(0.75, 1.0))
-        bg = _hsv_to_rgb(rs.uniform(), rs.uniform(0.2, 0.8), rs.uniform(0.0, 0.35))
-        rgb = mask[None] * fg[:, None, None] + (1 - mask[None]) * bg[:, None, None]
-        images[i] = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
-    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
-
-
-def _hsv_to_rgb(h, s, v):
-    k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
-    return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
-
-
-class InMemoryBatches:
-    """Seeded random batches (with replacement) from tensors in memory or a memory-mapped array, with their labels
-    (or captions), split over ranks.
-
-    Every rank draws the same global index batch and keeps its slice, so a run on W processes sees exactly the
-    batches of one process with W times the batch. The state is one torch.Generator (saved in checkpoints)."""
-
-    def __init__(self, images, labels, global_batch, seed, rank=0, world_size=1):
-        self.images, self.labels = images, labels
-        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
-        self.rng = torch.Generator().manual_seed(seed)
-
-    def state_dict(self):
-        return {"rng": self.rng.get_state()}
-
-    def load_state_dict(self, state):
-        self.rng.set_state(state["rng"])
-
-    def __next__(self):
-        idx = torch.randint(0, len(self.labels), (self.global_batch,), generator=self.rng)
-        idx = idx.chunk(self.world_size)[self.rank]
-        images = self.images[idx.numpy()] if isinstance(self.images, np.ndarray) else self.images[idx]
-        images = torch.as_tensor(images)  # a memory-mapped array (text-to-image latents) reads only these rows
-        images = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()  # official: x/255*2-1
-        return images, take(self.labels, idx)
-
-
-class Toy2DBatches(InMemoryBatches):
-    """Fresh samples of the true 2-D distribution for every batch (the data set is infinite)."""
-
-    def __init__(self, global_batch, seed, rank=0, world_size=1):
-        super().__init__(None, None, global_batch, seed, rank, world_size)
-
-    def __next__(self):
-        x, y = toy2d_sample(self.global_batch, self.rng)
-        return x.chunk(self.world_size)[self.rank], y.chunk(self.world_size)[self.rank]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 2b. Real images: EDM dataset_tool zips / folders and the official DMD2 LMDB
-# Every reader returns (uint8 CHW numpy image, int64 label). Real images feed only the GAN discriminator
-# (official lmdb_dataset.py); there is no augmentation, as in the official pipeline.
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-PREPARE_HINT = ("prepare data with EDM's dataset_tool, e.g. `python dataset_tool.py --source=cifar-10-python.tar.gz "
-                "--dest=cifar10-32x32.zip` or `python dataset_tool.py --source=ILSVRC/Data/CLS-LOC/train "
-                "--dest=imagenet-64x64.zip --resolution=64x64 --transform=center-crop` (EDM README)")
-
-
-def decode_image(data, name):
-    """PNG/JPG bytes -> uint8 CHW array; grayscale gives one channel (as EDM's dataset.py)."""
-    try:
-        with PIL.Image.open(io.BytesIO(data)) as img:
-            if img.mode not in ("L", "RGB"):  # palette / RGBA / CMYK files: read as RGB
-                img = img.convert("RGB")
-            image = np.asarray(img)
-    except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"{name}: cannot decode image ({e}); re-create the dataset with dataset_tool") from None
-    image = image[:, :, None] if image.ndim == 2 else image
-    return np.ascontiguousarray(image.transpose(2, 0, 1))
-
-
-class EDMImageDataset(torch.utils.data.Dataset):
-    """EDM dataset_tool output: a .zip or the same extracted into a folder. Images are all .png/.jpg files in
-    sorted path order (EDM's ImageFolderDataset); labels come from dataset.json {"labels": [[path, label], ...]}
-    (null or no file -> no labels, returned as 0). The zip is opened lazily, once per process, so the dataset is
-    safe in DataLoader workers (forked workers reopen it)."""
-
-    def __init__(self, path):
-        self.path = path
-        self.is_zip = os.path.isfile(path)
-        self._zip, self._zip_pid = None, None
-        if self.is_zip:
-            try:
-                names = self._zipfile().namelist()
-            except zipfile.BadZipFile:
-                raise ValueError(f"{path} is not a valid zip file; {PREPARE_HINT}") from None
-        else:
-            names = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
-                     for root, _dirs, files in os.walk(path) for f in files]
-        self.fnames = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
-        if not self.fnames:
-            raise ValueError(f'{path} holds no {"/".join(IMAGE_EXTENSIONS)} images; {PREPARE_HINT}')
-        self.labels = self._read_labels() if "dataset.json" in names else None
-        self.image_shape = None
-        self.image_shape = self[0][0].shape  # EDM's dataset takes the shape of the first image too
-
-    def _zipfile(self):
-        if self._zip is None or self._zip_pid != os.getpid():  # reopen after fork: handles are not shareable
-            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
-        return self._zip
-
-    def _read(self, fname):
-        if self.is_zip:
-            return self._zipfile().read(fname)
-        with open(os.path.join(self.path, fname), "rb") as f:
-            return f.read()
-
-    def _read_labels(self):
-        name = os.path.join(self.path, "dataset.json")
-        try:
-            labels = json.loads(self._read("dataset.json"))["labels"]
-            table = None if labels is None else dict(labels)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f'{name}: expected {{"labels": [[path, label], ...]}} ({e!r}); {PREPARE_HINT}') from None
-        if table is None:
-            return None
-        missing = [f for f in self.fnames if f not in table]
-        if missing:
-            raise ValueError(f"{name} has no label for {missing[0]} ({len(missing)} images unlabelled); "
-                             "re-create the dataset with dataset_tool")
-        return np.array([table[f] for f in self.fnames], dtype=np.int64)
-
-    def describe(self, index):
-        return f"{self.path}/{self.fnames[index]}" if self.is_zip else os.path.join(self.path, self.fnames[index])
-
-    def __getstate__(self):  # pickled into spawned workers without the open zip handle
-        return dict(self.__dict__, _zip=None, _zip_pid=None)
-
-    def __len__(self):
-        return len(self.fnames)
-
-    def __getitem__(self, index):
-        image = decode_image(self._read(self.fnames[index]), self.describe(index))
-        if self.image_shape is not None and image.shape != self.image_shape:
-            raise ValueError(f"{self.describe(index)} is {image.shape} (CxHxW) but the first image is "
-                             f"{self.image_shape}; re-create the dataset with dataset_tool --resolution")
-        return image, np.int64(0 if self.labels is None else self.labels[index])
-
-
-_LMDB_ENVS = {}  # real path -> (lmdb environment, pid that opened it)
-
-
-class LMDBImageDataset(torch.utils.data.Dataset):
-    """The official DMD2 LMDB (main/data/create_imagenet_lmdb.py; reference 1.4): keys `images_{i}_data` (raw
-    uint8 CHW bytes), `labels_{i}_data` (int64 bytes), `images_shape` = "N C H W". Labels are read up front."""
-
-    def __init__(self, path):
-        if lmdb is None:
-            raise ImportError(f"{path} is an LMDB; reading it needs the lmdb package: pip install lmdb")
-        self.path = path
-        try:
-            env = self._environment()
-        except lmdb.Error as e:
-            raise ValueError(f"{path}: cannot open as LMDB ({e}); re-create or re-download it") from None
-        with env.begin() as txn:
-            shape = txn.get(b"images_shape")
-            if shape is None:
-                raise ValueError(f"{path}: no 'images_shape' key, so not the official DMD2 LMDB layout "
-                                 "(main/data/create_imagenet_lmdb.py); or pass the dataset_tool zip instead")
-            shape = tuple(int(s) for s in shape.decode().split())
-            count, self.image_shape = shape[0], shape[1:]
-            if count == 0:
-                raise ValueError(f"{path}: LMDB declares 0 images; {PREPARE_HINT}")
-            first = txn.get(b"images_0_data")
-            if first is None or len(first) != int(np.prod(self.image_shape)):
-                raise ValueError(f"{path}: images_0_data holds {0 if first is None else len(first)} bytes, but "
-                                 f"images_shape declares {self.image_shape} uint8; the LMDB is corrupt, "
-                                 "re-create it")
-            labels = [txn.get(f"labels_{i}_data".encode()) for i in range(count)]
-        bad = next((i for i, b in enumerate(labels) if b is None or len(b) != 8), None)
-        if bad is not None:
-            raise ValueError(f"{path}: labels_{bad}_data is missing or not one int64; the LMDB is corrupt, "
-                             "re-create it")
-        self.labels = np.frombuffer(b"".join(labels), dtype=np.int64)
-        self.count = count
-
-    def _environment(self):
-        # LMDB allows one open environment per path and process, and it must not be used across a fork: a
-        # forked worker closes its inherited copy (the parent's stays open) and opens its own
-        key = os.path.realpath(self.path)
-        env, pid = _LMDB_ENVS.get(key, (None, None))
-        if pid != os.getpid():
-            if env is not None:
-                env.close()
-            env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False)
-            _LMDB_ENVS[key] = (env, os.getpid())
-        return env
-
-    def describe(self, index):
-        return f"{self.path} index {index} (keys images_{index}_data / labels_{index}_data)"
-
-    def __len__(self):
-        return self.count
-
-    def __getitem__(self, index):
-        with self._environment().begin() as txn:
-            data = txn.get(f"images_{index}_data".encode())
-        image = np.frombuffer(data, dtype=np.uint8).reshape(self.image_shape).copy()  # copy: writable for torch
-        return image, self.labels[index]
-
-
-def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
-    """Open a .zip / folder (EDM dataset_tool) or LMDB directory (official DMD2) and check it fits the model:
-    image shape num_channels x resolution x resolution, and (if num_classes) every label in 0..num_classes-1."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"dataset {path} not found; prepare it with EDM's dataset_tool: `python dataset_tool.py --source=<image "
-            f"folder or cifar-10-python.tar.gz> --dest={path} --resolution={resolution}x{resolution}` (ImageNet: "
-            "add --transform=center-crop), or for ImageNet-64 unzip the official DMD2 LMDB https://huggingface.co/"
-            "tianweiy/DMD2/resolve/main/data/imagenet/imagenet-64x64_lmdb.zip")
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "data.mdb")):
-        dataset = LMDBImageDataset(path)
-    elif os.path.isdir(path) or path.lower().endswith(".zip"):
-        dataset = EDMImageDataset(path)
-    else:
-        raise ValueError(f"{path} is neither a .zip, a folder of images nor an LMDB directory; {PREPARE_HINT}")
-    expected = (num_channels, resolution, resolution)
-    if tuple(dataset.image_shape) != expected:
-        raise ValueError(f'{dataset.describe(0)} is {"x".join(map(str, dataset.image_shape))} (CxHxW), expected '
-                         f'{"x".join(map(str, expected))}; re-run dataset_tool with --resolution={resolution}x'
-                         f"{resolution} (and {num_channels}-channel source images) or pick the matching preset")
-    if num_classes is not None:
-        if dataset.labels is None:
-            raise ValueError(f'{path} has no labels (dataset.json missing or "labels": null) but the model is '
-                             f"conditional on {num_classes} classes; run dataset_tool on a labelled source")
-        bad = np.flatnonzero((dataset.labels < 0) | (dataset.labels >= num_classes))
-        if bad.size:
-            raise ValueError(f"{dataset.describe(bad[0])} has label {dataset.labels[bad[0]]} outside 0.."
-                             f"{num_classes - 1} ({bad.size} such images); the data does not match the preset's "
-                             f"{num_classes} classes")
-    return dataset
-
-
-def real_batches(dataset, batch_size, seed, rank=0, world_size=1, num_workers=0, start_batch=0):
-    """Infinite iterator of (images float32 in [-1,1], labels int64) for this rank. Epoch e is a permutation seeded
-    seed + e, cut into global batches of world_size * batch_size (incomplete ones dropped); rank r keeps the r-th
-    slice, so W processes with batch B read the batches of one process with batch W*B (as SharedNoise draws noise).
-    Official: DataLoader(shuffle=True, drop_last=True, num_workers=12) sharded by accelerate (another per-rank split,
-    also uniform without replacement). Batch k depends only on (seed, k, rank, world_size, len(dataset)): exact
-    resume is start_batch=batches consumed, and skipped batches are never decoded."""
-    global_batch = batch_size * world_size
-    batches_per_epoch = len(dataset) // global_batch
-    if batches_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images cannot fill one global batch of {world_size} x {batch_size}; "
-                         "use a smaller batch size or more data")
-    epoch, skip = divmod(start_batch, batches_per_epoch)
-    while True:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
-        order = order[:batches_per_epoch * global_batch].view(batches_per_epoch, world_size, batch_size)
-        indices = order[skip:, rank].flatten().tolist()
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True,
-                                             num_workers=num_workers)
-        for images, labels in loader:
-            yield images.to(torch.float32) / 127.5 - 1, labels.to(torch.int64)  # official: x/255*2-1
-        epoch, skip = epoch + 1, 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 2c. Downloads: teacher pickles, FID statistics, released DMD2 checkpoints
-
-EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm"  # reference edm_fid.md 2.4
-EDM_TEACHER_URLS = {"imagenet64": f"{EDM_URL}/pretrained/edm-imagenet-64x64-cond-adm.pkl",
-                    "cifar10": f"{EDM_URL}/pretrained/edm-cifar10-32x32-cond-vp.pkl"}
-EDM_FID_REF_URLS = {"imagenet64": f"{EDM_URL}/fid-refs/imagenet-64x64.npz",
-                    "cifar10": f"{EDM_URL}/fid-refs/cifar10-32x32.npz"}
-DMD2_HF_REPO = "tianweiy/DMD2"
-DMD2_IMAGENET_RUNS = {  # folder under model/imagenet/ -> ImageNet-64 FID (official README model zoo, reference 9.1)
-    "imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch_fid1.51_checkpoint_model_193500": 1.51,
-    "imagenet_lr2e-6_scratch_fid2.61_checkpoint_model_405500": 2.61,
-    "imagenet_gan_classifier_genloss3e-3_diffusion1000_lr5e-7_resume_fid1.28_checkpoint_model_548000": 1.28,
-}
-
-
-class DownloadError(RuntimeError):
-    pass
-
-
-def default_cache_dir():
-    return os.environ.get("DMD2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmd2")
-
-
-def download_cached(url, cache_dir=None, filename=None, flag="--teacher", timeout=60):
-    """Return the local path of url in the cache, downloading it first if absent. The download streams into
-    a temp file in the cache dir, renamed into place only when complete; temp files of killed downloads are
-    never taken for the file and are deleted once an hour old. Offline -> DownloadError naming `flag`."""
-    cache_dir = cache_dir or default_cache_dir()
-    filename = filename or os.path.basename(urllib.parse.urlparse(url).path)
-    path = os.path.join(cache_dir, filename)
-    if os.path.isfile(path):
-        return path
-    os.makedirs(cache_dir, exist_ok=True)
-    for name in os.listdir(cache_dir):  # a live download keeps writing to its temp file; an hour-old one is dead
-        if name.startswith(filename + ".") and name.endswith(".part"):
-            try:
-                if time.time() - os.path.getmtime(os.path.join(cache_dir, name)) > 3600:
-                    os.remove(os.path.join(cache_dir, name))
-            except OSError:  # removed meanwhile by another process
-                pass
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=filename + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            received = 0
-            with tqdm(total=total, unit="B", unit_scale=True, desc=filename, disable=None) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            if total is not None and received != total:
-                raise http.client.IncompleteRead(b"", total - received)
-        os.replace(tmp, path)
-    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, refused/reset connections
-        raise DownloadError(f"could not download {url} ({type(e).__name__}: {e}). If this machine is offline, "
-                            f"download it elsewhere and pass {flag} PATH, or place it at {path}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def resolve_file(spec, default_url, what, flag, cache_dir=None):
-    """spec None -> download default_url; an http(s) URL -> download it; else a local path that must exist."""
-    spec = spec or default_url
-    if spec is None:
-        raise ValueError(f"no official {what} for this dataset; pass {flag} PATH or URL")
-    if spec.startswith(("http://", "https://")):
-        return download_cached(spec, cache_dir, flag=flag)
-    if not os.path.isfile(spec):
-        raise FileNotFoundError(f"{what} {spec} not found; pass {flag} with an existing file or an http(s) URL")
-    return spec
-
-
-def resolve_teacher(spec, dataset, cache_dir=None):
-    """Local path of the EDM teacher pickle: spec (path or URL), or the official one for the dataset."""
-    return resolve_file(spec, EDM_TEACHER_URLS.get(dataset), "teacher", "--teacher", cache_dir)
-
-
-def resolve_fid_ref(spec, dataset, cache_dir=None):
-    """Local path of the EDM FID reference statistics (.npz with mu, sigma) for the dataset."""
-    return resolve_file(spec, EDM_FID_REF_URLS.get(dataset), "FID reference", "--fid_ref", cache_dir)
-
-
-def download_dmd2_checkpoint(run_name, cache_dir=None):
-    """Local path of a released DMD2 ImageNet-64 generator (plain EDMPrecond state dict, keys model.*) from
-    Hugging Face tianweiy/DMD2; cache_dir None -> the Hugging Face cache."""
-    if run_name not in DMD2_IMAGENET_RUNS:
-        raise ValueError(f'unknown DMD2 run {run_name!r}; known: {", ".join(DMD2_IMAGENET_RUNS)}')
-    filename = f"model/imagenet/{run_name}/pytorch_model.bin"
-    url = f"https://huggingface.co/{DMD2_HF_REPO}/resolve/main/{filename}"
-    if huggingface_hub is None:
-        raise ImportError(f"downloading {url} needs huggingface_hub: pip install huggingface_hub")
-    try:
-        return huggingface_hub.hf_hub_download(repo_id=DMD2_HF_REPO, filename=filename, cache_dir=cache_dir)
-    except (OSError, ValueError) as e:  # offline, LocalEntryNotFoundError, HTTP errors
-        raise DownloadError(f"could not fetch {filename} from Hugging Face repo {DMD2_HF_REPO} "
-                            f"({type(e).__name__}). If offline, download {url} elsewhere and pass its local path "
-                            "instead") from None
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Noise: one Karras grid shared by every loss
+# 2. Noise levels and conditions: one 1000-level grid shared by every loss (Karras for EDM, DDPM's table for SD)
 
 
 def karras_sigmas(num_levels=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -668,7 +263,7 @@ def take(cond, index):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Losses
+# 3. Losses
 
 
 def dm_loss(x, pred_real, pred_fake):
@@ -739,7 +334,7 @@ def gan_discriminator_loss(logits_real, logits_fake):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. GAN classifier head on the fake score's bottleneck, with diffusion-GAN noising
+# 4. GAN classifier head on the fake score's bottleneck, with diffusion-GAN noising
 
 
 class GANHead(nn.Sequential):
@@ -779,7 +374,7 @@ def gan_logits(fake_score, head, images, labels, sigma, noise):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Generators: one-step, few-step, backward simulation
+# 5. Generators: one-step, few-step, backward simulation
 
 
 def generator_sigmas(num_steps, sigmas, conditioning_timestep=999):
@@ -836,50 +431,127 @@ def noised_real_inputs(generator, real, step_sigmas, k, noise):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Small networks for the embedded rungs: an MLP denoiser for toy2d, a classifier for the image metrics
+# 6. Text-to-image teachers as denoisers: an epsilon-prediction UNet (SD v1.5, SDXL) behind the EDM interface
+#
+# Every function of sections 2-7 takes a denoiser D(x, sigma, cond) -> x0 with a bottleneck output. EDM networks
+# are one (edm_net.EDMPrecond); EpsDenoiser makes a diffusers UNet2DConditionModel one, with the official
+# text-to-image numerics inside it (main/sd_guidance.py, main/sd_unified_model.py), and Prompts is the
+# text counterpart of ClassLabels. Loading the models and their data is harness (section 16).
 
 
-class ToyDenoiser(nn.Module):
-    """MLP denoiser for 2-D points with EDM preconditioning (edm_net.edm_precondition): D = c_skip x + c_out F.
-    return_bottleneck=True gives the last hidden layer [B, hidden] for the GAN head."""
+def ddpm_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
+    """alphas_cumprod of the SD v1.5 / SDXL scheduler ("scaled_linear" betas 0.00085..0.012, T = 1000), computed in
+    float32 exactly as diffusers does, returned as float64 (official: alphas_cumprod.double()). alpha_bar(999) =
+    0.00466: not zero-terminal SNR, which is why the first timestep takes pure noise (pure_noise)."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).double()
 
-    def __init__(self, num_classes=4, hidden=256, depth=4, emb=32):
+
+class _MidBlockReached(Exception):
+    def __init__(self, output):
+        self.output = output
+
+
+class EpsDenoiser(nn.Module):
+    """A diffusers UNet2DConditionModel that predicts epsilon, as an EDM denoiser D(x, sigma, cond) -> x0 (in the
+    manner of k-diffusion's DiscreteEpsDDPMDenoiser), so that every function of the method serves it unchanged.
+
+    EDM scaling x = x0 + sigma n with sigma_t = sqrt((1 - abar_t) / abar_t): the UNet sees DDPM's x_t = sqrt(abar_t) x
+    at the integer timestep t of the nearest table entry (k-diffusion: quantised sigmas). Official numerics
+    (main/sd_guidance.py, main/utils.py): epsilon -> x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) in float64;
+    classifier-free guidance eps_u + s (eps_c - eps_u) when guidance_scale != 1 (the Distiller sets it on the real
+    score only), the unconditional input being all zeros for SDXL and the encoding of "" for SD v1.5; bf16 autocast
+    (use_fp16, EDMPrecond's name for it) only where gradients are taken, since the official code runs the DM loss's
+    fake pass and the backward-simulation rollout in fp32. return_bottleneck gives the mid-block output, the GAN
+    head's input (official: classify_forward). cond = (prompt embeddings [B, 77, D], pooled [B, P]), P = 0 for SD
+    v1.5; SDXL's micro-conditioning [res, res, 0, 0, res, res] (official: build_condition_input) is added here."""
+
+    def __init__(self, unet, alphas_cumprod, uncond, resolution=None):
         super().__init__()
-        self.num_classes, self.sigma_data = num_classes, 0.5
-        self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(emb // 2) / (emb // 2)))
-        layers, width = [], 2 + emb + num_classes
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        self.trunk = nn.Sequential(*layers)
-        self.out = nn.Linear(hidden, 2)
+        self.unet, self.guidance_scale, self.use_fp16 = unet, 1.0, False
+        self.register_buffer("alphas_cumprod", alphas_cumprod.double(), persistent=False)
+        self.register_buffer("sigmas", ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().float(),
+                             persistent=False)
+        self.register_buffer("uncond_embeds", uncond[0], persistent=False)
+        self.register_buffer("uncond_pooled", uncond[1], persistent=False)
+        self.time_ids = None if resolution is None else [resolution, resolution, 0, 0, resolution, resolution]
+        self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])  # edm_sampler's range
 
-    def forward(self, x, sigma, class_labels, return_bottleneck=False):
-        x = x.float()  # as EDMPrecond: the sampler works in float64, the network in float32
-        sigma = sigma.reshape(-1, 1).float().expand(x.shape[0], 1)
-        c_skip, c_out, c_in, c_noise = edm_net.edm_precondition(sigma, self.sigma_data)
-        angles = c_noise * self.freqs * 100
-        h = self.trunk(torch.cat([c_in * x, angles.cos(), angles.sin(), class_labels.float()], dim=1))
-        if return_bottleneck:
-            return h
-        return c_skip * x + c_out * self.out(h)
+    def timestep(self, sigma):
+        """The integer timestep of the table entry nearest to each sigma (in log sigma)."""
+        return (self.sigmas.log() - sigma.reshape(-1, 1).float().log()).abs().argmin(dim=1)
+
+    def round_sigma(self, sigma):  # edm_sampler's hook: its steps land on the table
+        return self.sigmas[self.timestep(sigma)].to(sigma.dtype).reshape(sigma.shape)
+
+    def unet_eps(self, x_t, t, cond):
+        embeds, pooled = cond
+        dtype, extra = self.unet.dtype, {}
+        if self.time_ids is not None:
+            ids = torch.tensor([self.time_ids], dtype=dtype, device=x_t.device).expand(len(x_t), -1)
+            extra = dict(added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": ids})
+        return self.unet(x_t.to(dtype), t, embeds.to(dtype), **extra).sample
+
+    def mid_block_output(self, x_t, t, cond):
+        """The UNet forward up to and including its mid block: a hook raises the output, so the up blocks never run
+        (as the official classify_forward) and the autograd graph up to it stays intact."""
+        def stop(module, args, output):
+            raise _MidBlockReached(output)
+        handle = self.unet.mid_block.register_forward_hook(stop)
+        try:
+            self.unet_eps(x_t, t, cond)
+        except _MidBlockReached as reached:
+            return reached.output
+        finally:
+            handle.remove()
+        raise RuntimeError("the UNet forward never reached unet.mid_block")
+
+    def forward(self, x, sigma, cond, return_bottleneck=False):
+        t = self.timestep(sigma).expand(len(x))  # sigma: per sample [B], or one 0-dim value (edm_sampler)
+        a = _per_sample(self.alphas_cumprod[t], x)
+        x_t = (x.double() * a.sqrt()).float()
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.use_fp16 and torch.is_grad_enabled()):
+            if return_bottleneck:
+                return self.mid_block_output(x_t, t, cond)
+            if self.guidance_scale == 1:
+                eps = self.unet_eps(x_t, t, cond)
+            else:
+                uncond = (self.uncond_embeds.expand_as(cond[0]), self.uncond_pooled.expand_as(cond[1]))
+                both = tuple(torch.cat(pair) for pair in zip(uncond, cond))
+                eps_u, eps_c = self.unet_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+                eps = eps_u + self.guidance_scale * (eps_c - eps_u)
+        return (x_t.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
 
 
-class ShapesClassifier(nn.Module):
-    """Small CNN trained on the embedded image set. Its 128-d pooled features define the image metric
-    "FD-cls" (Frechet distance in these features: NOT Inception FID) and it scores the class accuracy of samples,
-    the analogue of the paper's CLIP score."""
+class Prompts:
+    """Text conditions: captions -> (prompt embeddings, pooled) with the teacher's frozen text encoders. SD v1.5:
+    CLIPTextModel(...)[0], the last hidden state [B, 77, 768], no pooled part. SDXL (official sdxl_text_encoder.py):
+    the penultimate hidden states of CLIP-L (768) and OpenCLIP-bigG (1280) concatenated to [B, 77, 2048], and the
+    pooled projection (text_embeds) of encoder 2 [B, 1280]. Generated batches take their prompts from the training
+    captions (official: the real-image dataset's captions in denoising mode)."""
 
-    def __init__(self, num_classes=10, width=32):
-        super().__init__()
-        def block(cin, cout, stride):
-            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
-        self.features = nn.Sequential(*block(3, width, 1), *block(width, 2 * width, 2), *block(2 * width, 2 * width, 1),
-                                      *block(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(4 * width, num_classes)
+    def __init__(self, captions, tokenizers, text_encoders):
+        self.captions, self.tokenizers, self.text_encoders = captions, tokenizers, text_encoders
 
-    def forward(self, x):
-        return self.fc(self.features(x))
+    @torch.no_grad()
+    def encode(self, prompts):
+        sdxl, hidden = len(self.text_encoders) == 2, []
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+            out = encoder(ids, output_hidden_states=sdxl)
+            hidden.append(out.hidden_states[-2] if sdxl else out[0])
+        pooled = out[0] if sdxl else hidden[0].new_zeros(len(ids), 0)
+        return torch.cat(hidden, dim=-1).float(), pooled.float()
+
+    def sample(self, n, noise):
+        return self.encode([self.captions[i] for i in noise.randint(0, len(self.captions), n).tolist()])
+
+    def blank(self, n):
+        return self.encode([""] * n)
+
+    def examples(self, n):  # the prompts of sample grids
+        return [self.captions[i % len(self.captions)] for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1420,9 +1092,13 @@ def build_network(spec):
 def network_spec(net):
     return net.spec
 
+# ================================================================================================================
+# PART II. EVALUATION: sampling, metrics, FID (ImageNet-64 protocol), text-to-image protocol
+# ================================================================================================================
+
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8. Sampling and evaluation
+# 8. Sampling and the embedded rungs' metrics
 
 
 @torch.no_grad()
@@ -1442,12 +1118,12 @@ def sample_student(generator, noise, labels, step_sigmas, conditions, batch=256)
 
 
 @torch.no_grad()
-def sample_teacher(teacher, noise, labels, num_classes, num_steps=18, batch=256):
-    """Teacher samples with EDM's deterministic Heun sampler (NFE = 2 num_steps - 1)."""
+def sample_teacher(teacher, noise, labels, conditions, num_steps=18, batch=256):
+    """Teacher samples with EDM's deterministic Heun sampler (NFE = 2 num_steps - 1) for labels (or prompts)
+    encoded by `conditions` on the teacher's device; on a DDPM teacher its steps land on the table (round_sigma)."""
     device = next(teacher.parameters()).device
-    out = [edm_net.edm_sampler(teacher, noise[i:i + batch].to(device),
-                               onehot(labels[i:i + batch].to(device), num_classes), num_steps=num_steps).float().cpu()
-           for i in range(0, len(labels), batch)]
+    out = [edm_net.edm_sampler(teacher, noise[i:i + batch].to(device), conditions.encode(labels[i:i + batch]),
+                               num_steps=num_steps).float().cpu() for i in range(0, len(labels), batch)]
     return torch.cat(out)
 
 
@@ -1501,12 +1177,13 @@ def image_metrics(images, labels, classifier, ref_features):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8b. FID: the Inception network, its weights, float64 statistics, the Frechet distance, the ImageNet-64 protocol.
+# 9. FID: the Inception network, its weights, float64 statistics, the Frechet distance, the ImageNet-64 protocol.
 # EDM's fid.py is the protocol the paper's numbers use: NVIDIA's TF-ported Inception on uint8 images, TF1 bilinear
 # resize to 299, (x - 128) / 128, 2048-d pool features, float64 mean / unbiased covariance, sqrtm Frechet distance.
 # Here the same TF graph runs as our own module with pytorch-fid's weight file (no pickled code is executed). Both
 # weight files are ports of TF's inception-2015-12-05; they have not been byte-compared, so equality with NVIDIA's
 # detector is expected (torch-fidelity reports features within 1e-4 of TF), not verified here.
+
 
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                  "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's FID_WEIGHTS_URL
@@ -1712,9 +1389,6 @@ def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
     return net.to(device).eval()
 
 
-# Statistics and the Frechet distance.
-
-
 class FeatureStats:
     """Streaming float64 mean and unbiased covariance of feature vectors from running sums (EDM fid.py:
     mu = sum f / n, sigma = (sum f f^T - n mu mu^T) / (n - 1), equal to np.cov(rowvar=False)). Shards combine
@@ -1809,9 +1483,6 @@ def load_stats(path, dim=2048):
         raise ValueError(f"{path}: expected mu [{dim}] and sigma [{dim}, {dim}] (Inception pool features), got "
                          f"mu {list(mu.shape)} and sigma {list(sigma.shape)}")
     return mu, sigma
-
-
-# Images: generator output to uint8, and a reader for EDM dataset_tool zips and image folders.
 
 
 def images_to_uint8(x, convention="edm"):
@@ -1977,7 +1648,7 @@ def fid_main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8b2. Text-to-image evaluation as the paper measures it (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and
+# 10. Text-to-image evaluation as the paper measures it (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and
 # CLIP score (official: main/coco_eval/coco_evaluator.py, main/sdxl/test_folder_sdxl.py, main/test_folder_sd.py).
 #   * prompts: one COCO-2014 val caption per image, drawn as sdxl/data_process.py does (numpy seed 123). SDXL: 10k,
 #     the references are those 10k images; SD v1.5: 30k, the references are all of val2014 (official --ref_dir);
@@ -1990,17 +1661,32 @@ def fid_main(argv=None):
 #     sharded over torchrun processes with statistics summed over them: numbers independent of batch and processes.
 # Reference statistics are cached in EDM's .npz layout with the protocol's name and N, checked on every load.
 
+
 T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res; references as described above
     "sdxl": dict(num=10_000, eval_res=512, patch_fid=True, refs="subset"),
     "sd15": dict(num=30_000, eval_res=256, patch_fid=False, refs="all"),
 }
+
+
 COCO_SEED = 123  # official sdxl/data_process.py: np.random.seed(123)
+
+
 CLIP_PREFIX = "A photo depicts "  # official compute_clip_score (after arXiv 2104.08718)
+
+
 CLIP_RES = 256  # official compute_clip_score: resize_size=256 for SDXL and SD v1.5 alike
+
+
 CLIP_URL = "https://huggingface.co/laion/CLIP-ViT-g-14-laion2B-s12B-b42K/resolve/main/open_clip_pytorch_model.bin"
+
+
 CLEANFID_INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                           "inception-2015-12-05.pt")  # clean-fid's TorchScript network (StyleGAN2-ADA)
+
+
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # official: runwayml/stable-diffusion-v1-5 (moved)
+
+
 DMD2_SD15_FILE = ("model/sdv1.5/laion6.25_sd_baseline_8node_guidance1.75_lr5e-7_seed10_dfake10_diffusion1000_gan1e-3_"
                   "resume_fid8.35_checkpoint_model_041000/pytorch_model.bin")  # released SD v1.5 one-step, FID 8.35
 
@@ -2390,9 +2076,13 @@ def t2i_evaluate(args, protocol, num, steps, guidance, out, refs, device, rank=0
             json.dump(dict(metrics, model=args.model, protocol=args.protocol, inception=extractor), f, indent=1)
     return metrics
 
+# ================================================================================================================
+# PART III. THE HARNESS: devices, embedded rungs, real data, downloads, EDM and text-to-image runs, command line
+# ================================================================================================================
+
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8c. The embedded rungs: a teacher and a classifier trained here (and cached), then students, then the table
+# 11. Devices, precision, processes, the cache
 
 
 def resolve_device(cfg):
@@ -2429,12 +2119,175 @@ def prepare_network(net, cfg, device):
     return net
 
 
+@contextlib.contextmanager
+def distributed(device, timeout_minutes=30.0):
+    """(rank, world_size, local_rank) under torchrun (env WORLD_SIZE/RANK/LOCAL_RANK), else (0, 1, 0). The backend
+    follows --device (NCCL for CUDA, gloo otherwise), collectives time out after timeout_minutes (not NCCL's default
+    10), and the process group is destroyed on the way out, error or not."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 or dist.is_initialized():
+        yield (dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))) if world_size > 1 \
+            else (0, 1, 0)
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", 0))
+    finally:
+        dist.destroy_process_group()
+
+
 def cache_path(cfg, kind, settings):
     """A file in the cache named by what made it (so a changed recipe never reuses a stale file)."""
     folder = cfg.cache_dir or default_cache_dir()
     os.makedirs(folder, exist_ok=True)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(folder, f"{kind}-{digest}.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 12. The embedded rungs: data made in code (deterministic from a seed, nothing to download), a teacher and a
+# classifier trained here (and cached), then students, then the table
+
+
+TOY2D_MODES = torch.stack([torch.cos(torch.arange(8) * 2 * math.pi / 8),
+                           torch.sin(torch.arange(8) * 2 * math.pi / 8)], 1)  # the 8 mode centres
+
+
+def toy2d_sample(n, rng=None, device="cpu"):
+    """The 2-D class-conditional mixture: 8 Gaussian modes (std 0.08) on the unit circle (TOY2D_MODES); class c owns
+    the two opposite modes c and c+4, so a generator that drops one of them shows up as mode collapse."""
+    labels = torch.randint(0, 4, (n,), generator=rng, device=device)
+    mode = labels + 4 * torch.randint(0, 2, (n,), generator=rng, device=device)
+    return TOY2D_MODES.to(device)[mode] + 0.08 * torch.randn(n, 2, generator=rng, device=device), labels
+
+
+SHAPE_NAMES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond", "bars", "half-disk", "frame"]
+
+
+def _shape_masks(label, u, v):
+    """Inside-masks of the 10 embedded shape classes on normalised coordinates u, v (radius ~1)."""
+    r2, au, av = u * u + v * v, np.abs(u), np.abs(v)
+    box = np.maximum(au, av)
+    a, b = np.abs(u + v) / math.sqrt(2), np.abs(u - v) / math.sqrt(2)  # the plus sign turned 45 degrees
+    return [r2 < 1, box < 0.8, (v > -0.7) & (v < 0.9 - 1.8 * au), (r2 < 1) & (r2 > 0.36),
+            ((au < 0.3) & (av < 1)) | ((av < 0.3) & (au < 1)), ((a < 0.3) & (b < 1)) | ((b < 0.3) & (a < 1)),
+            au + av < 1, (av > 0.25) & (av < 0.7) & (au < 0.9), (r2 < 1) & (v > 0), (box < 0.9) & (box > 0.55),
+            ][label]
+
+
+def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
+    """The embedded image set: uint8 [N, 3, R, R] class-conditional shapes and int64 labels [N].
+
+    Ten shape classes (SHAPE_NAMES) with random position, size, a small rotation, a random bright colour on a
+    random dark background, anti-aliased by rendering at supersample x R and averaging. Colour carries no class
+    information, so a class-conditional model has to get the geometry right."""
+    rs = np.random.RandomState(seed)
+    labels = rs.randint(0, len(SHAPE_NAMES), num_images)
+    s = resolution * supersample
+    grid = (np.arange(s) + 0.5) / s * 2 - 1  # pixel centres in [-1, 1]
+    ys, xs = np.meshgrid(grid, grid, indexing="ij")
+    images = np.empty((num_images, 3, resolution, resolution), np.uint8)
+    for i, label in enumerate(labels):
+        cx, cy, size, angle = rs.uniform(-0.25, 0.25), rs.uniform(-0.25, 0.25), rs.uniform(0.45, 0.7), rs.uniform(-0.25, 0.25)
+        dx, dy = (xs - cx) / size, (ys - cy) / size
+        u, v = math.cos(angle) * dx + math.sin(angle) * dy, -math.sin(angle) * dx + math.cos(angle) * dy
+        mask = _shape_masks(label, u, -v).astype(np.float32)  # -v: "up" is up in the image
+        mask = mask.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
+        fg = _hsv_to_rgb(rs.uniform(), rs.uniform(0.6, 1.0), rs.uniform(0.75, 1.0))
+        bg = _hsv_to_rgb(rs.uniform(), rs.uniform(0.2, 0.8), rs.uniform(0.0, 0.35))
+        rgb = mask[None] * fg[:, None, None] + (1 - mask[None]) * bg[:, None, None]
+        images[i] = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def _hsv_to_rgb(h, s, v):
+    k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
+    return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+class InMemoryBatches:
+    """Seeded random batches (with replacement) from tensors in memory or a memory-mapped array, with their labels
+    (or captions), split over ranks.
+
+    Every rank draws the same global index batch and keeps its slice, so a run on W processes sees exactly the
+    batches of one process with W times the batch. The state is one torch.Generator (saved in checkpoints)."""
+
+    def __init__(self, images, labels, global_batch, seed, rank=0, world_size=1):
+        self.images, self.labels = images, labels
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def state_dict(self):
+        return {"rng": self.rng.get_state()}
+
+    def load_state_dict(self, state):
+        self.rng.set_state(state["rng"])
+
+    def __next__(self):
+        idx = torch.randint(0, len(self.labels), (self.global_batch,), generator=self.rng)
+        idx = idx.chunk(self.world_size)[self.rank]
+        images = self.images[idx.numpy()] if isinstance(self.images, np.ndarray) else self.images[idx]
+        images = torch.as_tensor(images)  # a memory-mapped array (text-to-image latents) reads only these rows
+        images = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()  # official: x/255*2-1
+        return images, take(self.labels, idx)
+
+
+class Toy2DBatches(InMemoryBatches):
+    """Fresh samples of the true 2-D distribution for every batch (the data set is infinite)."""
+
+    def __init__(self, global_batch, seed, rank=0, world_size=1):
+        super().__init__(None, None, global_batch, seed, rank, world_size)
+
+    def __next__(self):
+        x, y = toy2d_sample(self.global_batch, self.rng)
+        return x.chunk(self.world_size)[self.rank], y.chunk(self.world_size)[self.rank]
+
+
+class ToyDenoiser(nn.Module):
+    """MLP denoiser for 2-D points with EDM preconditioning (edm_net.edm_precondition): D = c_skip x + c_out F.
+    return_bottleneck=True gives the last hidden layer [B, hidden] for the GAN head."""
+
+    def __init__(self, num_classes=4, hidden=256, depth=4, emb=32):
+        super().__init__()
+        self.num_classes, self.sigma_data = num_classes, 0.5
+        self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(emb // 2) / (emb // 2)))
+        layers, width = [], 2 + emb + num_classes
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.trunk = nn.Sequential(*layers)
+        self.out = nn.Linear(hidden, 2)
+
+    def forward(self, x, sigma, class_labels, return_bottleneck=False):
+        x = x.float()  # as EDMPrecond: the sampler works in float64, the network in float32
+        sigma = sigma.reshape(-1, 1).float().expand(x.shape[0], 1)
+        c_skip, c_out, c_in, c_noise = edm_net.edm_precondition(sigma, self.sigma_data)
+        angles = c_noise * self.freqs * 100
+        h = self.trunk(torch.cat([c_in * x, angles.cos(), angles.sin(), class_labels.float()], dim=1))
+        if return_bottleneck:
+            return h
+        return c_skip * x + c_out * self.out(h)
+
+
+class ShapesClassifier(nn.Module):
+    """Small CNN trained on the embedded image set. Its 128-d pooled features define the image metric
+    "FD-cls" (Frechet distance in these features: NOT Inception FID) and it scores the class accuracy of samples,
+    the analogue of the paper's CLIP score."""
+
+    def __init__(self, num_classes=10, width=32):
+        super().__init__()
+        def block(cin, cout, stride):
+            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
+        self.features = nn.Sequential(*block(3, width, 1), *block(width, 2 * width, 2), *block(2 * width, 2 * width, 1),
+                                      *block(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
 
 
 def embedded_teacher(cfg, batches, sample_shape, device):
@@ -2568,8 +2421,9 @@ def evaluate_teacher(rung):
         state = read_checkpoint(path)
         return state["row"], state["samples"]
     start = time.time()
-    samples = sample_teacher(rung.teacher, rung.eval_noise, rung.eval_labels, cfg.num_classes,
-                             cfg.teacher_eval_steps, cfg.eval_batch)
+    labels = ClassLabels(cfg.num_classes, rung.device)
+    samples = sample_teacher(rung.teacher, rung.eval_noise, rung.eval_labels, labels, cfg.teacher_eval_steps,
+                             cfg.eval_batch)
     row = dict(model=f"teacher (EDM Heun, {cfg.teacher_eval_steps} steps)", NFE=2 * cfg.teacher_eval_steps - 1,
                **rung.metrics(samples), images_per_s=len(samples) / (time.time() - start))
     atomic_save(dict(row=row, samples=samples), path)
@@ -2636,7 +2490,8 @@ def teacher_ode_pairs(cfg, teacher, sample_shape):
     rng = torch.Generator().manual_seed(cfg.seed + 4)
     noise = torch.randn((cfg.regression_pairs, *sample_shape), generator=rng)
     labels = torch.randint(0, cfg.num_classes, (cfg.regression_pairs,), generator=rng)
-    target = sample_teacher(teacher, noise, labels, cfg.num_classes, cfg.teacher_eval_steps, cfg.eval_batch)
+    target = sample_teacher(teacher, noise, labels, ClassLabels(cfg.num_classes, next(teacher.parameters()).device),
+                            cfg.teacher_eval_steps, cfg.eval_batch)
     atomic_save(dict(noise=noise, labels=labels, target=target), path)
     return noise, labels, target
 
@@ -2668,9 +2523,217 @@ def results_table(rows):
     return "\n".join(lines)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
-# 8d. The EDM rungs (cifar10, imagenet64): official teacher, real data on disk, one or many processes
+# 13. Real images: EDM dataset_tool zips / folders and the official DMD2 LMDB
+# Every reader returns (uint8 CHW numpy image, int64 label). Real images feed only the GAN discriminator
+# (official lmdb_dataset.py); there is no augmentation, as in the official pipeline.
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+PREPARE_HINT = ("prepare data with EDM's dataset_tool, e.g. `python dataset_tool.py --source=cifar-10-python.tar.gz "
+                "--dest=cifar10-32x32.zip` or `python dataset_tool.py --source=ILSVRC/Data/CLS-LOC/train "
+                "--dest=imagenet-64x64.zip --resolution=64x64 --transform=center-crop` (EDM README)")
+
+
+def decode_image(data, name):
+    """PNG/JPG bytes -> uint8 CHW array; grayscale gives one channel (as EDM's dataset.py)."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as img:
+            if img.mode not in ("L", "RGB"):  # palette / RGBA / CMYK files: read as RGB
+                img = img.convert("RGB")
+            image = np.asarray(img)
+    except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"{name}: cannot decode image ({e}); re-create the dataset with dataset_tool") from None
+    image = image[:, :, None] if image.ndim == 2 else image
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+class EDMImageDataset(torch.utils.data.Dataset):
+    """EDM dataset_tool output: a .zip or the same extracted into a folder. Images are all .png/.jpg files in
+    sorted path order (EDM's ImageFolderDataset); labels come from dataset.json {"labels": [[path, label], ...]}
+    (null or no file -> no labels, returned as 0). The zip is opened lazily, once per process, so the dataset is
+    safe in DataLoader workers (forked workers reopen it)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.is_zip = os.path.isfile(path)
+        self._zip, self._zip_pid = None, None
+        if self.is_zip:
+            try:
+                names = self._zipfile().namelist()
+            except zipfile.BadZipFile:
+                raise ValueError(f"{path} is not a valid zip file; {PREPARE_HINT}") from None
+        else:
+            names = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+                     for root, _dirs, files in os.walk(path) for f in files]
+        self.fnames = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+        if not self.fnames:
+            raise ValueError(f'{path} holds no {"/".join(IMAGE_EXTENSIONS)} images; {PREPARE_HINT}')
+        self.labels = self._read_labels() if "dataset.json" in names else None
+        self.image_shape = None
+        self.image_shape = self[0][0].shape  # EDM's dataset takes the shape of the first image too
+
+    def _zipfile(self):
+        if self._zip is None or self._zip_pid != os.getpid():  # reopen after fork: handles are not shareable
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._zip
+
+    def _read(self, fname):
+        if self.is_zip:
+            return self._zipfile().read(fname)
+        with open(os.path.join(self.path, fname), "rb") as f:
+            return f.read()
+
+    def _read_labels(self):
+        name = os.path.join(self.path, "dataset.json")
+        try:
+            labels = json.loads(self._read("dataset.json"))["labels"]
+            table = None if labels is None else dict(labels)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f'{name}: expected {{"labels": [[path, label], ...]}} ({e!r}); {PREPARE_HINT}') from None
+        if table is None:
+            return None
+        missing = [f for f in self.fnames if f not in table]
+        if missing:
+            raise ValueError(f"{name} has no label for {missing[0]} ({len(missing)} images unlabelled); "
+                             "re-create the dataset with dataset_tool")
+        return np.array([table[f] for f in self.fnames], dtype=np.int64)
+
+    def describe(self, index):
+        return f"{self.path}/{self.fnames[index]}" if self.is_zip else os.path.join(self.path, self.fnames[index])
+
+    def __getstate__(self):  # pickled into spawned workers without the open zip handle
+        return dict(self.__dict__, _zip=None, _zip_pid=None)
+
+    def __len__(self):
+        return len(self.fnames)
+
+    def __getitem__(self, index):
+        image = decode_image(self._read(self.fnames[index]), self.describe(index))
+        if self.image_shape is not None and image.shape != self.image_shape:
+            raise ValueError(f"{self.describe(index)} is {image.shape} (CxHxW) but the first image is "
+                             f"{self.image_shape}; re-create the dataset with dataset_tool --resolution")
+        return image, np.int64(0 if self.labels is None else self.labels[index])
+
+
+_LMDB_ENVS = {}  # real path -> (lmdb environment, pid that opened it)
+
+
+class LMDBImageDataset(torch.utils.data.Dataset):
+    """The official DMD2 LMDB (main/data/create_imagenet_lmdb.py; reference 1.4): keys `images_{i}_data` (raw
+    uint8 CHW bytes), `labels_{i}_data` (int64 bytes), `images_shape` = "N C H W". Labels are read up front."""
+
+    def __init__(self, path):
+        if lmdb is None:
+            raise ImportError(f"{path} is an LMDB; reading it needs the lmdb package: pip install lmdb")
+        self.path = path
+        try:
+            env = self._environment()
+        except lmdb.Error as e:
+            raise ValueError(f"{path}: cannot open as LMDB ({e}); re-create or re-download it") from None
+        with env.begin() as txn:
+            shape = txn.get(b"images_shape")
+            if shape is None:
+                raise ValueError(f"{path}: no 'images_shape' key, so not the official DMD2 LMDB layout "
+                                 "(main/data/create_imagenet_lmdb.py); or pass the dataset_tool zip instead")
+            shape = tuple(int(s) for s in shape.decode().split())
+            count, self.image_shape = shape[0], shape[1:]
+            if count == 0:
+                raise ValueError(f"{path}: LMDB declares 0 images; {PREPARE_HINT}")
+            first = txn.get(b"images_0_data")
+            if first is None or len(first) != int(np.prod(self.image_shape)):
+                raise ValueError(f"{path}: images_0_data holds {0 if first is None else len(first)} bytes, but "
+                                 f"images_shape declares {self.image_shape} uint8; the LMDB is corrupt, "
+                                 "re-create it")
+            labels = [txn.get(f"labels_{i}_data".encode()) for i in range(count)]
+        bad = next((i for i, b in enumerate(labels) if b is None or len(b) != 8), None)
+        if bad is not None:
+            raise ValueError(f"{path}: labels_{bad}_data is missing or not one int64; the LMDB is corrupt, "
+                             "re-create it")
+        self.labels = np.frombuffer(b"".join(labels), dtype=np.int64)
+        self.count = count
+
+    def _environment(self):
+        # LMDB allows one open environment per path and process, and it must not be used across a fork: a
+        # forked worker closes its inherited copy (the parent's stays open) and opens its own
+        key = os.path.realpath(self.path)
+        env, pid = _LMDB_ENVS.get(key, (None, None))
+        if pid != os.getpid():
+            if env is not None:
+                env.close()
+            env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False)
+            _LMDB_ENVS[key] = (env, os.getpid())
+        return env
+
+    def describe(self, index):
+        return f"{self.path} index {index} (keys images_{index}_data / labels_{index}_data)"
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        with self._environment().begin() as txn:
+            data = txn.get(f"images_{index}_data".encode())
+        image = np.frombuffer(data, dtype=np.uint8).reshape(self.image_shape).copy()  # copy: writable for torch
+        return image, self.labels[index]
+
+
+def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
+    """Open a .zip / folder (EDM dataset_tool) or LMDB directory (official DMD2) and check it fits the model:
+    image shape num_channels x resolution x resolution, and (if num_classes) every label in 0..num_classes-1."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"dataset {path} not found; prepare it with EDM's dataset_tool: `python dataset_tool.py --source=<image "
+            f"folder or cifar-10-python.tar.gz> --dest={path} --resolution={resolution}x{resolution}` (ImageNet: "
+            "add --transform=center-crop), or for ImageNet-64 unzip the official DMD2 LMDB https://huggingface.co/"
+            "tianweiy/DMD2/resolve/main/data/imagenet/imagenet-64x64_lmdb.zip")
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "data.mdb")):
+        dataset = LMDBImageDataset(path)
+    elif os.path.isdir(path) or path.lower().endswith(".zip"):
+        dataset = EDMImageDataset(path)
+    else:
+        raise ValueError(f"{path} is neither a .zip, a folder of images nor an LMDB directory; {PREPARE_HINT}")
+    expected = (num_channels, resolution, resolution)
+    if tuple(dataset.image_shape) != expected:
+        raise ValueError(f'{dataset.describe(0)} is {"x".join(map(str, dataset.image_shape))} (CxHxW), expected '
+                         f'{"x".join(map(str, expected))}; re-run dataset_tool with --resolution={resolution}x'
+                         f"{resolution} (and {num_channels}-channel source images) or pick the matching preset")
+    if num_classes is not None:
+        if dataset.labels is None:
+            raise ValueError(f'{path} has no labels (dataset.json missing or "labels": null) but the model is '
+                             f"conditional on {num_classes} classes; run dataset_tool on a labelled source")
+        bad = np.flatnonzero((dataset.labels < 0) | (dataset.labels >= num_classes))
+        if bad.size:
+            raise ValueError(f"{dataset.describe(bad[0])} has label {dataset.labels[bad[0]]} outside 0.."
+                             f"{num_classes - 1} ({bad.size} such images); the data does not match the preset's "
+                             f"{num_classes} classes")
+    return dataset
+
+
+def real_batches(dataset, batch_size, seed, rank=0, world_size=1, num_workers=0, start_batch=0):
+    """Infinite iterator of (images float32 in [-1,1], labels int64) for this rank. Epoch e is a permutation seeded
+    seed + e, cut into global batches of world_size * batch_size (incomplete ones dropped); rank r keeps the r-th
+    slice, so W processes with batch B read the batches of one process with batch W*B (as SharedNoise draws noise).
+    Official: DataLoader(shuffle=True, drop_last=True, num_workers=12) sharded by accelerate (another per-rank split,
+    also uniform without replacement). Batch k depends only on (seed, k, rank, world_size, len(dataset)): exact
+    resume is start_batch=batches consumed, and skipped batches are never decoded."""
+    global_batch = batch_size * world_size
+    batches_per_epoch = len(dataset) // global_batch
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images cannot fill one global batch of {world_size} x {batch_size}; "
+                         "use a smaller batch size or more data")
+    epoch, skip = divmod(start_batch, batches_per_epoch)
+    while True:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
+        order = order[:batches_per_epoch * global_batch].view(batches_per_epoch, world_size, batch_size)
+        indices = order[skip:, rank].flatten().tolist()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True,
+                                             num_workers=num_workers)
+        for images, labels in loader:
+            yield images.to(torch.float32) / 127.5 - 1, labels.to(torch.int64)  # official: x/255*2-1
+        epoch, skip = epoch + 1, 0
 
 
 class FileBatches:
@@ -2693,25 +2756,119 @@ class FileBatches:
         self.batches = real_batches(*self.args[:5], num_workers=self.args[5], start_batch=self.consumed)
 
 
-@contextlib.contextmanager
-def distributed(device, timeout_minutes=30.0):
-    """(rank, world_size, local_rank) under torchrun (env WORLD_SIZE/RANK/LOCAL_RANK), else (0, 1, 0). The backend
-    follows --device (NCCL for CUDA, gloo otherwise), collectives time out after timeout_minutes (not NCCL's default
-    10), and the process group is destroyed on the way out, error or not."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1 or dist.is_initialized():
-        yield (dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))) if world_size > 1 \
-            else (0, 1, 0)
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(minutes=timeout_minutes),
-                            device_id=device if device.type == "cuda" else None)
+# ----------------------------------------------------------------------------------------------------------------
+# 14. Downloads: teacher pickles, FID statistics, released DMD2 checkpoints
+
+
+EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm"  # reference edm_fid.md 2.4
+
+
+EDM_TEACHER_URLS = {"imagenet64": f"{EDM_URL}/pretrained/edm-imagenet-64x64-cond-adm.pkl",
+                    "cifar10": f"{EDM_URL}/pretrained/edm-cifar10-32x32-cond-vp.pkl"}
+
+
+EDM_FID_REF_URLS = {"imagenet64": f"{EDM_URL}/fid-refs/imagenet-64x64.npz",
+                    "cifar10": f"{EDM_URL}/fid-refs/cifar10-32x32.npz"}
+
+
+DMD2_HF_REPO = "tianweiy/DMD2"
+
+
+DMD2_IMAGENET_RUNS = {  # folder under model/imagenet/ -> ImageNet-64 FID (official README model zoo, reference 9.1)
+    "imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch_fid1.51_checkpoint_model_193500": 1.51,
+    "imagenet_lr2e-6_scratch_fid2.61_checkpoint_model_405500": 2.61,
+    "imagenet_gan_classifier_genloss3e-3_diffusion1000_lr5e-7_resume_fid1.28_checkpoint_model_548000": 1.28,
+}
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def default_cache_dir():
+    return os.environ.get("DMD2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmd2")
+
+
+def download_cached(url, cache_dir=None, filename=None, flag="--teacher", timeout=60):
+    """Return the local path of url in the cache, downloading it first if absent. The download streams into
+    a temp file in the cache dir, renamed into place only when complete; temp files of killed downloads are
+    never taken for the file and are deleted once an hour old. Offline -> DownloadError naming `flag`."""
+    cache_dir = cache_dir or default_cache_dir()
+    filename = filename or os.path.basename(urllib.parse.urlparse(url).path)
+    path = os.path.join(cache_dir, filename)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    for name in os.listdir(cache_dir):  # a live download keeps writing to its temp file; an hour-old one is dead
+        if name.startswith(filename + ".") and name.endswith(".part"):
+            try:
+                if time.time() - os.path.getmtime(os.path.join(cache_dir, name)) > 3600:
+                    os.remove(os.path.join(cache_dir, name))
+            except OSError:  # removed meanwhile by another process
+                pass
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=filename + ".", suffix=".part")
     try:
-        yield dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", 0))
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
+            with tqdm(total=total, unit="B", unit_scale=True, desc=filename, disable=None) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and received != total:
+                raise http.client.IncompleteRead(b"", total - received)
+        os.replace(tmp, path)
+    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, refused/reset connections
+        raise DownloadError(f"could not download {url} ({type(e).__name__}: {e}). If this machine is offline, "
+                            f"download it elsewhere and pass {flag} PATH, or place it at {path}") from None
     finally:
-        dist.destroy_process_group()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def resolve_file(spec, default_url, what, flag, cache_dir=None):
+    """spec None -> download default_url; an http(s) URL -> download it; else a local path that must exist."""
+    spec = spec or default_url
+    if spec is None:
+        raise ValueError(f"no official {what} for this dataset; pass {flag} PATH or URL")
+    if spec.startswith(("http://", "https://")):
+        return download_cached(spec, cache_dir, flag=flag)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"{what} {spec} not found; pass {flag} with an existing file or an http(s) URL")
+    return spec
+
+
+def resolve_teacher(spec, dataset, cache_dir=None):
+    """Local path of the EDM teacher pickle: spec (path or URL), or the official one for the dataset."""
+    return resolve_file(spec, EDM_TEACHER_URLS.get(dataset), "teacher", "--teacher", cache_dir)
+
+
+def resolve_fid_ref(spec, dataset, cache_dir=None):
+    """Local path of the EDM FID reference statistics (.npz with mu, sigma) for the dataset."""
+    return resolve_file(spec, EDM_FID_REF_URLS.get(dataset), "FID reference", "--fid_ref", cache_dir)
+
+
+def download_dmd2_checkpoint(run_name, cache_dir=None):
+    """Local path of a released DMD2 ImageNet-64 generator (plain EDMPrecond state dict, keys model.*) from
+    Hugging Face tianweiy/DMD2; cache_dir None -> the Hugging Face cache."""
+    if run_name not in DMD2_IMAGENET_RUNS:
+        raise ValueError(f'unknown DMD2 run {run_name!r}; known: {", ".join(DMD2_IMAGENET_RUNS)}')
+    filename = f"model/imagenet/{run_name}/pytorch_model.bin"
+    url = f"https://huggingface.co/{DMD2_HF_REPO}/resolve/main/{filename}"
+    if huggingface_hub is None:
+        raise ImportError(f"downloading {url} needs huggingface_hub: pip install huggingface_hub")
+    try:
+        return huggingface_hub.hf_hub_download(repo_id=DMD2_HF_REPO, filename=filename, cache_dir=cache_dir)
+    except (OSError, ValueError) as e:  # offline, LocalEntryNotFoundError, HTTP errors
+        raise DownloadError(f"could not fetch {filename} from Hugging Face repo {DMD2_HF_REPO} "
+                            f"({type(e).__name__}). If offline, download {url} elsewhere and pass its local path "
+                            "instead") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 15. The EDM rungs (cifar10, imagenet64): official teacher, real data on disk, one or many processes
 
 
 def load_teacher(cfg, local_rank=0):
@@ -2779,252 +2936,24 @@ def run_edm(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 10. Command line: python dmd2.py [sample|evaluate|fid|sdxl] ...
+# 16. The text-to-image rungs (sdxl, sdxl-1step, sdxl-ode, sd15, sd15-gan): diffusers models, captioned images
+# encoded once into memory-mapped latents, released DMD2 weights (pip install -r requirements-sdxl.txt).
+# diffusers / transformers / peft are imported inside the functions, so the rest of dmd2.py runs without them;
+# tiny_t2i_parts() builds SD-shaped random networks for a CPU.
 
-
-def parse_config(argv):
-    """Config from a preset (--dataset) and flags; every Config field is a flag: --iters 100 --gan false ..."""
-    parser = argparse.ArgumentParser(description="DMD2 distillation (python dmd2.py [--dataset NAME] [--flag value])")
-    for f in dataclasses.fields(Config):
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(f"--{f.name}", type=_parse_bool, metavar="true|false")
-        elif f.type in (list, "list"):
-            parser.add_argument(f"--{f.name}", type=int, nargs="+")
-        elif f.type in (dict, "dict"):
-            parser.add_argument(f"--{f.name}", type=json.loads, metavar="JSON")
-        elif f.type == float | str:
-            parser.add_argument(f"--{f.name}", type=_float_or_auto, metavar="FLOAT|auto")
-        else:
-            parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}.get(f.type, f.type))
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    dataset = given.get("dataset", Config.dataset)
-    if dataset not in PRESETS:
-        parser.error(f"unknown dataset {dataset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[dataset], **given})
-    check_config(cfg)
-    return cfg
-
-
-def _parse_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _float_or_auto(text):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
-
-
-def check_config(cfg):
-    problems = []
-    if cfg.regression_loss_weight > 0 and (cfg.generator_steps != 1 or cfg.students != [1] or cfg.regression_pairs < 1):
-        problems.append("the regression loss is for one-step students: use --students 1 and --regression_pairs N")
-    if cfg.gan and cfg.cls_loss_weight <= 0:
-        problems.append("--gan true needs --cls_loss_weight > 0")
-    if cfg.gen_cls_loss_weight == "auto" and cfg.gan and cfg.dm_loss_weight <= 0:
-        problems.append("--gen_cls_loss_weight auto matches the DM term's gradient norm: it needs --dm_loss_weight > 0")
-    if cfg.dm_loss_weight <= 0 and not cfg.gan and cfg.regression_loss_weight <= 0:
-        problems.append("the generator has no loss: enable the DM loss, the GAN or the regression loss")
-    if cfg.micro_batch < 0 or (cfg.micro_batch and cfg.batch_size % cfg.micro_batch):
-        problems.append(f"--micro_batch {cfg.micro_batch} must divide --batch_size {cfg.batch_size} (or be 0: no "
-                        "micro-batching)")
-    if min(cfg.students + [cfg.generator_steps]) < 1 or cfg.dfake_gen_update_ratio < 1:
-        problems.append("--students, --generator_steps and --dfake_gen_update_ratio must be >= 1")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        problems.append(f"--precision {cfg.precision} is not one of auto, bf16, fp32")
-    counts = ("batch_size", "iters", "log_every", "ckpt_every", "sample_every", "eval_samples", "eval_batch",
-              "teacher_batch", "num_train_timesteps")
-    problems += [f"--{k} {getattr(cfg, k)} must be a positive integer" for k in counts if getattr(cfg, k) < 1]
-    problems += [f"--{k} {getattr(cfg, k)} must be > 0" for k in ("generator_lr", "guidance_lr", "dist_timeout")
-                 if not getattr(cfg, k) > 0]
-    problems += [f"--{k} {getattr(cfg, k)} must be >= 0" for k in ("teacher_iters", "warmup_steps", "num_workers")
-                 if getattr(cfg, k) < 0]
-    if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:
-        problems.append("--min_step_percent and --max_step_percent must satisfy 0 <= min < max <= 1")
-    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        problems.append(f"--device {cfg.device} is not one of auto, cpu, cuda, cuda:N")
-    if problems:
-        raise SystemExit("config error: " + "; ".join(problems))
-
-
-def load_student(state):
-    """(generator, Config, text-to-image parts or None) of a run checkpoint: the student (its EMA if kept) rebuilt
-    from the checkpoint's architecture spec."""
-    cfg, spec = Config(**state["config"]), state["arch"]
-    parts = t2i_parts(spec["kwargs"]) if spec["kind"] == "t2i" else None
-    generator = parts.teacher() if parts else build_network(spec)
-    if parts and cfg.lora_rank:
-        add_generator_lora(generator.unet, cfg.lora_rank, cfg.lora_alpha)
-    generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
-    return generator.eval(), cfg, parts
-
-
-def sample_main(argv):
-    """python dmd2.py sample --checkpoint RUN/checkpoint.pt [--prompt TEXT ...] [--num 64] [--seed 0] [--out grid.png]
-    python dmd2.py sample --model dmd2-sdxl|dmd2-sdxl-lora|dmd2-sd15|student:PATH|... --prompt TEXT [--steps 4]
-    A run's student with our sampler (a grid: class-conditional samples, or --num images of each prompt), or a
-    text-to-image model through its diffusers pipeline (t2i_pipeline; released DMD2 weights from Hugging Face), one
-    PNG per image in the folder --out."""
-    parser = argparse.ArgumentParser(prog="dmd2.py sample", description=sample_main.__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint.pt of a dmd2.py run")
-    source.add_argument("--model", help="a text-to-image model, as `evaluate --model`")
-    parser.add_argument("--prompt", action="append", help="text-to-image: a prompt (repeat for more)")
-    parser.add_argument("--num", type=int, help="images (default 64), or images per prompt (default 1)")
-    parser.add_argument("--steps", type=int, default=4, help="--model: sampling steps")
-    parser.add_argument("--model_id", default="", help="--model: base model id or folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="", help="grid PNG (default samples.png), or folder for --model")
-    args = parser.parse_args(argv)
-    if args.model:
-        if not args.prompt:
-            raise SystemExit("sample --model needs --prompt TEXT")
-        pipe, call = t2i_pipeline(args.model, args.steps, 0.0, args.model_id)
-        out = args.out or "samples"
-        t2i_generate(pipe, call, [p for p in args.prompt for _ in range(args.num or 1)], out, args.seed)
-        print(f"wrote {len(args.prompt) * (args.num or 1)} images to {out}/")
-        return
-    if not os.path.exists(args.checkpoint):
-        raise SystemExit(f"{args.checkpoint}: no such checkpoint (it is run_dir/checkpoint.pt of a dmd2.py run)")
-    state = read_checkpoint(args.checkpoint, fix="Pass the checkpoint.pt of a dmd2.py run folder.")
-    if not {"config", "distiller", "arch"} <= set(state):
-        raise ValueError(f"{args.checkpoint} is a torch file but not a dmd2.py run checkpoint (it has "
-                         f"{sorted(state)[:4]}); pass run_dir/checkpoint.pt of a run")
-    generator, cfg, parts = load_student(state)
-    step_sigmas = generator_sigmas(cfg.generator_steps, noise_grid(cfg, generator), cfg.conditioning_timestep)
-    if parts:
-        if not args.prompt:
-            raise SystemExit(f"{args.checkpoint} is a text-to-image student: pass --prompt TEXT")
-        labels = [p for p in args.prompt for _ in range(args.num or 1)]
-        conditions, size = Prompts(labels, parts.tokenizers, parts.text_encoders), parts.unet.config.sample_size
-        shape = (parts.unet.config.in_channels, size, size)
-    else:
-        labels = torch.arange(args.num or 64) % cfg.num_classes
-        conditions = ClassLabels(cfg.num_classes)
-        shape = (2,) if cfg.dataset == "toy2d" else (generator.img_channels, generator.img_resolution,
-                                                     generator.img_resolution)
-    noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(args.seed))
-    samples = sample_student(generator, noise, labels, step_sigmas, conditions)
-    out = args.out or "samples.png"
-    save_samples(decode_latents(parts.vae, samples) if parts else samples, labels, out)
-    print(f"wrote {out}: {len(labels)} samples of a {cfg.generator_steps}-step student at iteration "
-          f"{state['distiller']['step']}")
-
-
-def load_generator(path, dataset):
-    """A one-step EDM generator from our checkpoint.pt, or from a plain state dict (keys model.*: the released
-    DMD2 pytorch_model.bin or the one run_edm writes) built with the dataset's official config, dropout 0."""
-    state = read_checkpoint(path)
-    if "distiller" in state:
-        generator, cfg, _ = load_student(state)
-        return generator, cfg.generator_steps
-    config = {"imagenet64": edm_net.imagenet64_config(dropout=0.0), "cifar10": edm_net.cifar10_config(dropout=0.0)}
-    if dataset not in config:
-        raise SystemExit(f"{path} is a plain state dict: pass --dataset imagenet64 or cifar10 for its architecture")
-    return edm_net.load_edm_state_dict(state, config[dataset], name=path).eval(), 1
-
-
-def evaluate_main(argv):
-    """Sample a grid and compute FID of a one-step generator with the ImageNet-64 protocol (50 per class, fixed
-    per-sample seeds, EDM's uint8 mapping and Inception preprocessing), sharded under torchrun:
-        python dmd2.py evaluate --released imagenet_gan_classifier_genloss3e-3_diffusion1000_lr5e-7_resume_fid1.28_checkpoint_model_548000
-        python dmd2.py evaluate --generator runs/imagenet64/student_1step/pytorch_model.bin --num 50000
-    With --model, a text-to-image model on COCO-2014 instead (FID, patch FID, CLIP score; section 8b2):
-        python dmd2.py evaluate --model dmd2-sdxl --coco coco --protocol sdxl"""
-    if any(a == "--model" or a.startswith("--model=") for a in argv):
-        return t2i_evaluate_main(argv)  # text-to-image models: section 8b2
-    parser = argparse.ArgumentParser(description=evaluate_main.__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--generator", help="our checkpoint.pt or a plain generator state dict (keys model.*)")
-    source.add_argument("--released", choices=sorted(DMD2_IMAGENET_RUNS), help="a released DMD2 ImageNet run")
-    parser.add_argument("--dataset", default="imagenet64", choices=["imagenet64", "cifar10"])
-    parser.add_argument("--ref", help="reference statistics .npz (default: EDM's for the dataset, downloaded)")
-    parser.add_argument("--num", type=int, default=50_000, help="samples (a multiple of the class count)")
-    parser.add_argument("--batch", type=int, default=128)  # official: --eval_batch_size 128
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", default="generator_grid.png")
-    parser.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: cache)")
-    parser.add_argument("--cache_dir", default=None)
-    args = parser.parse_args(argv)
-    device = resolve_device(Config(device="auto"))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # FID in exact float32
-    with distributed(device) as (rank, _, local_rank):
-        return evaluate_generator(args, device, rank, local_rank)
-
-
-def evaluate_generator(args, device, rank=0, local_rank=0):
-    """The body of `python dmd2.py evaluate` on one process of the group: downloads once per node, then FID."""
-    def fetch():
-        return (args.generator or download_dmd2_checkpoint(args.released, args.cache_dir),
-                resolve_fid_ref(args.ref, args.dataset, args.cache_dir))
-    if local_rank == 0:
-        fetch()
-    if dist.is_initialized():
-        dist.barrier()
-    path, ref = fetch()
-    generator, steps = load_generator(path, args.dataset)
-    generator = generator.to(device)
-    num_classes, res = generator.label_dim, generator.img_resolution
-    sigmas = karras_sigmas().to(device)
-    step_sigmas = generator_sigmas(steps, sigmas)
-
-    def generate_fn(noise, labels):  # unit noise of shape (steps, 3, R, R) per sample: one slice per step
-        noise = noise.to(device).reshape(len(labels), steps, 3, res, res)
-        draws = iter(noise.unbind(1)[1:])
-        return generate(generator, noise[:, 0], onehot(labels.to(device), num_classes), step_sigmas,
-                        lambda shape, device=None: next(draws))
-
-    if rank == 0:
-        with torch.no_grad():
-            grid_noise = torch.randn(64, steps * 3, res, res, generator=torch.Generator().manual_seed(args.seed))
-            labels = torch.arange(64) * (num_classes // 64 or 1) % num_classes
-            save_samples(generate_fn(grid_noise, labels).cpu(), labels, args.grid)
-        print(f"wrote {args.grid}")
-    inception = load_inception(args.inception, args.cache_dir, device=device)
-    with torch.no_grad():
-        fid = fid_of_generator(generate_fn, ref, inception, num_samples=args.num, num_classes=num_classes,
-                               batch_size=args.batch, seed=args.seed, noise_shape=(steps * 3, res, res),
-                               device=device)
-    if rank == 0:
-        print(f"FID {fid:.4f} ({args.num} samples, {path} against {ref})")
-    return fid
-
-
-def main(argv):
-    commands = {"sample": sample_main, "evaluate": evaluate_main, "fid": fid_main}
-    if argv and argv[0] in commands:
-        return commands[argv[0]](argv[1:])
-    cfg = parse_config(argv)
-    if cfg.dataset in ("toy2d", "shapes"):
-        return run_embedded(cfg)
-    return run_t2i(cfg) if cfg.dataset.startswith(("sdxl", "sd15")) else run_edm(cfg)
-
-
-# ================================================================================================================
-# 9. Text-to-image teachers: SD v1.5 and SDXL UNets as EDM denoisers (pip install -r requirements-sdxl.txt)
-#
-# The method of sections 3-7 runs unchanged on SD v1.5 and SDXL (official: main/sd_guidance.py,
-# main/sd_unified_model.py, main/train_sd.py). EpsDenoiser makes the teacher's epsilon-prediction
-# UNet2DConditionModel a denoiser D(x, sigma, cond) -> x0 on the DDPM noise table, with the official numerics inside;
-# Prompts encodes captions with the frozen text encoders; the generator works in the VAE's latent space, and the
-# real images are encoded once into a memory-mapped file. diffusers / transformers / peft are imported inside the
-# functions, so the rest of dmd2.py runs without them. tiny_t2i_parts() builds SD-shaped random networks for a CPU.
 
 SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # official: --model_id
+
+
 DMD2_REPO = "tianweiy/DMD2"  # released checkpoints (Hugging Face; cc-by-nc)
+
+
 DMD2_SDXL_FILES = {4: "dmd2_sdxl_4step_unet_fp16.bin", 1: "dmd2_sdxl_1step_unet_fp16.bin",
                    "lora": "dmd2_sdxl_4step_lora_fp16.safetensors"}
+
+
 SDXL_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                      "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # official
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def _hf():
@@ -3036,121 +2965,6 @@ def _hf():
         raise ImportError(f"the text-to-image path needs diffusers, transformers, peft and safetensors ({e}): "
                           "pip install -r requirements-sdxl.txt") from None
     return diffusers, transformers
-
-
-def ddpm_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
-    """alphas_cumprod of the SD v1.5 / SDXL scheduler ("scaled_linear" betas 0.00085..0.012, T = 1000), computed in
-    float32 exactly as diffusers does, returned as float64 (official: alphas_cumprod.double()). alpha_bar(999) =
-    0.00466: not zero-terminal SNR, which is why the first timestep takes pure noise (pure_noise)."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
-    return torch.cumprod(1.0 - betas, dim=0).double()
-
-
-class _MidBlockReached(Exception):
-    def __init__(self, output):
-        self.output = output
-
-
-class EpsDenoiser(nn.Module):
-    """A diffusers UNet2DConditionModel that predicts epsilon, as an EDM denoiser D(x, sigma, cond) -> x0 (in the
-    manner of k-diffusion's DiscreteEpsDDPMDenoiser), so that every function of the method serves it unchanged.
-
-    EDM scaling x = x0 + sigma n with sigma_t = sqrt((1 - abar_t) / abar_t): the UNet sees DDPM's x_t = sqrt(abar_t) x
-    at the integer timestep t of the nearest table entry (k-diffusion: quantised sigmas). Official numerics
-    (main/sd_guidance.py, main/utils.py): epsilon -> x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) in float64;
-    classifier-free guidance eps_u + s (eps_c - eps_u) when guidance_scale != 1 (the Distiller sets it on the real
-    score only), the unconditional input being all zeros for SDXL and the encoding of "" for SD v1.5; bf16 autocast
-    (use_fp16, EDMPrecond's name for it) only where gradients are taken, since the official code runs the DM loss's
-    fake pass and the backward-simulation rollout in fp32. return_bottleneck gives the mid-block output, the GAN
-    head's input (official: classify_forward). cond = (prompt embeddings [B, 77, D], pooled [B, P]), P = 0 for SD
-    v1.5; SDXL's micro-conditioning [res, res, 0, 0, res, res] (official: build_condition_input) is added here."""
-
-    def __init__(self, unet, alphas_cumprod, uncond, resolution=None):
-        super().__init__()
-        self.unet, self.guidance_scale, self.use_fp16 = unet, 1.0, False
-        self.register_buffer("alphas_cumprod", alphas_cumprod.double(), persistent=False)
-        self.register_buffer("sigmas", ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().float(),
-                             persistent=False)
-        self.register_buffer("uncond_embeds", uncond[0], persistent=False)
-        self.register_buffer("uncond_pooled", uncond[1], persistent=False)
-        self.time_ids = None if resolution is None else [resolution, resolution, 0, 0, resolution, resolution]
-        self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])  # edm_sampler's range
-
-    def timestep(self, sigma):
-        """The integer timestep of the table entry nearest to each sigma (in log sigma)."""
-        return (self.sigmas.log() - sigma.reshape(-1, 1).float().log()).abs().argmin(dim=1)
-
-    def round_sigma(self, sigma):  # edm_sampler's hook: its steps land on the table
-        return self.sigmas[self.timestep(sigma)].to(sigma.dtype).reshape(sigma.shape)
-
-    def unet_eps(self, x_t, t, cond):
-        embeds, pooled = cond
-        dtype, extra = self.unet.dtype, {}
-        if self.time_ids is not None:
-            ids = torch.tensor([self.time_ids], dtype=dtype, device=x_t.device).expand(len(x_t), -1)
-            extra = dict(added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": ids})
-        return self.unet(x_t.to(dtype), t, embeds.to(dtype), **extra).sample
-
-    def mid_block_output(self, x_t, t, cond):
-        """The UNet forward up to and including its mid block: a hook raises the output, so the up blocks never run
-        (as the official classify_forward) and the autograd graph up to it stays intact."""
-        def stop(module, args, output):
-            raise _MidBlockReached(output)
-        handle = self.unet.mid_block.register_forward_hook(stop)
-        try:
-            self.unet_eps(x_t, t, cond)
-        except _MidBlockReached as reached:
-            return reached.output
-        finally:
-            handle.remove()
-        raise RuntimeError("the UNet forward never reached unet.mid_block")
-
-    def forward(self, x, sigma, cond, return_bottleneck=False):
-        t = self.timestep(sigma).expand(len(x))  # sigma: per sample [B], or one 0-dim value (edm_sampler)
-        a = _per_sample(self.alphas_cumprod[t], x)
-        x_t = (x.double() * a.sqrt()).float()
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.use_fp16 and torch.is_grad_enabled()):
-            if return_bottleneck:
-                return self.mid_block_output(x_t, t, cond)
-            if self.guidance_scale == 1:
-                eps = self.unet_eps(x_t, t, cond)
-            else:
-                uncond = (self.uncond_embeds.expand_as(cond[0]), self.uncond_pooled.expand_as(cond[1]))
-                both = tuple(torch.cat(pair) for pair in zip(uncond, cond))
-                eps_u, eps_c = self.unet_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
-                eps = eps_u + self.guidance_scale * (eps_c - eps_u)
-        return (x_t.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
-
-
-class Prompts:
-    """Text conditions: captions -> (prompt embeddings, pooled) with the teacher's frozen text encoders. SD v1.5:
-    CLIPTextModel(...)[0], the last hidden state [B, 77, 768], no pooled part. SDXL (official sdxl_text_encoder.py):
-    the penultimate hidden states of CLIP-L (768) and OpenCLIP-bigG (1280) concatenated to [B, 77, 2048], and the
-    pooled projection (text_embeds) of encoder 2 [B, 1280]. Generated batches take their prompts from the training
-    captions (official: the real-image dataset's captions in denoising mode)."""
-
-    def __init__(self, captions, tokenizers, text_encoders):
-        self.captions, self.tokenizers, self.text_encoders = captions, tokenizers, text_encoders
-
-    @torch.no_grad()
-    def encode(self, prompts):
-        sdxl, hidden = len(self.text_encoders) == 2, []
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(encoder.device)
-            out = encoder(ids, output_hidden_states=sdxl)
-            hidden.append(out.hidden_states[-2] if sdxl else out[0])
-        pooled = out[0] if sdxl else hidden[0].new_zeros(len(ids), 0)
-        return torch.cat(hidden, dim=-1).float(), pooled.float()
-
-    def sample(self, n, noise):
-        return self.encode([self.captions[i] for i in noise.randint(0, len(self.captions), n).tolist()])
-
-    def blank(self, n):
-        return self.encode([""] * n)
-
-    def examples(self, n):  # the prompts of sample grids
-        return [self.captions[i % len(self.captions)] for i in range(n)]
 
 
 @dataclass
@@ -3460,6 +3274,236 @@ def run_t2i(cfg):
             print(f"generator UNet written to {path}; sample it with: python dmd2.py sample --checkpoint "
                   f"{os.path.join(run_dir, 'checkpoint.pt')} --prompt TEXT")
     return distiller
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 17. Command line: python dmd2.py [--dataset NAME] [--flag value ...] | sample | evaluate | fid
+
+
+def parse_config(argv):
+    """Config from a preset (--dataset) and flags; every Config field is a flag: --iters 100 --gan false ..."""
+    parser = argparse.ArgumentParser(description="DMD2 distillation (python dmd2.py [--dataset NAME] [--flag value])")
+    for f in dataclasses.fields(Config):
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(f"--{f.name}", type=_parse_bool, metavar="true|false")
+        elif f.type in (list, "list"):
+            parser.add_argument(f"--{f.name}", type=int, nargs="+")
+        elif f.type in (dict, "dict"):
+            parser.add_argument(f"--{f.name}", type=json.loads, metavar="JSON")
+        elif f.type == float | str:
+            parser.add_argument(f"--{f.name}", type=_float_or_auto, metavar="FLOAT|auto")
+        else:
+            parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}.get(f.type, f.type))
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    dataset = given.get("dataset", Config.dataset)
+    if dataset not in PRESETS:
+        parser.error(f"unknown dataset {dataset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS[dataset], **given})
+    check_config(cfg)
+    return cfg
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _float_or_auto(text):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+def check_config(cfg):
+    problems = []
+    if cfg.regression_loss_weight > 0 and (cfg.generator_steps != 1 or cfg.students != [1] or cfg.regression_pairs < 1):
+        problems.append("the regression loss is for one-step students: use --students 1 and --regression_pairs N")
+    if cfg.gan and cfg.cls_loss_weight <= 0:
+        problems.append("--gan true needs --cls_loss_weight > 0")
+    if cfg.gen_cls_loss_weight == "auto" and cfg.gan and cfg.dm_loss_weight <= 0:
+        problems.append("--gen_cls_loss_weight auto matches the DM term's gradient norm: it needs --dm_loss_weight > 0")
+    if cfg.dm_loss_weight <= 0 and not cfg.gan and cfg.regression_loss_weight <= 0:
+        problems.append("the generator has no loss: enable the DM loss, the GAN or the regression loss")
+    if cfg.micro_batch < 0 or (cfg.micro_batch and cfg.batch_size % cfg.micro_batch):
+        problems.append(f"--micro_batch {cfg.micro_batch} must divide --batch_size {cfg.batch_size} (or be 0: no "
+                        "micro-batching)")
+    if min(cfg.students + [cfg.generator_steps]) < 1 or cfg.dfake_gen_update_ratio < 1:
+        problems.append("--students, --generator_steps and --dfake_gen_update_ratio must be >= 1")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        problems.append(f"--precision {cfg.precision} is not one of auto, bf16, fp32")
+    counts = ("batch_size", "iters", "log_every", "ckpt_every", "sample_every", "eval_samples", "eval_batch",
+              "teacher_batch", "num_train_timesteps")
+    problems += [f"--{k} {getattr(cfg, k)} must be a positive integer" for k in counts if getattr(cfg, k) < 1]
+    problems += [f"--{k} {getattr(cfg, k)} must be > 0" for k in ("generator_lr", "guidance_lr", "dist_timeout")
+                 if not getattr(cfg, k) > 0]
+    problems += [f"--{k} {getattr(cfg, k)} must be >= 0" for k in ("teacher_iters", "warmup_steps", "num_workers")
+                 if getattr(cfg, k) < 0]
+    if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:
+        problems.append("--min_step_percent and --max_step_percent must satisfy 0 <= min < max <= 1")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        problems.append(f"--device {cfg.device} is not one of auto, cpu, cuda, cuda:N")
+    if problems:
+        raise SystemExit("config error: " + "; ".join(problems))
+
+
+def load_student(state):
+    """(generator, Config, text-to-image parts or None) of a run checkpoint: the student (its EMA if kept) rebuilt
+    from the checkpoint's architecture spec."""
+    cfg, spec = Config(**state["config"]), state["arch"]
+    parts = t2i_parts(spec["kwargs"]) if spec["kind"] == "t2i" else None
+    generator = parts.teacher() if parts else build_network(spec)
+    if parts and cfg.lora_rank:
+        add_generator_lora(generator.unet, cfg.lora_rank, cfg.lora_alpha)
+    generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
+    return generator.eval(), cfg, parts
+
+
+def sample_main(argv):
+    """python dmd2.py sample --checkpoint RUN/checkpoint.pt [--prompt TEXT ...] [--num 64] [--seed 0] [--out grid.png]
+    python dmd2.py sample --model dmd2-sdxl|dmd2-sdxl-lora|dmd2-sd15|student:PATH|... --prompt TEXT [--steps 4]
+    A run's student with our sampler (a grid: class-conditional samples, or --num images of each prompt), or a
+    text-to-image model through its diffusers pipeline (t2i_pipeline; released DMD2 weights from Hugging Face), one
+    PNG per image in the folder --out."""
+    parser = argparse.ArgumentParser(prog="dmd2.py sample", description=sample_main.__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint.pt of a dmd2.py run")
+    source.add_argument("--model", help="a text-to-image model, as `evaluate --model`")
+    parser.add_argument("--prompt", action="append", help="text-to-image: a prompt (repeat for more)")
+    parser.add_argument("--num", type=int, help="images (default 64), or images per prompt (default 1)")
+    parser.add_argument("--steps", type=int, default=4, help="--model: sampling steps")
+    parser.add_argument("--model_id", default="", help="--model: base model id or folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="", help="grid PNG (default samples.png), or folder for --model")
+    args = parser.parse_args(argv)
+    if args.model:
+        if not args.prompt:
+            raise SystemExit("sample --model needs --prompt TEXT")
+        pipe, call = t2i_pipeline(args.model, args.steps, 0.0, args.model_id)
+        out = args.out or "samples"
+        t2i_generate(pipe, call, [p for p in args.prompt for _ in range(args.num or 1)], out, args.seed)
+        print(f"wrote {len(args.prompt) * (args.num or 1)} images to {out}/")
+        return
+    if not os.path.exists(args.checkpoint):
+        raise SystemExit(f"{args.checkpoint}: no such checkpoint (it is run_dir/checkpoint.pt of a dmd2.py run)")
+    state = read_checkpoint(args.checkpoint, fix="Pass the checkpoint.pt of a dmd2.py run folder.")
+    if not {"config", "distiller", "arch"} <= set(state):
+        raise ValueError(f"{args.checkpoint} is a torch file but not a dmd2.py run checkpoint (it has "
+                         f"{sorted(state)[:4]}); pass run_dir/checkpoint.pt of a run")
+    generator, cfg, parts = load_student(state)
+    step_sigmas = generator_sigmas(cfg.generator_steps, noise_grid(cfg, generator), cfg.conditioning_timestep)
+    if parts:
+        if not args.prompt:
+            raise SystemExit(f"{args.checkpoint} is a text-to-image student: pass --prompt TEXT")
+        labels = [p for p in args.prompt for _ in range(args.num or 1)]
+        conditions, size = Prompts(labels, parts.tokenizers, parts.text_encoders), parts.unet.config.sample_size
+        shape = (parts.unet.config.in_channels, size, size)
+    else:
+        labels = torch.arange(args.num or 64) % cfg.num_classes
+        conditions = ClassLabels(cfg.num_classes)
+        shape = (2,) if cfg.dataset == "toy2d" else (generator.img_channels, generator.img_resolution,
+                                                     generator.img_resolution)
+    noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(args.seed))
+    samples = sample_student(generator, noise, labels, step_sigmas, conditions)
+    out = args.out or "samples.png"
+    save_samples(decode_latents(parts.vae, samples) if parts else samples, labels, out)
+    print(f"wrote {out}: {len(labels)} samples of a {cfg.generator_steps}-step student at iteration "
+          f"{state['distiller']['step']}")
+
+
+def load_generator(path, dataset):
+    """A one-step EDM generator from our checkpoint.pt, or from a plain state dict (keys model.*: the released
+    DMD2 pytorch_model.bin or the one run_edm writes) built with the dataset's official config, dropout 0."""
+    state = read_checkpoint(path)
+    if "distiller" in state:
+        generator, cfg, _ = load_student(state)
+        return generator, cfg.generator_steps
+    config = {"imagenet64": edm_net.imagenet64_config(dropout=0.0), "cifar10": edm_net.cifar10_config(dropout=0.0)}
+    if dataset not in config:
+        raise SystemExit(f"{path} is a plain state dict: pass --dataset imagenet64 or cifar10 for its architecture")
+    return edm_net.load_edm_state_dict(state, config[dataset], name=path).eval(), 1
+
+
+def evaluate_main(argv):
+    """Sample a grid and compute FID of a one-step generator with the ImageNet-64 protocol (50 per class, fixed
+    per-sample seeds, EDM's uint8 mapping and Inception preprocessing), sharded under torchrun:
+        python dmd2.py evaluate --released imagenet_gan_classifier_genloss3e-3_diffusion1000_lr5e-7_resume_fid1.28_checkpoint_model_548000
+        python dmd2.py evaluate --generator runs/imagenet64/student_1step/pytorch_model.bin --num 50000
+    With --model, a text-to-image model on COCO-2014 instead (FID, patch FID, CLIP score; section 8b2):
+        python dmd2.py evaluate --model dmd2-sdxl --coco coco --protocol sdxl"""
+    if any(a == "--model" or a.startswith("--model=") for a in argv):
+        return t2i_evaluate_main(argv)  # text-to-image models: section 8b2
+    parser = argparse.ArgumentParser(description=evaluate_main.__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--generator", help="our checkpoint.pt or a plain generator state dict (keys model.*)")
+    source.add_argument("--released", choices=sorted(DMD2_IMAGENET_RUNS), help="a released DMD2 ImageNet run")
+    parser.add_argument("--dataset", default="imagenet64", choices=["imagenet64", "cifar10"])
+    parser.add_argument("--ref", help="reference statistics .npz (default: EDM's for the dataset, downloaded)")
+    parser.add_argument("--num", type=int, default=50_000, help="samples (a multiple of the class count)")
+    parser.add_argument("--batch", type=int, default=128)  # official: --eval_batch_size 128
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", default="generator_grid.png")
+    parser.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: cache)")
+    parser.add_argument("--cache_dir", default=None)
+    args = parser.parse_args(argv)
+    device = resolve_device(Config(device="auto"))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # FID in exact float32
+    with distributed(device) as (rank, _, local_rank):
+        return evaluate_generator(args, device, rank, local_rank)
+
+
+def evaluate_generator(args, device, rank=0, local_rank=0):
+    """The body of `python dmd2.py evaluate` on one process of the group: downloads once per node, then FID."""
+    def fetch():
+        return (args.generator or download_dmd2_checkpoint(args.released, args.cache_dir),
+                resolve_fid_ref(args.ref, args.dataset, args.cache_dir))
+    if local_rank == 0:
+        fetch()
+    if dist.is_initialized():
+        dist.barrier()
+    path, ref = fetch()
+    generator, steps = load_generator(path, args.dataset)
+    generator = generator.to(device)
+    num_classes, res = generator.label_dim, generator.img_resolution
+    sigmas = karras_sigmas().to(device)
+    step_sigmas = generator_sigmas(steps, sigmas)
+
+    def generate_fn(noise, labels):  # unit noise of shape (steps, 3, R, R) per sample: one slice per step
+        noise = noise.to(device).reshape(len(labels), steps, 3, res, res)
+        draws = iter(noise.unbind(1)[1:])
+        return generate(generator, noise[:, 0], onehot(labels.to(device), num_classes), step_sigmas,
+                        lambda shape, device=None: next(draws))
+
+    if rank == 0:
+        with torch.no_grad():
+            grid_noise = torch.randn(64, steps * 3, res, res, generator=torch.Generator().manual_seed(args.seed))
+            labels = torch.arange(64) * (num_classes // 64 or 1) % num_classes
+            save_samples(generate_fn(grid_noise, labels).cpu(), labels, args.grid)
+        print(f"wrote {args.grid}")
+    inception = load_inception(args.inception, args.cache_dir, device=device)
+    with torch.no_grad():
+        fid = fid_of_generator(generate_fn, ref, inception, num_samples=args.num, num_classes=num_classes,
+                               batch_size=args.batch, seed=args.seed, noise_shape=(steps * 3, res, res),
+                               device=device)
+    if rank == 0:
+        print(f"FID {fid:.4f} ({args.num} samples, {path} against {ref})")
+    return fid
+
+
+def main(argv):
+    commands = {"sample": sample_main, "evaluate": evaluate_main, "fid": fid_main}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    cfg = parse_config(argv)
+    if cfg.dataset in ("toy2d", "shapes"):
+        return run_embedded(cfg)
+    return run_t2i(cfg) if cfg.dataset.startswith(("sdxl", "sd15")) else run_edm(cfg)
 
 
 USER_ERRORS = (ValueError, OSError, RuntimeError, ImportError, FloatingPointError)

@@ -132,7 +132,7 @@ def main():
     d, _ = make_distiller(dmd2.PRESETS["shapes"]["precision"], dmd2.PRESETS["shapes"]["channels_last"], args.batch)
     n = 256
     noise, labels = torch.randn(n, 3, 16, 16), torch.arange(n) % 10
-    teacher_s = timed(lambda: dmd2.sample_teacher(d.real_score, noise, labels, 10, 18, 256), 1)
+    teacher_s = timed(lambda: dmd2.sample_teacher(d.real_score, noise, labels, d.conditions, 18, 256), 1)
     sampling = {"teacher (Heun 18 steps, NFE 35)": n / teacher_s}
     for steps in (1, 4):
         sig = dmd2.generator_sigmas(steps, d.sigmas)

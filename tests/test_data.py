@@ -145,7 +145,7 @@ def test_missing_path_and_unlabelled_image(tmp_path):
 
 def test_empty_and_corrupt_datasets(tmp_path):
     os.makedirs(tmp_path / "empty")
-    with pytest.raises(ValueError, match=r"empty holds no \.png/\.jpg/\.jpeg images; prepare data"):
+    with pytest.raises(ValueError, match=r"empty holds no \.png/\.jpg/\.jpeg/\.webp/\.bmp images; prepare data"):
         dmd2.open_image_dataset(str(tmp_path / "empty"), resolution=8)
     with pytest.raises(ValueError, match=r"e\.zip holds no"):
         dmd2.open_image_dataset(write_zip(tmp_path / "e.zip", {"dataset.json": b'{"labels": null}'}), resolution=8)
