@@ -145,6 +145,10 @@ class Config:
     eval_batch: int = 250
 
 
+# What every text-to-image preset shares: the fake score's loss is the official unweighted epsilon MSE, i.e.
+# denoising_loss at sigma_data = inf; GAN weight for the classifier 1e-2 (official --guidance_cls_loss_weight).
+T2I = dict(sigma_data=float("inf"), cls_loss_weight=1e-2, log_every=10, ckpt_every=500, sample_every=500)
+
 PRESETS = {
     # 2-D class-conditional mixture; MLP teacher trained in seconds, and deliberately briefly (300 of the ~4,000
     # iterations it takes to converge): like a real, capacity- and time-limited teacher it is not the data
@@ -168,32 +172,29 @@ PRESETS = {
     "imagenet64": dict(resolution=64, num_classes=1000, iters=400_000, batch_size=40, generator_lr=2e-6,
                        guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
                        eval_samples=50_000, eval_batch=128),
-    # Text-to-image (section 9), official experiments/ scripts; batch per process (official: x 64 GPUs), bf16.
+    # Text-to-image (sections 6, 16): the official experiments/ scripts, per process (official: x 64 GPUs), bf16.
     # SDXL 4-step (sdxl_cond999_8node_lr5e-7_denoising4step_diffusion1000_gan5e-3_guidance8_noinit_noode_backsim_
-    # scratch.sh): backward simulation on [999, 749, 499, 249], CFG 8, GAN 5e-3 / 1e-2, lr 5e-7, ratio 5, 19k iterations.
-    "sdxl": dict(generator_steps=4, guidance_scale=8.0, gen_cls_loss_weight=5e-3, cls_loss_weight=1e-2,
-                 generator_lr=5e-7, guidance_lr=5e-7, batch_size=2, iters=20_000, log_every=10, ckpt_every=500,
-                 sample_every=500),
+    # scratch.sh): backward simulation on [999, 749, 499, 249], CFG 8, GAN 5e-3 / 1e-2, lr 5e-7, ratio 5, 19k its.
+    "sdxl": dict(T2I, generator_steps=4, guidance_scale=8.0, gen_cls_loss_weight=5e-3, generator_lr=5e-7,
+                 guidance_lr=5e-7, batch_size=2, iters=20_000),
     # SDXL 1-step: pure noise at t = 399 (--conditioning_timestep 399), started from the ODE-pair pretraining below
-    # (official: --generator_ckpt_path of its step-2000 checkpoint; pass ours with --generator_init), 24k iterations.
-    "sdxl-1step": dict(generator_steps=1, conditioning_timestep=399, guidance_scale=8.0, gen_cls_loss_weight=5e-3,
-                       cls_loss_weight=1e-2, generator_lr=5e-7, guidance_lr=5e-7, batch_size=2, iters=24_000,
-                       log_every=10, ckpt_every=500, sample_every=500),
+    # (official: --generator_ckpt_path of its step-2000 checkpoint; pass ours with --generator_init), 24k its.
+    "sdxl-1step": dict(T2I, conditioning_timestep=399, guidance_scale=8.0, gen_cls_loss_weight=5e-3,
+                       generator_lr=5e-7, guidance_lr=5e-7, batch_size=2, iters=24_000),
     # The 1-step model's initialisation (official main/train_sd_ode.py): the generator at t = 399 regresses the
     # teacher's ODE outputs (CFG 8) from their noise, LPIPS on decoded images; AdamW 1e-5, no clipping (the official
     # flag is unused), batch 4, 2k iterations; no DM loss, no GAN, so no critic is trained.
-    "sdxl-ode": dict(generator_steps=1, conditioning_timestep=399, guidance_scale=8.0, dm_loss_weight=0.0, gan=False,
+    "sdxl-ode": dict(T2I, conditioning_timestep=399, guidance_scale=8.0, dm_loss_weight=0.0, gan=False,
                      regression_loss_weight=1.0, regression_pairs=10_000, regression_loss="lpips",
                      dfake_gen_update_ratio=1, generator_lr=1e-5, max_grad_norm=float("inf"), batch_size=4,
-                     iters=2_000, log_every=10, ckpt_every=500, sample_every=500),
+                     iters=2_000),
     # SD v1.5, two stages (official experiments/sdv1.5/*.sh, issue #30): 1-step at t = 999, CFG 1.75, ratio 10;
     # stage 1 without GAN at lr 1e-5 (39k iterations), stage 2 adds the GAN (1e-3 / 1e-2) at lr 5e-7 (+5k), started
-    # from stage 1 (--generator_init and --guidance_init RUN/checkpoint.pt). Batch 32 per process (x 64 GPUs).
-    "sd15": dict(generator_steps=1, guidance_scale=1.75, dfake_gen_update_ratio=10, gan=False, generator_lr=1e-5,
-                 guidance_lr=1e-5, batch_size=32, iters=40_000, log_every=10, ckpt_every=500, sample_every=500),
-    "sd15-gan": dict(generator_steps=1, guidance_scale=1.75, dfake_gen_update_ratio=10, gen_cls_loss_weight=1e-3,
-                     cls_loss_weight=1e-2, generator_lr=5e-7, guidance_lr=5e-7, batch_size=32, iters=5_000,
-                     log_every=10, ckpt_every=500, sample_every=500),
+    # from stage 1 (--generator_init and --guidance_init RUN/checkpoint.pt). Batch 32 per process.
+    "sd15": dict(T2I, guidance_scale=1.75, dfake_gen_update_ratio=10, gan=False, generator_lr=1e-5, guidance_lr=1e-5,
+                 batch_size=32, iters=40_000),
+    "sd15-gan": dict(T2I, guidance_scale=1.75, dfake_gen_update_ratio=10, gen_cls_loss_weight=1e-3,
+                     generator_lr=5e-7, guidance_lr=5e-7, batch_size=32, iters=5_000),
     # CIFAR-10 on EDM's conditional VP teacher. Not an official DMD2 recipe: the ImageNet values, batch 56 (EDM).
     "cifar10": dict(resolution=32, num_classes=10, iters=200_000, batch_size=56, generator_lr=2e-6,
                     guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
