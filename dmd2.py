@@ -834,7 +834,8 @@ class Distiller:
         # Both schedulers advance once per iteration, so warm-up counts iterations for both networks (the official
         # generator scheduler does this; accelerate also stepped each one num_gpus times: quirk 4, not copied).
         self.sched_g.step()
-        self.sched_d.step()
+        if with_critic:
+            self.sched_d.step()
         self.step += 1
         return logs
 
@@ -3214,7 +3215,8 @@ def t2i_ode_pairs(cfg, teacher, conditions, sample_shape, device):
     noise x_t = z at t = 999 to t = 0, on cfg.regression_pairs prompts drawn from the captions. Deviation: our EDM Heun
     sampler (teacher_eval_steps steps snapped to the DDPM table), not diffusers' 50-step Euler. Cached."""
     settings = dict(n=cfg.regression_pairs, steps=cfg.teacher_eval_steps, seed=cfg.seed, cfg=cfg.guidance_scale,
-                    teacher=teacher_fingerprint(teacher), captions=len(conditions.captions))
+                    teacher=teacher_fingerprint(teacher),
+                    captions=hashlib.sha256("\n".join(conditions.captions).encode()).hexdigest())
     path = cache_path(cfg, f"odepairs-{cfg.dataset}", settings)
     if os.path.exists(path):
         state = read_checkpoint(path)
@@ -3349,6 +3351,17 @@ def check_config(cfg):
         problems.append("--min_step_percent and --max_step_percent must satisfy 0 <= min < max <= 1")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         problems.append(f"--device {cfg.device} is not one of auto, cpu, cuda, cuda:N")
+    if not 0 <= cfg.conditioning_timestep < cfg.num_train_timesteps:
+        problems.append(f"--conditioning_timestep {cfg.conditioning_timestep} is not a grid level 0.."
+                        f"{cfg.num_train_timesteps - 1}")
+    text_to_image = cfg.dataset.startswith(("sdxl", "sd15"))
+    misplaced = [flag for flag, used in (("--guidance_scale", cfg.guidance_scale != 1), ("--tiny", cfg.tiny),
+                                         ("--lora_rank", cfg.lora_rank != 0), ("--model_id", bool(cfg.model_id))) if used]
+    if misplaced and not text_to_image:
+        problems.append(f"{', '.join(misplaced)}: only for text-to-image teachers (--dataset sdxl, sdxl-1step, "
+                        f"sdxl-ode, sd15, sd15-gan); the EDM teachers have no unconditional branch or LoRA here")
+    if cfg.lora_rank < 0:
+        problems.append(f"--lora_rank {cfg.lora_rank} must be >= 0 (0: full fine-tuning)")
     if problems:
         raise SystemExit("config error: " + "; ".join(problems))
 

@@ -31,6 +31,12 @@ def error_line(argv, capsys):
     (["--dataset", "imagenet64", "--data_path", "/nonexistent/imagenet.zip"], "imagenet.zip not found"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
+    (["--guidance_scale", "8"], "--guidance_scale: only for text-to-image teachers"),
+    (["--dataset", "imagenet64", "--lora_rank", "4", "--tiny", "true"], "--tiny, --lora_rank: only for text-to-image"),
+    (["--dataset", "sdxl", "--lora_rank", "-1"], "--lora_rank -1 must be >= 0"),
+    (["--dataset", "sdxl-1step", "--conditioning_timestep", "1000"], "--conditioning_timestep 1000 is not a grid level"),
+    (["--dataset", "sdxl", "--tiny", "true"], "no such folder (--data_path wants a folder of images with .txt"),
+    (["--dataset", "sd15", "--tiny", "true", "--data_path", "/nonexistent"], "/nonexistent: no such folder"),
 ])
 def test_user_errors_are_one_line_with_status_2(argv, expected, capsys, tmp_path):
     assert expected in error_line(argv + ["--out_dir", str(tmp_path)], capsys)
@@ -45,6 +51,7 @@ def test_sample_refuses_files_that_are_not_run_checkpoints(tmp_path, capsys):
     assert "not a readable DMD2 checkpoint" in line and "checkpoint.pt of a dmd2.py run folder" in line
     assert "--run_name" not in line  # the training fix is not offered to someone sampling
     assert "no such checkpoint" in error_line(["sample", "--checkpoint", str(tmp_path / "none.pt")], capsys)
+    assert "sample --model needs --prompt" in error_line(["sample", "--model", "dmd2-sd15"], capsys)
 
 
 def test_debug_variable_shows_the_traceback(monkeypatch):

@@ -608,3 +608,41 @@ def test_cli_runs_resumes_exactly_and_samples(tmp_path):
     assert PIL.Image.open(out).size == (4 * 129 + 1, 130)  # 2 prompts x 2 images in a row, 1 px padding
     with pytest.raises(SystemExit):
         dmd2.cli(["--dataset", "sdxl", "--tiny", "true"])  # no --data_path: one line, exit 2
+
+
+def test_ode_pretraining_then_the_one_step_run_starts_from_it(tmp_path):
+    """sdxl-ode (official main/train_sd_ode.py): the generator at t = 399 regresses the teacher's CFG-8 ODE outputs
+    from their noise; no critic is trained. sdxl-1step --generator_init then starts from its generator."""
+    folder = str(write_folder(tmp_path / "data", n=4))
+    common = ["--tiny", "true", "--data_path", folder, "--precision", "fp32", "--out_dir", str(tmp_path / "runs"),
+              "--batch_size", "2", "--log_every", "1", "--warmup_steps", "0", "--cache_dir", str(tmp_path / "cache")]
+    ode = dmd2.main(["--dataset", "sdxl-ode", *common, "--regression_pairs", "4", "--teacher_eval_steps", "2",
+                     "--regression_loss", "mse", "--iters", "4", "--generator_lr", "1e-3", "--eval_batch", "4"])
+    run = tmp_path / "runs" / "sdxl-ode" / "student_1step"
+    records = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert all("loss_reg" in r and "loss_fake" not in r and "loss_dm" not in r for r in records)
+    teacher = dmd2.tiny_t2i_parts(seed=10).teacher()
+    assert all(torch.equal(a, b) for a, b in zip(ode.fake_score.state_dict().values(), teacher.state_dict().values()))
+    captions = [c for _, c in dmd2.read_captioned_folder(folder)]
+    noise, prompts, target = dmd2.t2i_ode_pairs(ode.cfg, teacher, dmd2.Prompts(captions, None, None), (4, 16, 16),
+                                                "cpu")
+    assert noise.shape == target.shape == (4, 4, 16, 16) and len(prompts) == 4  # read back from the cache
+    parts = dmd2.tiny_t2i_parts(seed=10)
+    cond = dmd2.Prompts([], parts.tokenizers, parts.text_encoders).encode(prompts)
+    sigma = teacher.sigmas[399].expand(4)
+    with torch.no_grad():
+        errors = [F.mse_loss(net(dmd2.pure_noise(net, noise, sigma[0]), sigma, cond).float(), target).item()
+                  for net in (teacher, ode.generator.eval())]
+    assert errors[1] < 0.95 * errors[0]  # the regression moved the generator towards the teacher's ODE outputs
+    teacher = parts.teacher()
+    teacher.guidance_scale = 8.0
+    start = (teacher.sigma_max ** 2 + 1) ** 0.5 / teacher.sigma_max  # the ODE starts from pure noise x_t = z
+    expected = dmd2.sample_teacher(teacher, noise * start, prompts,
+                                   dmd2.Prompts([], parts.tokenizers, parts.text_encoders), 2, 4)
+    torch.testing.assert_close(target, expected)
+    cfg = dmd2.parse_config(["--dataset", "sdxl-1step", *common])
+    d = dmd2.Distiller(cfg, dmd2.tiny_t2i_parts(seed=10).teacher(), (4, 16, 16),
+                       conditions=dmd2.Prompts(["a"], parts.tokenizers, parts.text_encoders))
+    dmd2.initialise_from(d, str(run / "checkpoint.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(d.generator.state_dict().values(), ode.generator.state_dict().values()))
+    assert d.generator.unet is not d.real_score.unet and d.step_sigmas.tolist() == [float(d.sigmas[399])]
