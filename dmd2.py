@@ -1897,7 +1897,7 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
         return pipe, dict(num_inference_steps=steps, guidance_scale=guidance)
     if kind == "dmd2-sd15":
         pipe = _pretrained(diffusers.StableDiffusionPipeline, base, safety_checker=None, requires_safety_checker=False)
-        load_unet_weights(pipe.unet, arg or download_dmd2(DMD2_SD15_FILE, flag="--model dmd2-sd15:PATH"))
+        load_unet_weights(pipe.unet, arg or download_dmd2(DMD2_SD15_FILE, fix="pass --model dmd2-sd15:PATH"))
         pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
         return pipe, dict(timesteps=[999], guidance_scale=0)
     if kind in ("student", "dmd2-sdxl", "dmd2-sdxl-lora"):
@@ -1910,7 +1910,7 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
             parts.unet, steps, t = generator.unet.eval(), cfg.generator_steps, cfg.conditioning_timestep
         else:
             parts, t = load_t2i(base), 399  # the released 1-step model: pure noise at t = 399 (official README)
-            path = arg or download_dmd2(DMD2_SDXL_FILES["lora" if lora else steps], flag=f"--model {kind}:PATH")
+            path = arg or download_dmd2(DMD2_SDXL_FILES["lora" if lora else steps], fix=f"pass --model {kind}:PATH")
             if lora:
                 fuse_lora(parts, path)
             elif state:
@@ -1923,7 +1923,7 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
         parts = load_t2i(base)
         name = "sdxl_lightning_1step_unet_x0" if steps == 1 else f"sdxl_lightning_{steps}step_unet"
         load_unet_weights(parts.unet, arg or download_dmd2(f"{name}.safetensors", "ByteDance/SDXL-Lightning",
-                                                           "--model sdxl-lightning:PATH"))
+                                                           "pass --model sdxl-lightning:PATH"))
         scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(  # SDXL-Lightning's card: "trailing"
             base, subfolder="scheduler", timestep_spacing="trailing", **({"prediction_type": "sample"} if steps == 1
                                                                            else {}))
@@ -2852,21 +2852,24 @@ def resolve_fid_ref(spec, dataset, cache_dir=None):
     return resolve_file(spec, EDM_FID_REF_URLS.get(dataset), "FID reference", "--fid_ref", cache_dir)
 
 
-def download_dmd2_checkpoint(run_name, cache_dir=None):
-    """Local path of a released DMD2 ImageNet-64 generator (plain EDMPrecond state dict, keys model.*) from
-    Hugging Face tianweiy/DMD2; cache_dir None -> the Hugging Face cache."""
-    if run_name not in DMD2_IMAGENET_RUNS:
-        raise ValueError(f'unknown DMD2 run {run_name!r}; known: {", ".join(DMD2_IMAGENET_RUNS)}')
-    filename = f"model/imagenet/{run_name}/pytorch_model.bin"
-    url = f"https://huggingface.co/{DMD2_HF_REPO}/resolve/main/{filename}"
+def download_dmd2(filename, repo=DMD2_HF_REPO, fix="pass its local path instead", cache_dir=None):
+    """Local path of a file of a Hugging Face repo (default: the released DMD2 checkpoints) in the huggingface_hub
+    cache (or cache_dir), with one clear line when it cannot be fetched."""
+    url = f"https://huggingface.co/{repo}/resolve/main/{filename}"
     if huggingface_hub is None:
         raise ImportError(f"downloading {url} needs huggingface_hub: pip install huggingface_hub")
     try:
-        return huggingface_hub.hf_hub_download(repo_id=DMD2_HF_REPO, filename=filename, cache_dir=cache_dir)
+        return huggingface_hub.hf_hub_download(repo_id=repo, filename=filename, cache_dir=cache_dir)
     except (OSError, ValueError) as e:  # offline, LocalEntryNotFoundError, HTTP errors
-        raise DownloadError(f"could not fetch {filename} from Hugging Face repo {DMD2_HF_REPO} "
-                            f"({type(e).__name__}). If offline, download {url} elsewhere and pass its local path "
-                            "instead") from None
+        raise DownloadError(f"could not fetch {filename} from Hugging Face repo {repo} ({type(e).__name__}). If "
+                            f"offline, download {url} elsewhere (`hf download {repo} {filename}`) and {fix}") from None
+
+
+def download_dmd2_checkpoint(run_name, cache_dir=None):
+    """Local path of a released DMD2 ImageNet-64 generator (plain EDMPrecond state dict, keys model.*)."""
+    if run_name not in DMD2_IMAGENET_RUNS:
+        raise ValueError(f'unknown DMD2 run {run_name!r}; known: {", ".join(DMD2_IMAGENET_RUNS)}')
+    return download_dmd2(f"model/imagenet/{run_name}/pytorch_model.bin", cache_dir=cache_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2947,7 +2950,6 @@ def run_edm(cfg):
 SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # official: --model_id
 
 
-DMD2_REPO = "tianweiy/DMD2"  # released checkpoints (Hugging Face; cc-by-nc)
 
 
 DMD2_SDXL_FILES = {4: "dmd2_sdxl_4step_unet_fp16.bin", 1: "dmd2_sdxl_1step_unet_fp16.bin",
@@ -3009,20 +3011,14 @@ def load_t2i(model_id, sdxl=True):
     """SD v1.5 or SDXL from a Hugging Face id or a local folder with the diffusers layout (unet, vae, text_encoder(_2),
     tokenizer(_2), scheduler), all fp32 (official: from_pretrained(model_id, subfolder=...).float())."""
     diffusers, transformers = _hf()
-    try:
-        unet = diffusers.UNet2DConditionModel.from_pretrained(model_id, subfolder="unet")
-        vae = diffusers.AutoencoderKL.from_pretrained(model_id, subfolder="vae")
-        encoders = (transformers.CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder"),)
-        tokenizers = (transformers.CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),)
-        if sdxl:
-            encoders += (transformers.CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2"),)
-            tokenizers += (transformers.CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2"),)
-        scheduler = diffusers.DDIMScheduler.from_pretrained(model_id, subfolder="scheduler")
-    except OSError as e:
-        default = SDXL_MODEL_ID if sdxl else SD15_MODEL_ID
-        raise RuntimeError(f"cannot load {model_id!r} ({str(e).splitlines()[0]}). On a machine with internet run "
-                           f"`hf download {default} --exclude '*.fp16.*' '*.ckpt' --local-dir DIR` and pass "
-                           "--model_id DIR") from None
+    unet = _pretrained(diffusers.UNet2DConditionModel, model_id, subfolder="unet")
+    vae = _pretrained(diffusers.AutoencoderKL, model_id, subfolder="vae")
+    encoders = (_pretrained(transformers.CLIPTextModel, model_id, subfolder="text_encoder"),)
+    tokenizers = (_pretrained(transformers.CLIPTokenizer, model_id, subfolder="tokenizer"),)
+    if sdxl:
+        encoders += (_pretrained(transformers.CLIPTextModelWithProjection, model_id, subfolder="text_encoder_2"),)
+        tokenizers += (_pretrained(transformers.CLIPTokenizer, model_id, subfolder="tokenizer_2"),)
+    scheduler = _pretrained(diffusers.DDIMScheduler, model_id, subfolder="scheduler")
     _frozen(unet, vae, *encoders)
     return T2IParts(unet.float(), encoders, tokenizers, vae.float(), scheduler.alphas_cumprod.double())
 
@@ -3068,17 +3064,6 @@ def t2i_parts(spec):
     if spec["tiny"]:
         return tiny_t2i_parts(spec["sdxl"], spec["seed"])
     return load_t2i(spec["model_id"], spec["sdxl"])
-
-
-def download_dmd2(filename, repo=DMD2_REPO, flag="--model_id PATH"):
-    """Path of a released DMD2 file (or of another Hugging Face repo's) in the huggingface_hub cache, with a clear
-    message when offline."""
-    from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(repo, filename)
-    except OSError as e:
-        raise RuntimeError(f"cannot get {repo}/{filename} ({str(e).splitlines()[0]}). On a machine with "
-                           f"internet run `hf download {repo} {filename}` and pass {flag}") from None
 
 
 def load_unet_weights(unet, path):
@@ -3147,14 +3132,7 @@ def read_captioned_folder(folder):
 
 def load_image(path, resolution):
     """An RGB image as [3, res, res] in [-1, 1]: centre square crop, LANCZOS resize (official latents: /255*2-1)."""
-    try:
-        with PIL.Image.open(path) as image:
-            image = image.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read this image ({e}); remove it or replace it") from None
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), PIL.Image.LANCZOS)
+    image = crop_resize(open_rgb(path), resolution)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 

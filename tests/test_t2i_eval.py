@@ -362,7 +362,7 @@ def test_every_model_kind_builds_its_pipeline_and_generates(tmp_path, monkeypatc
     parts.unet.save_pretrained(tmp_path / "lcm_unet")
     asked = []
     monkeypatch.setattr(dmd2, "load_t2i", lambda model_id, sdxl=True: dmd2.tiny_t2i_parts(seed=0))
-    monkeypatch.setattr(dmd2, "download_dmd2", lambda name, repo=dmd2.DMD2_REPO, flag="": asked.append(
+    monkeypatch.setattr(dmd2, "download_dmd2", lambda name, repo=dmd2.DMD2_HF_REPO, fix="": asked.append(
         f"{repo}/{name}") or str(tmp_path / "unet.bin"))
     base = str(tmp_path / "sdxl")
     cases = [(f"hf:{base}", 2, 6.0, "EulerDiscreteScheduler", dict(num_inference_steps=2, guidance_scale=6.0)),
