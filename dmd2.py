@@ -1,6 +1,6 @@
 """DMD2: Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024, arXiv 2405.14867), in one file.
 
-A diffusion teacher (the "real score") is distilled into a one-step or few-step generator G. Three ingredients,
+A diffusion teacher (the "real score") is distilled into a one-step or few-step generator G. The ingredients,
 in the paper's order:
   * distribution matching (Sec. 3): G follows the difference between the real score and a "fake score" that is
     trained online, by denoising, on G's own samples;
@@ -12,8 +12,13 @@ in the paper's order:
     python dmd2.py                       # embedded default: train a small teacher, distil it, print the table
     python dmd2.py --dataset toy2d       # 2-D class-conditional mixture, seconds
     python dmd2.py --dataset imagenet64 --data_path imagenet-64x64.zip    # the paper's recipe (GPUs, torchrun)
+    python dmd2.py --dataset sdxl --data_path captioned_images/           # SDXL 4-step (also sd15, sdxl-1step, ...)
     python dmd2.py sample --checkpoint runs/shapes/student_1step/checkpoint.pt --out grid.png
+    python dmd2.py sample --model dmd2-sdxl --prompt "a photo of a cat"  # a released text-to-image generator
     python dmd2.py fid --images DIR --ref imagenet-64x64.npz
+    python dmd2.py evaluate --model dmd2-sdxl --coco coco                 # COCO FID, patch FID, CLIP score
+
+Part I is the method (sections 1-7), Part II evaluation (8-10), Part III the harness (11-17).
 
 Facts about the official code are cited as "official: <option or function>" (github.com/tianweiy/DMD2).
 """
