@@ -3160,9 +3160,10 @@ def encode_latents(folder, vae, resolution, batch_size=8):
     device, side = next(vae.parameters()).device, resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     array = np.lib.format.open_memmap(array_path + ".part", "w+", np.float16,
                                       (len(items), vae.config.latent_channels, side, side))
+    rng = torch.Generator(device).manual_seed(0)  # the posterior samples: the same store on every machine
     for i in range(0, len(items), batch_size):
         images = torch.stack([load_image(p, resolution) for p, _ in items[i:i + batch_size]]).to(device, vae.dtype)
-        latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+        latents = vae.encode(images).latent_dist.sample(generator=rng) * vae.config.scaling_factor
         array[i:i + len(images)] = latents.half().cpu().numpy()
     array.flush()
     del array

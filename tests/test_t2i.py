@@ -646,3 +646,31 @@ def test_ode_pretraining_then_the_one_step_run_starts_from_it(tmp_path):
     dmd2.initialise_from(d, str(run / "checkpoint.pt"))
     assert all(torch.equal(a, b) for a, b in zip(d.generator.state_dict().values(), ode.generator.state_dict().values()))
     assert d.generator.unet is not d.real_score.unet and d.step_sigmas.tolist() == [float(d.sigmas[399])]
+
+
+@pytest.mark.parametrize("micro_batch", [0, 1])
+def test_torchrun_two_processes_equal_one_process(tmp_path, micro_batch):
+    """torchrun --nproc_per_node 2 at batch 1 == one process at batch 2 on the text-to-image path (DDP over the
+    EpsDenoiser copies, prompts and real latents sliced from the global batch, one backward-simulation step)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = str(write_folder(tmp_path / "data", n=4))
+
+    def run(out, batch, nproc):
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+        args = ["--dataset", "sdxl", "--tiny", "true", "--data_path", folder, "--out_dir", str(tmp_path / out),
+                "--batch_size", str(batch), "--iters", "3", "--dfake_gen_update_ratio", "2", "--warmup_steps", "0",
+                "--generator_lr", "1e-3", "--guidance_lr", "1e-3", "--device", "cpu", "--precision", "fp32",
+                "--micro_batch", str(micro_batch if nproc > 1 else 0)]
+        done = subprocess.run([sys.executable, *launcher, "dmd2.py", *args], cwd=root, capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(tmp_path / out / "sdxl" / "student_4step" / "checkpoint.pt", weights_only=True)["distiller"]
+    two, one = run("two", 1, 2), run("one", 2, 1)
+    teacher = dmd2.tiny_t2i_parts(seed=10).teacher().state_dict()
+    assert two["step"] == one["step"] == 3
+    for name in ("generator", "fake_score"):
+        diff = torch.cat([(two[name][k] - v).abs().flatten() for k, v in one[name].items()]).mean()
+        update = torch.cat([(v - teacher[k]).abs().flatten() for k, v in one[name].items()]).mean()
+        assert update > 1e-5 and diff < 1e-3 * update, (name, float(diff), float(update))
