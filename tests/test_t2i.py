@@ -674,3 +674,29 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, micro_batch):
         diff = torch.cat([(two[name][k] - v).abs().flatten() for k, v in one[name].items()]).mean()
         update = torch.cat([(v - teacher[k]).abs().flatten() for k, v in one[name].items()]).mean()
         assert update > 1e-5 and diff < 1e-3 * update, (name, float(diff), float(update))
+
+
+def test_killed_text_to_image_run_resumes_by_itself(tmp_path):
+    """Kill `python dmd2.py --dataset sdxl --tiny true ...` after its first checkpoint; the same command resumes."""
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = str(write_folder(tmp_path / "data", n=4))
+    command = [sys.executable, "dmd2.py", "--dataset", "sdxl", "--tiny", "true", "--data_path", folder, "--out_dir",
+               str(tmp_path / "runs"), "--batch_size", "2", "--iters", "40", "--ckpt_every", "5", "--precision", "fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    ckpt = tmp_path / "runs" / "sdxl" / "student_4step" / "checkpoint.pt"
+    proc = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600  # generous: a loaded machine is slow; the loop ends at the first checkpoint
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert ckpt.exists(), "no checkpoint was written before the kill"
+    step_at_kill = torch.load(ckpt, weights_only=True)["distiller"]["step"]
+    assert 0 < step_at_kill < 40
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming {ckpt.parent} at iteration {step_at_kill}" in done.stdout
+    assert torch.load(ckpt, weights_only=True)["distiller"]["step"] == 40
