@@ -1,0 +1,95 @@
+"""Sharded training (FSDP2, --engine fsdp / hsdp) on CPU with gloo: 2 processes equal 1, sharded checkpoints resume
+exactly, bad launches are refused with one line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dmd2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+diffusers = pytest.importorskip("diffusers")  # the tiny SDXL-shaped model (requirements-sdxl.txt)
+
+
+def write_folder(folder, n=4):
+    import numpy as np
+    import PIL.Image
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        PIL.Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"picture number {i}")
+    return str(folder)
+
+
+def run(tmp_path, out, nproc, batch, *extra, iters=3, check=True):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    args = ["--dataset", "sdxl", "--tiny", "true", "--data_path", write_folder(tmp_path / "data"), "--out_dir",
+            str(tmp_path / out), "--batch_size", str(batch), "--iters", str(iters), "--dfake_gen_update_ratio", "2",
+            "--warmup_steps", "0", "--generator_lr", "1e-3", "--guidance_lr", "1e-3", "--device", "cpu",
+            "--precision", "fp32", "--sample_every", "100", *extra]
+    done = subprocess.run([sys.executable, *launcher, "dmd2.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    assert not check or done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def final(tmp_path, out):
+    """The run's generator, fake score and head, gathered from its sharded checkpoint (or read from checkpoint.pt)."""
+    folder = tmp_path / out / "sdxl" / "student_4step"
+    if (folder / "checkpoint.pt").exists():
+        state = torch.load(folder / "checkpoint.pt", weights_only=True)["distiller"]
+        return state["step"], {"generator": state["generator"], "fake_score": state["fake_score"]}
+    import torch.distributed.checkpoint as dcp
+    weights = dmd2.tiny_t2i_parts(seed=10).teacher().state_dict()  # the shapes; gathered into fresh tensors
+    template = {"distiller": {"generator": {k: v.clone() for k, v in weights.items()},
+                              "critic": {f"fake_score.{k}": v.clone() for k, v in weights.items()}, "step": 0}}
+    dcp.load(template, checkpoint_id=str(folder / "checkpoint"), no_dist=True)
+    nets = template["distiller"]
+    return nets["step"], {"generator": nets["generator"],
+                          "fake_score": {k[len("fake_score."):]: v for k, v in nets["critic"].items()}}
+
+
+def close(a, b, teacher):
+    for name in ("generator", "fake_score"):
+        diff = torch.cat([(a[name][k] - v).abs().flatten() for k, v in b[name].items()]).mean()
+        update = torch.cat([(v - teacher[k]).abs().flatten() for k, v in b[name].items()]).mean()
+        assert update > 1e-5 and diff < 1e-3 * update, (name, float(diff), float(update))
+
+
+@pytest.mark.parametrize("extra", [[], ["--micro_batch", "1", "--grad_checkpointing", "true"]])
+def test_fsdp_two_processes_equal_one_process(tmp_path, extra):
+    run(tmp_path, "fsdp", 2, 2, "--engine", "fsdp", *extra)
+    run(tmp_path, "one", 1, 4)
+    (step_two, two), (step_one, one) = final(tmp_path, "fsdp"), final(tmp_path, "one")
+    assert step_two == step_one == 3
+    close(two, one, dmd2.tiny_t2i_parts(seed=10).teacher().state_dict())
+    assert (tmp_path / "fsdp" / "sdxl" / "student_4step" / "unet.bin").exists()  # the gathered export
+    info = json.loads((tmp_path / "fsdp" / "sdxl" / "student_4step" / "checkpoint" / "run.json").read_text())
+    assert info["world_size"] == 2 and info["step"] == 3
+
+
+def test_sharded_checkpoint_resumes_exactly_and_refuses_another_world_size(tmp_path):
+    run(tmp_path, "straight", 2, 1, "--engine", "fsdp", iters=3)
+    run(tmp_path, "resumed", 2, 1, "--engine", "fsdp", iters=2)
+    done = run(tmp_path, "resumed", 2, 1, "--engine", "fsdp", iters=3)
+    assert "resuming" in done.stdout
+    (s1, a), (s2, b) = final(tmp_path, "straight"), final(tmp_path, "resumed")
+    assert s1 == s2 == 3
+    for name in a:
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+    done = run(tmp_path, "resumed", 3, 1, "--engine", "fsdp", iters=4, check=False)
+    assert done.returncode != 0 and "written by 2 processes, this run has 3" in done.stderr
+
+
+def test_sharded_engine_needs_torchrun(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        dmd2.cli(["--dataset", "sdxl", "--tiny", "true", "--engine", "fsdp", "--data_path", str(tmp_path),
+                  "--out_dir", str(tmp_path)])
+    assert "shards the networks over processes: launch with torchrun" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dmd2.cli(["--engine", "fsdp"])  # the embedded rungs run in one process
+    assert "not with --ema_decay (the EMA copy is not sharded) nor on the embedded rungs" in capsys.readouterr().err
