@@ -1107,7 +1107,8 @@ def save_checkpoint(path, cfg, distiller, real_batches, rank=0):
     dcp.save(state, checkpoint_id=path + ".tmp")
     if rank == 0:
         with open(os.path.join(path + ".tmp", "run.json"), "w") as f:
-            json.dump(dict(config=state["config"], world_size=dist.get_world_size(), step=distiller.step), f)
+            json.dump(dict(config=state["config"], arch=state["arch"], world_size=dist.get_world_size(),
+                           step=distiller.step), f)
         if os.path.exists(path):
             os.replace(path, path + ".old")
         os.replace(path + ".tmp", path)
@@ -1130,7 +1131,12 @@ def load_checkpoint(path, cfg, distiller, real_batches, world_size=1):
             raise SystemExit(f"{path} was written by {info['world_size']} processes, this run has {world_size}: "
                              "resume with the same number (torchrun --nproc_per_node), or pass another --run_name")
         state = dict(distiller=distiller.state_dict(), data=None if real_batches is None else real_batches.state_dict())
-        dcp.load(state, checkpoint_id=path)
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except (Exception, dcp.api.CheckpointException) as e:  # a missing or truncated shard file
+            raise RuntimeError(f"{path}: cannot read this sharded checkpoint ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]}). A shard file is missing or corrupt: delete the "
+                               "folder to start over, or pass another --run_name") from None
     distiller.load_state_dict(state["distiller"])
     if real_batches is not None:
         real_batches.load_state_dict(state["data"])
@@ -2027,7 +2033,7 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
         lora = kind == "dmd2-sdxl-lora"
         if kind == "student" and not arg or kind != "student" and not arg and steps not in ((4,) if lora else (1, 4)):
             raise ValueError(f"--model {model}: give student:PATH; the released DMD2 SDXL is 1 or 4 steps, LoRA 4")
-        state = read_checkpoint(arg, what="run checkpoint or UNet state dict") if kind == "student" else {}
+        state = read_run(arg) if kind == "student" else {}
         if "distiller" in state:
             generator, cfg, parts = load_student(state)
             parts.unet, steps, t = generator.unet.eval(), cfg.generator_steps, cfg.conditioning_timestep
@@ -3376,12 +3382,31 @@ def run_t2i(cfg):
                           decode=functools.partial(decode_latents, parts.vae),
                           lpips_decode=lpips_decoder(parts, cfg, device) if cfg.regression_loss_weight else None)
         weights = generator_weights(distiller)
-        if rank == 0 and not cfg.lora_rank:
-            path = os.path.join(run_dir, "unet.bin")
-            atomic_save({k[len("unet."):]: v for k, v in weights.items()}, path)
-            print(f"generator UNet written to {path}; sample it with: python dmd2.py sample --checkpoint "
-                  f"{checkpoint_path(run_dir, cfg)} --prompt TEXT")
+        if rank == 0:
+            export_generator(weights, distiller.real_score.unet.config, cfg, run_dir, parts.sdxl)
     return distiller
+
+
+def export_generator(weights, unet_config, cfg, run_dir, sdxl=True):
+    """The trained generator in the forms the text-to-image ecosystem loads: unet.bin (a UNet state dict, the released
+    dmd2_sdxl_*_unet layout; load_unet_weights, `evaluate --model student:PATH`) and unet/ (diffusers save_pretrained:
+    UNet2DConditionModel.from_pretrained(run_dir, subfolder="unet")); a LoRA run writes its adapters instead,
+    pytorch_lora_weights.safetensors, which a pipeline's load_lora_weights(run_dir) reads."""
+    diffusers, _ = _hf()
+    unet = diffusers.UNet2DConditionModel.from_config(unet_config)
+    if cfg.lora_rank:
+        add_generator_lora(unet, cfg.lora_rank, cfg.lora_alpha)
+    unet.load_state_dict({k[len("unet."):]: v for k, v in weights.items()})
+    if cfg.lora_rank:
+        from peft.utils import get_peft_model_state_dict
+        pipeline = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+        pipeline.save_lora_weights(run_dir, unet_lora_layers=get_peft_model_state_dict(unet))
+        print(f"generator LoRA written to {run_dir}/pytorch_lora_weights.safetensors")
+        return
+    atomic_save(unet.state_dict(), os.path.join(run_dir, "unet.bin"))
+    unet.save_pretrained(os.path.join(run_dir, "unet"))
+    print(f"generator UNet written to {run_dir}/unet.bin and {run_dir}/unet/; sample it with: python dmd2.py sample "
+          f"--checkpoint {checkpoint_path(run_dir, cfg)} --prompt TEXT")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -3476,15 +3501,35 @@ def check_config(cfg):
         raise SystemExit("config error: " + "; ".join(problems))
 
 
+def read_run(path):
+    """A run's checkpoint for sampling: checkpoint.pt, or (sharded runs) the checkpoint/ folder's run.json, whose
+    generator load_student gathers into this one process."""
+    if not os.path.isdir(path):
+        return read_checkpoint(path, fix="Pass the checkpoint.pt of a dmd2.py run folder (or a sharded run's checkpoint/).")
+    if not os.path.exists(os.path.join(path, "run.json")):
+        raise ValueError(f"{path} is a folder without run.json: not a (complete) sharded dmd2.py checkpoint")
+    with open(os.path.join(path, "run.json")) as f:
+        info = json.load(f)
+    return dict(config=info["config"], arch=info["arch"], sharded=path,
+                distiller=dict(step=info["step"], ema=None, generator=None))
+
+
 def load_student(state):
-    """(generator, Config, text-to-image parts or None) of a run checkpoint: the student (its EMA if kept) rebuilt
-    from the checkpoint's architecture spec."""
+    """(generator, Config, text-to-image parts or None) of a run checkpoint (read_run): the student (its EMA if kept)
+    rebuilt from the checkpoint's architecture spec; a sharded one's weights gathered by torch.distributed.checkpoint
+    without a process group."""
     cfg, spec = Config(**state["config"]), state["arch"]
     parts = t2i_parts(spec["kwargs"]) if spec["kind"] == "t2i" else None
     generator = parts.teacher() if parts else build_network(spec)
     if parts and cfg.lora_rank:
         add_generator_lora(generator.unet, cfg.lora_rank, cfg.lora_alpha)
-    generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
+    if state.get("sharded"):
+        import torch.distributed.checkpoint as dcp
+        weights = {k: v.clone() for k, v in generator.state_dict().items()}
+        dcp.load({"distiller": {"generator": weights}}, checkpoint_id=state["sharded"], no_dist=True)
+    else:
+        weights = state["distiller"]["ema"] or state["distiller"]["generator"]
+    generator.load_state_dict(weights)
     return generator.eval(), cfg, parts
 
 
@@ -3516,7 +3561,7 @@ def sample_main(argv):
         return
     if not os.path.exists(args.checkpoint):
         raise SystemExit(f"{args.checkpoint}: no such checkpoint (it is run_dir/checkpoint.pt of a dmd2.py run)")
-    state = read_checkpoint(args.checkpoint, fix="Pass the checkpoint.pt of a dmd2.py run folder.")
+    state = read_run(args.checkpoint)
     if not {"config", "distiller", "arch"} <= set(state):
         raise ValueError(f"{args.checkpoint} is a torch file but not a dmd2.py run checkpoint (it has "
                          f"{sorted(state)[:4]}); pass run_dir/checkpoint.pt of a run")
@@ -3544,7 +3589,7 @@ def sample_main(argv):
 def load_generator(path, dataset):
     """A one-step EDM generator from our checkpoint.pt, or from a plain state dict (keys model.*: the released
     DMD2 pytorch_model.bin or the one run_edm writes) built with the dataset's official config, dropout 0."""
-    state = read_checkpoint(path)
+    state = read_run(path)
     if "distiller" in state:
         generator, cfg, _ = load_student(state)
         return generator, cfg.generator_steps

@@ -93,3 +93,43 @@ def test_sharded_engine_needs_torchrun(tmp_path, capsys):
     with pytest.raises(SystemExit):
         dmd2.cli(["--engine", "fsdp"])  # the embedded rungs run in one process
     assert "not with --ema_decay (the EMA copy is not sharded) nor on the embedded rungs" in capsys.readouterr().err
+
+
+def test_sharded_run_exports_and_samples(tmp_path):
+    """The gathered generator of a sharded run: unet.bin, a diffusers save_pretrained folder and `sample` from the
+    sharded checkpoint folder all hold the same weights; a LoRA run writes an adapter file load_lora_weights reads."""
+    run(tmp_path, "fsdp", 2, 1, "--engine", "fsdp", iters=2)
+    folder = tmp_path / "fsdp" / "sdxl" / "student_4step"
+    bin_weights = torch.load(folder / "unet.bin", weights_only=True)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    assert all(torch.equal(v, bin_weights[k]) for k, v in unet.state_dict().items())
+    generator, cfg, parts = dmd2.load_student(dmd2.read_run(str(folder / "checkpoint")))
+    assert all(torch.equal(v, bin_weights[k]) for k, v in generator.unet.state_dict().items())
+    assert cfg.engine == "fsdp" and parts.sdxl
+    done = subprocess.run([sys.executable, "dmd2.py", "sample", "--checkpoint", str(folder / "checkpoint"),
+                           "--prompt", "a cat", "--out", str(tmp_path / "grid.png")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and (tmp_path / "grid.png").exists(), done.stderr[-2000:]
+    run(tmp_path, "lora", 1, 2, "--lora_rank", "4", "--lora_alpha", "4", iters=2)
+    lora_run = tmp_path / "lora" / "sdxl" / "student_4step"
+    assert (lora_run / "pytorch_lora_weights.safetensors").exists() and not (lora_run / "unet.bin").exists()
+    generator, _, fresh = dmd2.load_student(dmd2.read_run(str(lora_run / "checkpoint.pt")))
+    pipe = dmd2.t2i_pipe(fresh, diffusers.LCMScheduler())
+    pipe.load_lora_weights(str(lora_run))
+    pipe.fuse_lora(lora_scale=1.0)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    cond = dict(encoder_hidden_states=torch.randn(1, 77, 2048), added_cond_kwargs={
+        "text_embeds": torch.randn(1, 1280), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])})
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, **cond).sample, generator.unet(x, t, **cond).sample,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_missing_shard_is_one_line_and_keeps_the_checkpoint(tmp_path):
+    run(tmp_path, "fsdp", 2, 1, "--engine", "fsdp", iters=2)
+    folder = tmp_path / "fsdp" / "sdxl" / "student_4step" / "checkpoint"
+    shard = next(p for p in sorted(folder.iterdir()) if p.suffix == ".distcp")
+    shard.unlink()
+    done = run(tmp_path, "fsdp", 2, 1, "--engine", "fsdp", iters=3, check=False)
+    assert done.returncode != 0 and "cannot read this sharded checkpoint" in done.stderr
+    assert "A shard file is missing or corrupt" in done.stderr and (folder / "run.json").exists()
