@@ -133,3 +133,47 @@ def test_missing_shard_is_one_line_and_keeps_the_checkpoint(tmp_path):
     done = run(tmp_path, "fsdp", 2, 1, "--engine", "fsdp", iters=3, check=False)
     assert done.returncode != 0 and "cannot read this sharded checkpoint" in done.stderr
     assert "A shard file is missing or corrupt" in done.stderr and (folder / "run.json").exists()
+
+
+def test_hsdp_over_two_nodes_equals_one_process(tmp_path):
+    """--engine hsdp on 2 "nodes" of one process each (two torchrun launches meeting at one rendezvous): the 2-D mesh
+    replicates across nodes and shards within one; the result equals one process with the combined batch."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = write_folder(tmp_path / "data")
+    args = ["dmd2.py", "--dataset", "sdxl", "--tiny", "true", "--data_path", folder, "--out_dir", str(tmp_path / "hsdp"),
+            "--batch_size", "1", "--iters", "3", "--dfake_gen_update_ratio", "2", "--warmup_steps", "0",
+            "--generator_lr", "1e-3", "--guidance_lr", "1e-3", "--device", "cpu", "--precision", "fp32",
+            "--sample_every", "100", "--engine", "hsdp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(r), "--master_addr", "127.0.0.1", "--master_port", str(port), *args],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    run(tmp_path, "one", 1, 2)
+    info = json.loads((tmp_path / "hsdp" / "sdxl" / "student_4step" / "checkpoint" / "run.json").read_text())
+    assert info["world_size"] == 2 and info["config"]["engine"] == "hsdp"
+    (s_h, h), (s_o, o) = final(tmp_path, "hsdp"), final(tmp_path, "one")
+    assert s_h == s_o == 3
+    close(h, o, dmd2.tiny_t2i_parts(seed=10).teacher().state_dict())
+
+
+def test_fsdp_on_the_edm_path_equals_one_process(tmp_path):
+    """The same engine on an EDM teacher (official-format pickle, EDM zip, GAN on): blocks of enc / dec sharded."""
+    from test_distributed import edm_path_args, run_script
+    import edm_net
+    run_script(edm_path_args(tmp_path, "fsdp", 2, ["--engine", "fsdp"]), nproc=2)
+    run_script(edm_path_args(tmp_path, "one", 4))
+    folder = tmp_path / "fsdp" / "cifar10" / "student_1step"
+    one = torch.load(tmp_path / "one/cifar10/student_1step/checkpoint.pt", weights_only=True)["distiller"]
+    gathered = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    teacher = edm_net.load_edm_pickle(str(tmp_path / "t.pkl")).state_dict()
+    diff = torch.cat([(gathered[k] - v).abs().flatten() for k, v in one["generator"].items()]).mean()
+    update = torch.cat([(v - teacher[k]).abs().flatten() for k, v in one["generator"].items()]).mean()
+    assert update > 1e-4 and diff < 1e-3 * update, (float(diff), float(update))
+    assert json.loads((folder / "checkpoint" / "run.json").read_text())["step"] == 3
