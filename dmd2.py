@@ -732,7 +732,8 @@ class Distiller:
         if not cfg.gan:
             self.head.requires_grad_(False)
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
-        self.mesh = device_mesh(cfg.engine, world_size, self.device) if cfg.engine != "ddp" and world_size > 1 else None
+        sharded = cfg.engine != "ddp" and dist.is_initialized()  # (the CLI refuses a sharded engine without torchrun)
+        self.mesh = device_mesh(cfg.engine, dist.get_world_size(), self.device) if sharded else None
         wrap = functools.partial(shard, mesh=self.mesh) if self.mesh else lambda net: data_parallel(net, world_size,
                                                                                                     self.device)
         self.ddp_generator, self.ddp_fake_score = wrap(self.generator), wrap(self.fake_score)
