@@ -62,7 +62,7 @@ def test_gpu_check_budget_exhausted_records_skips(tmp_path):
     skipped = {(s['variant'], s['what']) for s in report['skipped']}
     assert skipped == ({(n, w) for n in EAGER for w in ['train', *SAMPLING]} | {('sdpa_compile', 'all')}
                        | {('fsdp2_sdxl', 'train')})
-    assert all(set(v) == {'settings'} for v in report['variants'].values())
+    assert all(set(v) == ({'settings'} if name != 'fsdp2_sdxl' else set()) for name, v in report['variants'].items())
 
 
 @pytest.mark.slow
