@@ -140,6 +140,7 @@ class Config:
     lora_alpha: float = 8.0  # --lora_rank 64 --lora_alpha 8)
     generator_init: str = ""  # start G from a generator state dict (official: --generator_ckpt_path)
     guidance_init: str = ""  # start the fake score from a DMD2 pytorch_model_1.bin (official: --ckpt_only_path)
+    engine: str = "ddp"  # several processes: ddp (replicas), fsdp (FSDP2 shards over all), hsdp (shards in a node)
     num_workers: int = 4  # data loader processes (official: --num_workers 12)
     dist_timeout: float = 30.0  # minutes a process waits in a collective (e.g. while its node fetches the teacher)
     # logging, checkpoints, evaluation
@@ -614,6 +615,33 @@ def data_parallel(module, world_size, device):
                                                forward_sync_buffers=False)
 
 
+def device_mesh(engine, world_size, device):
+    """FSDP2's device mesh: fsdp shards over every process; hsdp shards within a node (LOCAL_WORLD_SIZE processes)
+    and replicates across nodes (official SDXL: accelerate FSDP HYBRID_SHARD)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if engine == "hsdp":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        return init_device_mesh(device.type, (world_size // local, local), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (world_size,))
+
+
+def shard(module, mesh):
+    """FSDP2 (fully_shard): each block of the network, then the root, keeps 1/N of its weights, gradients and AdamW
+    states per process and gathers a block's weights only while it computes (official: FSDP, size-based wrapping).
+    Numerics as the official run: fp32 parameters and reductions, bf16 from autocast / use_fp16 inside the networks."""
+    from torch.distributed.fsdp import fully_shard
+    if isinstance(module, EpsDenoiser):
+        blocks = [*module.unet.down_blocks, module.unet.mid_block, *module.unet.up_blocks]
+    elif isinstance(module, edm_net.EDMPrecond):
+        blocks = [*module.model.enc.values(), *module.model.dec.values()]
+    else:
+        blocks = []
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
 def micro_batches(batch_size, micro_batch):
     """Slices of the per-process batch run one at a time (--micro_batch); the whole batch when micro_batch is 0."""
     size = micro_batch or batch_size
@@ -622,14 +650,16 @@ def micro_batches(batch_size, micro_batch):
 
 def accumulate(losses, part, batch_size, logs, trained):
     """Backward of one micro-batch's weighted losses {key: (weight, mean loss over the micro-batch)}, scaled by the
-    micro-batch's share of the batch; logs get the whole-batch means (as tensors: no host sync here). The DDP modules
-    in `trained` all-reduce their gradients only on the batch's last micro-batch (no_sync before it)."""
-    share = (part.stop - part.start) / batch_size
+    micro-batch's share of the batch; logs get the whole-batch means (as tensors: no host sync here). The modules
+    in `trained` reduce their gradients over the processes only on the batch's last micro-batch (DDP: no_sync before
+    it; FSDP: set_requires_gradient_sync)."""
+    share, last = (part.stop - part.start) / batch_size, part.stop >= batch_size
     with contextlib.ExitStack() as stack:
-        if part.stop < batch_size:
-            for module in trained:
-                if isinstance(module, nn.parallel.DistributedDataParallel):
-                    stack.enter_context(module.no_sync())
+        for module in trained:
+            if isinstance(module, nn.parallel.DistributedDataParallel) and not last:
+                stack.enter_context(module.no_sync())
+            elif hasattr(module, "set_requires_gradient_sync"):  # an FSDP2 module
+                module.set_requires_gradient_sync(last)
         (share * sum(weight * loss for weight, loss in losses.values())).backward()
     for key, (_, loss) in losses.items():
         logs[key] = logs.get(key, 0.0) + share * loss.detach().float()
@@ -640,6 +670,7 @@ def optimizer_step(params, optimizer, cfg, logs, name, step):
     and the gradient norm reach the host in one transfer; anything non-finite stops training with a clear message
     before a parameter is updated or anything saved. Returns (logs as floats, gradient norm before clipping)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded: a DTensor
     values = torch.stack([*logs.values(), grad_norm.to(torch.float32)]).tolist()  # the one sync of this turn
     if not all(map(math.isfinite, values)):
         bad = {k: v for k, v in zip([*logs, "gradient norm"], values) if not math.isfinite(v)}
@@ -660,7 +691,8 @@ class Distiller:
     generator = another copy (official: --initialie_generator): all three start from the teacher's weights. The
     trainable copies and their AdamW states are float32 whatever the teacher's dtype; only the frozen real score may
     be stored in bf16 (--teacher_bf16_weights). With several processes the trainable networks run through
-    DistributedDataParallel (ddp_* attributes; the plain modules are used where no gradient is synchronised).
+    DistributedDataParallel (ddp_* attributes; the plain modules are used where no gradient is synchronised), or
+    are sharded in place by FSDP2 (--engine fsdp / hsdp: ddp_* are then the modules themselves).
 
     Every teacher is a denoiser D(x, sigma, cond) -> x0 with a bottleneck output: EDM networks directly, SD v1.5 /
     SDXL UNets through EpsDenoiser (which brings its own noise grid and classifier-free guidance). `conditions`
@@ -700,14 +732,17 @@ class Distiller:
         if not cfg.gan:
             self.head.requires_grad_(False)
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+        sharded = cfg.engine != "ddp" and dist.is_initialized()  # (the CLI refuses a sharded engine without torchrun)
+        self.mesh = device_mesh(cfg.engine, dist.get_world_size(), self.device) if sharded else None
+        wrap = functools.partial(shard, mesh=self.mesh) if self.mesh else lambda net: data_parallel(net, world_size,
+                                                                                                    self.device)
+        self.ddp_generator, self.ddp_fake_score = wrap(self.generator), wrap(self.fake_score)
+        self.ddp_head = wrap(self.head) if cfg.gan else self.head
         self.critic_params = [p for p in [*self.fake_score.parameters(), *self.head.parameters()] if p.requires_grad]
         self.opt_g = make_optimizer(self.generator.parameters(), cfg.generator_lr)
         self.opt_d = make_optimizer(self.critic_params, cfg.guidance_lr)
         self.sched_g = warmup_scheduler(self.opt_g, cfg.warmup_steps)
         self.sched_d = warmup_scheduler(self.opt_d, cfg.warmup_steps)
-        self.ddp_generator = data_parallel(self.generator, world_size, self.device)
-        self.ddp_fake_score = data_parallel(self.fake_score, world_size, self.device)
-        self.ddp_head = data_parallel(self.head, world_size, self.device) if cfg.gan else self.head
         self.sigmas = noise_grid(cfg, teacher).to(self.device)
         self.step_sigmas = generator_sigmas(cfg.generator_steps, self.sigmas, cfg.conditioning_timestep)
         self.noise = SharedNoise(cfg.seed, rank, world_size, self.device)
@@ -883,20 +918,37 @@ class Distiller:
         return self.lpips(F.interpolate(x, size, mode="bilinear"), F.interpolate(target, size, mode="bilinear")).mean()
 
     def state_dict(self):
-        return dict(step=self.step, generator=self.generator.state_dict(), fake_score=self.fake_score.state_dict(),
-                    head=self.head.state_dict(), ema=None if self.ema is None else self.ema.state_dict(),
-                    opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(), sched_g=self.sched_g.state_dict(),
-                    sched_d=self.sched_d.state_dict(), noise=self.noise.gen.get_state(), gan_weight=self.gan_weight,
-                    auto_norms=self.auto_norms)
+        """Everything to resume exactly. Sharded (FSDP): this process's shards of the networks and optimiser states,
+        named by parameter (torch.distributed.checkpoint.state_dict), for a sharded checkpoint."""
+        if self.mesh is not None:
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+            (generator, opt_g), (critic, opt_d) = get_state_dict(self.generator, self.opt_g), get_state_dict(
+                nn.ModuleDict(dict(fake_score=self.fake_score, head=self.head)), self.opt_d)
+            nets = dict(generator=generator, critic=critic, opt_g=opt_g, opt_d=opt_d)
+        else:
+            nets = dict(generator=self.generator.state_dict(), fake_score=self.fake_score.state_dict(),
+                        head=self.head.state_dict(), opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict())
+        return dict(step=self.step, ema=None if self.ema is None else self.ema.state_dict(),
+                    sched_g=self.sched_g.state_dict(), sched_d=self.sched_d.state_dict(), noise=self.noise.gen.get_state(),
+                    gan_weight=self.gan_weight, auto_norms=self.auto_norms, **nets)
 
     def load_state_dict(self, state):
         self.step = state["step"]
-        self.generator.load_state_dict(state["generator"])
-        self.fake_score.load_state_dict(state["fake_score"])
-        self.head.load_state_dict(state["head"])
+        if self.mesh is not None:
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+            set_state_dict(self.generator, self.opt_g, model_state_dict=state["generator"],
+                           optim_state_dict=state["opt_g"])
+            set_state_dict(nn.ModuleDict(dict(fake_score=self.fake_score, head=self.head)), self.opt_d,
+                           model_state_dict=state["critic"], optim_state_dict=state["opt_d"])
+        else:
+            self.generator.load_state_dict(state["generator"])
+            self.fake_score.load_state_dict(state["fake_score"])
+            self.head.load_state_dict(state["head"])
+            self.opt_g.load_state_dict(state["opt_g"])
+            self.opt_d.load_state_dict(state["opt_d"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        for name in ("opt_g", "opt_d", "sched_g", "sched_d"):
+        for name in ("sched_g", "sched_d"):
             getattr(self, name).load_state_dict(state[name])
         self.noise.gen.set_state(state["noise"])
         self.gan_weight = state.get("gan_weight", self.gan_weight)  # --gen_cls_loss_weight auto: its measurement
@@ -980,13 +1032,10 @@ def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=No
     os.makedirs(run_dir, exist_ok=True)
     distiller = Distiller(cfg, teacher, sample_shape, regression_pairs, rank, world_size, device, conditions,
                           lpips_decode)
-    ckpt_path, log_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
-    if agree_on_checkpoint(ckpt_path, world_size):
-        state = read_checkpoint(ckpt_path)
-        check_resumable(state["config"], cfg, ckpt_path)
-        distiller.load_state_dict(state["distiller"])
-        if real_batches is not None:
-            real_batches.load_state_dict(state["data"])
+    sharded = distiller.mesh is not None
+    ckpt_path, log_path = checkpoint_path(run_dir, cfg), os.path.join(run_dir, "log.jsonl")
+    if agree_on_checkpoint(os.path.join(ckpt_path, "run.json") if sharded else ckpt_path, world_size):
+        load_checkpoint(ckpt_path, cfg, distiller, real_batches, world_size)
         if rank == 0 and distiller.step < cfg.iters:
             print(f"resuming {run_dir} at iteration {distiller.step}")
     else:
@@ -1011,20 +1060,96 @@ def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=No
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
-        if rank == 0 and ((step + 1) % cfg.sample_every == 0 or done):
+        if (rank == 0 or sharded) and ((step + 1) % cfg.sample_every == 0 or done):  # sharded: all take part
             net = distiller.ema or distiller.generator
             samples = sample_student(net, show_noise, show_labels, distiller.step_sigmas, distiller.conditions)
             if decode is not None:
                 samples = decode(samples)
-            (show or save_samples)(samples, show_labels, os.path.join(run_dir, f"samples_{step + 1:06d}.png"))
-        if (step + 1) % cfg.ckpt_every == 0 or done:
-            data_state = None if real_batches is None else real_batches.state_dict()
             if rank == 0:
-                atomic_save(dict(config=dataclasses.asdict(cfg), distiller=distiller.state_dict(), data=data_state,
-                                 arch=network_spec(distiller.generator)), ckpt_path)
+                (show or save_samples)(samples, show_labels, os.path.join(run_dir, f"samples_{step + 1:06d}.png"))
+        if (step + 1) % cfg.ckpt_every == 0 or done:
+            save_checkpoint(ckpt_path, cfg, distiller, real_batches, rank)
     if rank == 0:
         plot_curves(read_log(log_path), os.path.join(run_dir, "curves.png"))
     return distiller
+
+
+def checkpoint_path(run_dir, cfg):
+    """A run folder's checkpoint: checkpoint.pt, or with a sharded engine the folder checkpoint/ (with run.json)."""
+    return os.path.join(run_dir, "checkpoint.pt" if cfg.engine == "ddp" else "checkpoint")
+
+
+def saved_config(run_dir):
+    """The config a run folder's checkpoint was written with (either kind), or None; cheap (no networks read)."""
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        return read_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["config"]
+    if os.path.exists(os.path.join(run_dir, "checkpoint", "run.json")):
+        with open(os.path.join(run_dir, "checkpoint", "run.json")) as f:
+            return json.load(f)["config"]
+    return None
+
+
+def save_checkpoint(path, cfg, distiller, real_batches, rank=0):
+    """Everything to resume exactly, written atomically. DDP / one process: checkpoint.pt by rank 0 (the replicas are
+    equal). Sharded: a torch.distributed.checkpoint folder to which every process writes its own shards (no
+    process ever holds the whole state), then run.json (config, world size) marks it complete; the folder replaces
+    the previous one only then (official FSDP runs saved parameters only and could not resume exactly)."""
+    state = dict(config=dataclasses.asdict(cfg), distiller=distiller.state_dict(), arch=network_spec(distiller.generator),
+                 data=None if real_batches is None else real_batches.state_dict())
+    if distiller.mesh is None:
+        if rank == 0:
+            atomic_save(state, path)
+        return
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    if rank == 0:
+        shutil.rmtree(path + ".tmp", ignore_errors=True)
+    dist.barrier()
+    dcp.save(state, checkpoint_id=path + ".tmp")
+    if rank == 0:
+        with open(os.path.join(path + ".tmp", "run.json"), "w") as f:
+            json.dump(dict(config=state["config"], arch=state["arch"], world_size=dist.get_world_size(),
+                           step=distiller.step), f)
+        if os.path.exists(path):
+            os.replace(path, path + ".old")
+        os.replace(path + ".tmp", path)
+        shutil.rmtree(path + ".old", ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(path, cfg, distiller, real_batches, world_size=1):
+    """Restore a run from save_checkpoint's file or folder (the sharded kind only with the world size that wrote it:
+    the global batch and its noise slices depend on it)."""
+    if distiller.mesh is None:
+        state = read_checkpoint(path)
+        check_resumable(state["config"], cfg, path)
+    else:
+        import torch.distributed.checkpoint as dcp
+        with open(os.path.join(path, "run.json")) as f:
+            info = json.load(f)
+        check_resumable(info["config"], cfg, path)
+        if info["world_size"] != world_size:
+            raise SystemExit(f"{path} was written by {info['world_size']} processes, this run has {world_size}: "
+                             "resume with the same number (torchrun --nproc_per_node), or pass another --run_name")
+        state = dict(distiller=distiller.state_dict(), data=None if real_batches is None else real_batches.state_dict())
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except (Exception, dcp.api.CheckpointException) as e:  # a missing or truncated shard file
+            raise RuntimeError(f"{path}: cannot read this sharded checkpoint ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]}). A shard file is missing or corrupt: delete the "
+                               "folder to start over, or pass another --run_name") from None
+    distiller.load_state_dict(state["distiller"])
+    if real_batches is not None:
+        real_batches.load_state_dict(state["data"])
+
+
+def generator_weights(distiller):
+    """The generator's (or its EMA's) whole float32 weights on the CPU; sharded, every process must call this."""
+    net = distiller.ema or distiller.generator
+    if distiller.mesh is None:
+        return {k: v.float().cpu() for k, v in net.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_weights(module, state, path, prefix=""):
@@ -1909,7 +2034,7 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
         lora = kind == "dmd2-sdxl-lora"
         if kind == "student" and not arg or kind != "student" and not arg and steps not in ((4,) if lora else (1, 4)):
             raise ValueError(f"--model {model}: give student:PATH; the released DMD2 SDXL is 1 or 4 steps, LoRA 4")
-        state = read_checkpoint(arg, what="run checkpoint or UNet state dict") if kind == "student" else {}
+        state = read_run(arg) if kind == "student" else {}
         if "distiller" in state:
             generator, cfg, parts = load_student(state)
             parts.unet, steps, t = generator.unet.eval(), cfg.generator_steps, cfg.conditioning_timestep
@@ -2902,9 +3027,12 @@ def check_run(cfg, run_dir):
     for flag, path in (("--generator_init", cfg.generator_init), ("--guidance_init", cfg.guidance_init)):
         if path and not os.path.exists(path):
             raise SystemExit(f"{flag} {path}: no such file (a state dict: the released pytorch_model.bin layout)")
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    if os.path.exists(ckpt_path):
-        check_resumable(read_checkpoint(ckpt_path)["config"], cfg, ckpt_path)
+    if cfg.engine != "ddp" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise SystemExit(f"--engine {cfg.engine} shards the networks over processes: launch with torchrun "
+                         "--nproc_per_node N (N >= 2), or use --engine ddp")
+    saved = saved_config(run_dir)
+    if saved is not None:
+        check_resumable(saved, cfg, run_dir)
 
 
 def check_edm_run(cfg, run_dir):
@@ -2936,10 +3064,10 @@ def run_edm(cfg):
                                                         cfg.num_workers)
         distiller = train(cfg, teacher, real, (3, cfg.resolution, cfg.resolution), run_dir, rank=rank,
                           world_size=world_size, device=device, init=(cfg.generator_init, cfg.guidance_init))
+        weights = generator_weights(distiller)
         if rank == 0:
             path = os.path.join(run_dir, "pytorch_model.bin")
-            atomic_save({k: v.float().cpu() for k, v in (distiller.ema or distiller.generator).state_dict().items()},
-                        path)
+            atomic_save(weights, path)
             print(f"generator written to {path}; evaluate it with: python dmd2.py evaluate --generator {path} "
                   f"--dataset {cfg.dataset}")
     return distiller
@@ -3254,13 +3382,32 @@ def run_t2i(cfg):
                           init=(cfg.generator_init, cfg.guidance_init), conditions=conditions,
                           decode=functools.partial(decode_latents, parts.vae),
                           lpips_decode=lpips_decoder(parts, cfg, device) if cfg.regression_loss_weight else None)
-        if rank == 0 and not cfg.lora_rank:
-            path = os.path.join(run_dir, "unet.bin")
-            atomic_save({k: v.float().cpu() for k, v in (distiller.ema or distiller.generator).unet.state_dict().items()},
-                        path)
-            print(f"generator UNet written to {path}; sample it with: python dmd2.py sample --checkpoint "
-                  f"{os.path.join(run_dir, 'checkpoint.pt')} --prompt TEXT")
+        weights = generator_weights(distiller)
+        if rank == 0:
+            export_generator(weights, distiller.real_score.unet.config, cfg, run_dir, parts.sdxl)
     return distiller
+
+
+def export_generator(weights, unet_config, cfg, run_dir, sdxl=True):
+    """The trained generator in the forms the text-to-image ecosystem loads: unet.bin (a UNet state dict, the released
+    dmd2_sdxl_*_unet layout; load_unet_weights, `evaluate --model student:PATH`) and unet/ (diffusers save_pretrained:
+    UNet2DConditionModel.from_pretrained(run_dir, subfolder="unet")); a LoRA run writes its adapters instead,
+    pytorch_lora_weights.safetensors, which a pipeline's load_lora_weights(run_dir) reads."""
+    diffusers, _ = _hf()
+    unet = diffusers.UNet2DConditionModel.from_config(unet_config)
+    if cfg.lora_rank:
+        add_generator_lora(unet, cfg.lora_rank, cfg.lora_alpha)
+    unet.load_state_dict({k[len("unet."):]: v for k, v in weights.items()})
+    if cfg.lora_rank:
+        from peft.utils import get_peft_model_state_dict
+        pipeline = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+        pipeline.save_lora_weights(run_dir, unet_lora_layers=get_peft_model_state_dict(unet))
+        print(f"generator LoRA written to {run_dir}/pytorch_lora_weights.safetensors")
+        return
+    atomic_save(unet.state_dict(), os.path.join(run_dir, "unet.bin"))
+    unet.save_pretrained(os.path.join(run_dir, "unet"))
+    print(f"generator UNet written to {run_dir}/unet.bin and {run_dir}/unet/; sample it with: python dmd2.py sample "
+          f"--checkpoint {checkpoint_path(run_dir, cfg)} --prompt TEXT")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -3344,21 +3491,46 @@ def check_config(cfg):
     if misplaced and not text_to_image:
         problems.append(f"{', '.join(misplaced)}: only for text-to-image teachers (--dataset sdxl, sdxl-1step, "
                         f"sdxl-ode, sd15, sd15-gan); the EDM teachers have no unconditional branch or LoRA here")
+    if cfg.engine not in ("ddp", "fsdp", "hsdp"):
+        problems.append(f"--engine {cfg.engine} is not one of ddp, fsdp, hsdp")
+    elif cfg.engine != "ddp" and (cfg.ema_decay > 0 or cfg.dataset in ("toy2d", "shapes")):
+        problems.append(f"--engine {cfg.engine}: not with --ema_decay (the EMA copy is not sharded) nor on the "
+                        "embedded rungs (one process)")
     if cfg.lora_rank < 0:
         problems.append(f"--lora_rank {cfg.lora_rank} must be >= 0 (0: full fine-tuning)")
     if problems:
         raise SystemExit("config error: " + "; ".join(problems))
 
 
+def read_run(path):
+    """A run's checkpoint for sampling: checkpoint.pt, or (sharded runs) the checkpoint/ folder's run.json, whose
+    generator load_student gathers into this one process."""
+    if not os.path.isdir(path):
+        return read_checkpoint(path, fix="Pass the checkpoint.pt of a dmd2.py run folder (or a sharded run's checkpoint/).")
+    if not os.path.exists(os.path.join(path, "run.json")):
+        raise ValueError(f"{path} is a folder without run.json: not a (complete) sharded dmd2.py checkpoint")
+    with open(os.path.join(path, "run.json")) as f:
+        info = json.load(f)
+    return dict(config=info["config"], arch=info["arch"], sharded=path,
+                distiller=dict(step=info["step"], ema=None, generator=None))
+
+
 def load_student(state):
-    """(generator, Config, text-to-image parts or None) of a run checkpoint: the student (its EMA if kept) rebuilt
-    from the checkpoint's architecture spec."""
+    """(generator, Config, text-to-image parts or None) of a run checkpoint (read_run): the student (its EMA if kept)
+    rebuilt from the checkpoint's architecture spec; a sharded one's weights gathered by torch.distributed.checkpoint
+    without a process group."""
     cfg, spec = Config(**state["config"]), state["arch"]
     parts = t2i_parts(spec["kwargs"]) if spec["kind"] == "t2i" else None
     generator = parts.teacher() if parts else build_network(spec)
     if parts and cfg.lora_rank:
         add_generator_lora(generator.unet, cfg.lora_rank, cfg.lora_alpha)
-    generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
+    if state.get("sharded"):
+        import torch.distributed.checkpoint as dcp
+        weights = {k: v.clone() for k, v in generator.state_dict().items()}
+        dcp.load({"distiller": {"generator": weights}}, checkpoint_id=state["sharded"], no_dist=True)
+    else:
+        weights = state["distiller"]["ema"] or state["distiller"]["generator"]
+    generator.load_state_dict(weights)
     return generator.eval(), cfg, parts
 
 
@@ -3390,7 +3562,7 @@ def sample_main(argv):
         return
     if not os.path.exists(args.checkpoint):
         raise SystemExit(f"{args.checkpoint}: no such checkpoint (it is run_dir/checkpoint.pt of a dmd2.py run)")
-    state = read_checkpoint(args.checkpoint, fix="Pass the checkpoint.pt of a dmd2.py run folder.")
+    state = read_run(args.checkpoint)
     if not {"config", "distiller", "arch"} <= set(state):
         raise ValueError(f"{args.checkpoint} is a torch file but not a dmd2.py run checkpoint (it has "
                          f"{sorted(state)[:4]}); pass run_dir/checkpoint.pt of a run")
@@ -3418,7 +3590,7 @@ def sample_main(argv):
 def load_generator(path, dataset):
     """A one-step EDM generator from our checkpoint.pt, or from a plain state dict (keys model.*: the released
     DMD2 pytorch_model.bin or the one run_edm writes) built with the dataset's official config, dropout 0."""
-    state = read_checkpoint(path)
+    state = read_run(path)
     if "distiller" in state:
         generator, cfg, _ = load_student(state)
         return generator, cfg.generator_steps

@@ -20,6 +20,10 @@ Variants (each one changes one thing; later ones keep the earlier changes):
   sdpa_nchw    + channels_last off (CUDA group norm works on contiguous NCHW tensors)
   sdpa_compile + torch.compile of every UNetBlock (edm_net.compile_blocks), channels_last as in the faster of
                sdpa / sdpa_nchw
+Then (issue 14) one FSDP2 section, fsdp2_sdxl: the sdxl preset (4-step backward simulation, CFG 8, GAN, bf16,
+batch 2) on a mid-size SDXL-shaped UNet (SDXL's layout at 1024 px with fewer transformer layers; --tiny: the tiny
+one), generator and fake score sharded per block as --engine fsdp does, over a one-process mesh: seconds per
+generator and critic iteration and the peak memory.
 Order, most important first: training of the eager variants, their sampling, then the compiled variant (sampling
 first: its inference graphs compile faster than the training graphs; dynamo's counters are recorded with it).
 Budget: every measurement runs under an alarm at the deadline (start + --budget_s) and is skipped beforehand when
@@ -57,6 +61,14 @@ TINY_NET = dict(img_resolution=8, img_channels=3, label_dim=1000, use_fp16=True,
                 model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)  # 1 head
 # Heun sampler settings: 18 steps deterministic (35 NFE), and EDM's ImageNet-64 setting (README: 256 steps = 511 NFE,
 # S_churn 40, S_min 0.05, S_max 50, S_noise 1.003). --tiny keeps the two kinds with 2 and 3 steps (3 and 5 NFE).
+# SDXL's UNet config (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json) with 1 transformer layer per block
+# in place of (1, 2, 10): SDXL's shapes and conditioning at about a third of its 2.57B parameters
+MID_SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                attention_head_dim=(5, 10, 20), down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D',
+                                                                   'CrossAttnDownBlock2D'),
+                up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'), transformer_layers_per_block=1,
+                use_linear_projection=True, cross_attention_dim=2048, addition_embed_type='text_time',
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
 CHURN = dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
 SAMPLERS = [(18, {}), (256, CHURN)]
 TINY_SAMPLERS = [(2, {}), (3, CHURN)]
@@ -268,6 +280,51 @@ def run_variants(report, path, clock, teacher, batch, cfg_kwargs, device, tiny, 
         save(report, path)
 
 
+def fsdp_section(report, path, clock, device, tiny):
+    """Issue 14's check: a TTUR cycle of the sdxl preset with the generator and fake score sharded by FSDP2."""
+    import tempfile
+    import diffusers
+    import torch.distributed as dist
+    report['variants']['fsdp2_sdxl'] = {}
+    parts = dmd2.tiny_t2i_parts(seed=0)
+    if not tiny:
+        torch.manual_seed(0)
+        parts.unet = diffusers.UNet2DConditionModel(**MID_SDXL).requires_grad_(False).eval()
+    for module in (parts.unet, *parts.text_encoders):
+        module.to(device)
+    size, captions = parts.unet.config.sample_size, [f'a photo of object {i}' for i in range(8)]
+
+    def run():
+        with tempfile.TemporaryDirectory() as tmp:
+            dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', init_method=f'file://{tmp}/pg',
+                                    rank=0, world_size=1)
+            try:
+                cfg = dmd2.Config(**{**dmd2.PRESETS['sdxl'], 'dataset': 'sdxl', 'engine': 'fsdp', 'precision': 'bf16',
+                                     'batch_size': 2, 'device': str(device)})
+                teacher = dmd2.prepare_network(parts.teacher(), cfg, device)
+                conditions = dmd2.Prompts(captions, parts.tokenizers, parts.text_encoders)
+                distiller = dmd2.Distiller(cfg, teacher, (4, size, size), device=device, conditions=conditions)
+                real = dmd2.InMemoryBatches(torch.randn(8, 4, size, size).half(), captions, 2, 0)
+                if device.type == 'cuda':
+                    torch.cuda.reset_peak_memory_stats(device)
+                times = []
+                for _ in range(cfg.dfake_gen_update_ratio + (0 if tiny else 2)):  # a cycle (+2 warm-up on CUDA)
+                    batch = next(real)
+                    synchronize(device)
+                    t0 = time.perf_counter()
+                    distiller.train_step(batch)
+                    synchronize(device)
+                    times.append(time.perf_counter() - t0)
+                times = times[-cfg.dfake_gen_update_ratio:]  # step 0 of the timed cycle is a generator turn on CUDA
+                sharded = type(distiller.generator).__name__.startswith('FSDP')
+                return dict(generator_iter_s=times[0], critic_iter_s=statistics.median(times[1:]),
+                            unet_parameters=sum(p.numel() for p in parts.unet.parameters()),
+                            sharded=sharded, peak_memory_gib=peak_memory_gib(device))
+            finally:
+                dist.destroy_process_group()
+    measure(report, path, clock, 'fsdp2_sdxl', 'train', run, estimate_s=5 if tiny else 90)
+
+
 def device_slug(device):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu_tiny'
     return re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')
@@ -309,10 +366,11 @@ def main():
     images = torch.rand(batch_size, 3, resolution, resolution, generator=gen, device=device) * 2 - 1
     labels = torch.randint(0, net_kwargs['label_dim'], (batch_size,), generator=gen, device=device)
 
-    # Sections, in order; each records its measurements through measure() under the same clock. (Issue 14 adds its
-    # FSDP2 section after this one.)
+    # Sections, in order; each records its measurements through measure() under the same clock.
     compile_backend = args.compile_backend or (None if args.tiny else 'inductor')
     run_variants(report, path, clock, teacher, (images, labels), cfg_kwargs, device, args.tiny, compile_backend)
+    del teacher
+    fsdp_section(report, path, clock, device, args.tiny)
 
     signal.setitimer(signal.ITIMER_REAL, 0)
     report['elapsed_s'] = round(time.monotonic() - started, 1)
@@ -321,7 +379,7 @@ def main():
         name: {what: round(today[what]['mean_iter_s'] / v[what]['mean_iter_s'], 3)
                if what == 'train' else round(v[what]['images_per_s'] / today[what]['images_per_s'], 3)
                for what in today if what != 'settings' and what in v}
-        for name, v in report['variants'].items() if name != 'today'}
+        for name, v in report['variants'].items() if name not in ('today', 'fsdp2_sdxl')}
     report['complete'] = not report['skipped'] and not report['errors']
     save(report, path)
     print(json.dumps({k: report[k] for k in ('device', 'elapsed_s', 'speedup_vs_today', 'skipped', 'errors')},

@@ -28,10 +28,13 @@ def run_tiny(out, *extra, written=None):
 def test_gpu_check_tiny_report(tmp_path):
     report = run_tiny(tmp_path / 'gpu.json')
     assert report['tiny'] and report['batch'] == 2 and report['errors'] == []
-    assert list(report['variants']) == EAGER + ['sdpa_compile']
+    assert list(report['variants']) == EAGER + ['sdpa_compile', 'fsdp2_sdxl']
+    fsdp = report['variants']['fsdp2_sdxl']['train']  # issue 14's section: the tiny SDXL-shaped UNet, sharded
+    assert fsdp['sharded'] and fsdp['unet_parameters'] > 0
+    assert all(math.isfinite(fsdp[k]) and fsdp[k] > 0 for k in ('generator_iter_s', 'critic_iter_s', 'peak_memory_gib'))
     assert report['skipped'] == [dict(variant='sdpa_compile', what='all', reason='--tiny runs no compilation')]
     assert not report['complete']
-    settings = {name: v['settings'] for name, v in report['variants'].items()}
+    settings = {name: v['settings'] for name, v in report['variants'].items() if name != 'fsdp2_sdxl'}
     assert [settings[n]['attention'] for n in EAGER] == ['official', 'official', 'sdpa', 'sdpa']
     assert [settings[n]['channels_last'] for n in EAGER] == [True, True, True, False]
     assert [settings[n]['tf32'] for n in EAGER] == [False, True, True, True]
@@ -57,8 +60,9 @@ def test_gpu_check_budget_exhausted_records_skips(tmp_path):
     report = run_tiny(tmp_path, '--budget_s', '0', written=tmp_path / 'gpu_cpu_tiny.json')  # --out: a folder
     assert report['errors'] == [] and not report['complete']
     skipped = {(s['variant'], s['what']) for s in report['skipped']}
-    assert skipped == {(n, w) for n in EAGER for w in ['train', *SAMPLING]} | {('sdpa_compile', 'all')}
-    assert all(set(v) == {'settings'} for v in report['variants'].values())
+    assert skipped == ({(n, w) for n in EAGER for w in ['train', *SAMPLING]} | {('sdpa_compile', 'all')}
+                       | {('fsdp2_sdxl', 'train')})
+    assert all(set(v) == ({'settings'} if name != 'fsdp2_sdxl' else set()) for name, v in report['variants'].items())
 
 
 @pytest.mark.slow
