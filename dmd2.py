@@ -1034,6 +1034,10 @@ def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=No
                           lpips_decode)
     sharded = distiller.mesh is not None
     ckpt_path, log_path = checkpoint_path(run_dir, cfg), os.path.join(run_dir, "log.jsonl")
+    if sharded:
+        if rank == 0:
+            recover_checkpoint(ckpt_path)
+        dist.barrier()
     if agree_on_checkpoint(os.path.join(ckpt_path, "run.json") if sharded else ckpt_path, world_size):
         load_checkpoint(ckpt_path, cfg, distiller, real_batches, world_size)
         if rank == 0 and distiller.step < cfg.iters:
@@ -1115,6 +1119,16 @@ def save_checkpoint(path, cfg, distiller, real_batches, rank=0):
         os.replace(path + ".tmp", path)
         shutil.rmtree(path + ".old", ignore_errors=True)
     dist.barrier()
+
+
+def recover_checkpoint(path):
+    """A sharded checkpoint replaces the previous one by two renames (previous -> .old, new .tmp -> path); after a
+    kill between them, take the newest complete one (run.json is written last) back as path."""
+    if not os.path.exists(path):
+        for candidate in (path + ".tmp", path + ".old"):
+            if os.path.exists(os.path.join(candidate, "run.json")):
+                os.replace(candidate, path)
+                return
 
 
 def load_checkpoint(path, cfg, distiller, real_batches, world_size=1):

@@ -177,3 +177,48 @@ def test_fsdp_on_the_edm_path_equals_one_process(tmp_path):
     update = torch.cat([(v - teacher[k]).abs().flatten() for k, v in one["generator"].items()]).mean()
     assert update > 1e-4 and diff < 1e-3 * update, (float(diff), float(update))
     assert json.loads((folder / "checkpoint" / "run.json").read_text())["step"] == 3
+
+
+def test_killed_sharded_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Kill a 2-process `--engine fsdp` run after its first sharded checkpoint, re-run the same command: it resumes
+    from the shards, and its final weights equal those of a run that was never interrupted."""
+    import signal
+    import time
+    args = ["--iters", "6", "--ckpt_every", "2"]
+    run(tmp_path, "straight", 2, 1, "--engine", "fsdp", *args, iters=6)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dmd2.py",
+               "--dataset", "sdxl", "--tiny", "true", "--data_path", write_folder(tmp_path / "data"), "--out_dir",
+               str(tmp_path / "killed"), "--batch_size", "1", "--dfake_gen_update_ratio", "2", "--warmup_steps", "0",
+               "--generator_lr", "1e-3", "--guidance_lr", "1e-3", "--device", "cpu", "--precision", "fp32",
+               "--sample_every", "100", "--engine", "fsdp", *args]
+    marker = tmp_path / "killed" / "sdxl" / "student_4step" / "checkpoint" / "run.json"
+    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # torchrun kills its workers (they run in sessions of their own)
+    proc.wait()
+    step_at_kill = json.loads(marker.read_text())["step"]
+    assert 0 < step_at_kill < 6
+    done = run(tmp_path, "killed", 2, 1, "--engine", "fsdp", *args, iters=6)
+    assert f"at iteration {step_at_kill}" in done.stdout
+    (s1, a), (s2, b) = final(tmp_path, "straight"), final(tmp_path, "killed")
+    assert s1 == s2 == 6
+    for name in a:
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+
+
+def test_a_kill_between_the_two_renames_keeps_the_newest_complete_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint"
+    for name, step in (("checkpoint.old", 2), ("checkpoint.tmp", 4)):  # killed after the first rename
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps({"step": step}))
+    dmd2.recover_checkpoint(str(path))
+    assert json.loads((path / "run.json").read_text())["step"] == 4
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoint.old")
+    os.replace(path, tmp_path / "checkpoint.old")
+    (tmp_path / "checkpoint.tmp").mkdir()  # an incomplete write (no run.json) is never taken
+    dmd2.recover_checkpoint(str(path))
+    assert json.loads((path / "run.json").read_text())["step"] == 4 and not (tmp_path / "checkpoint.old").exists()
