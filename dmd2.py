@@ -141,6 +141,7 @@ class Config:
     generator_init: str = ""  # start G from a generator state dict (official: --generator_ckpt_path)
     guidance_init: str = ""  # start the fake score from a DMD2 pytorch_model_1.bin (official: --ckpt_only_path)
     engine: str = "ddp"  # several processes: ddp (replicas), fsdp (FSDP2 shards over all), hsdp (shards in a node)
+    fsdp_bf16_params: bool = False  # sharded text-to-image UNets gather and compute in bf16 (FSDP2 mixed precision)
     num_workers: int = 4  # data loader processes (official: --num_workers 12)
     dist_timeout: float = 30.0  # minutes a process waits in a collective (e.g. while its node fetches the teacher)
     # logging, checkpoints, evaluation
@@ -625,19 +626,24 @@ def device_mesh(engine, world_size, device):
     return init_device_mesh(device.type, (world_size,))
 
 
-def shard(module, mesh):
+def shard(module, mesh, bf16_params=False):
     """FSDP2 (fully_shard): each block of the network, then the root, keeps 1/N of its weights, gradients and AdamW
     states per process and gathers a block's weights only while it computes (official: FSDP, size-based wrapping).
-    Numerics as the official run: fp32 parameters and reductions, bf16 from autocast / use_fp16 inside the networks."""
-    from torch.distributed.fsdp import fully_shard
+    Numerics as the official run by default: fp32 parameters and reductions, bf16 from autocast / use_fp16 inside the
+    networks. bf16_params (--fsdp_bf16_params, text-to-image UNets only): MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32): half the all-gathered bytes and bf16 compute, the optimiser still updating fp32 shards; the
+    UNet's inputs are cast, the adapter's sigma and its float64 epsilon -> x0 are not."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params else \
+        MixedPrecisionPolicy()
     if isinstance(module, EpsDenoiser):
-        blocks = [*module.unet.down_blocks, module.unet.mid_block, *module.unet.up_blocks]
+        blocks = [*module.unet.down_blocks, module.unet.mid_block, *module.unet.up_blocks, module.unet]
     elif isinstance(module, edm_net.EDMPrecond):
         blocks = [*module.model.enc.values(), *module.model.dec.values()]
     else:
         blocks = []
     for block in blocks:
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(module, mesh=mesh)
     return module
 
@@ -734,8 +740,8 @@ class Distiller:
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
         sharded = cfg.engine != "ddp" and dist.is_initialized()  # (the CLI refuses a sharded engine without torchrun)
         self.mesh = device_mesh(cfg.engine, dist.get_world_size(), self.device) if sharded else None
-        wrap = functools.partial(shard, mesh=self.mesh) if self.mesh else lambda net: data_parallel(net, world_size,
-                                                                                                    self.device)
+        wrap = functools.partial(shard, mesh=self.mesh, bf16_params=cfg.fsdp_bf16_params) if self.mesh else \
+            lambda net: data_parallel(net, world_size, self.device)
         self.ddp_generator, self.ddp_fake_score = wrap(self.generator), wrap(self.fake_score)
         self.ddp_head = wrap(self.head) if cfg.gan else self.head
         self.critic_params = [p for p in [*self.fake_score.parameters(), *self.head.parameters()] if p.requires_grad]
@@ -3510,6 +3516,8 @@ def check_config(cfg):
     elif cfg.engine != "ddp" and (cfg.ema_decay > 0 or cfg.dataset in ("toy2d", "shapes")):
         problems.append(f"--engine {cfg.engine}: not with --ema_decay (the EMA copy is not sharded) nor on the "
                         "embedded rungs (one process)")
+    if cfg.fsdp_bf16_params and (cfg.engine == "ddp" or not cfg.dataset.startswith(("sdxl", "sd15"))):
+        problems.append("--fsdp_bf16_params is for sharded text-to-image runs: --engine fsdp or hsdp, --dataset sdxl..")
     if cfg.lora_rank < 0:
         problems.append(f"--lora_rank {cfg.lora_rank} must be >= 0 (0: full fine-tuning)")
     if problems:

@@ -34,6 +34,8 @@ def error_line(argv, capsys):
     (["--guidance_scale", "8"], "--guidance_scale: only for text-to-image teachers"),
     (["--dataset", "imagenet64", "--lora_rank", "4", "--tiny", "true"], "--tiny, --lora_rank: only for text-to-image"),
     (["--dataset", "sdxl", "--lora_rank", "-1"], "--lora_rank -1 must be >= 0"),
+    (["--dataset", "sdxl", "--fsdp_bf16_params", "true"], "--fsdp_bf16_params is for sharded text-to-image runs"),
+    (["--dataset", "imagenet64", "--engine", "zero3"], "--engine zero3 is not one of ddp, fsdp, hsdp"),
     (["--dataset", "sdxl-1step", "--conditioning_timestep", "1000"], "--conditioning_timestep 1000 is not a grid level"),
     (["--dataset", "sdxl", "--tiny", "true"], "no such folder (--data_path wants a folder of images with .txt"),
     (["--dataset", "sd15", "--tiny", "true", "--data_path", "/nonexistent"], "/nonexistent: no such folder"),

@@ -222,3 +222,29 @@ def test_a_kill_between_the_two_renames_keeps_the_newest_complete_checkpoint(tmp
     (tmp_path / "checkpoint.tmp").mkdir()  # an incomplete write (no run.json) is never taken
     dmd2.recover_checkpoint(str(path))
     assert json.loads((path / "run.json").read_text())["step"] == 4 and not (tmp_path / "checkpoint.old").exists()
+
+
+def test_bf16_params_option_gathers_bf16_and_keeps_fp32_shards(tmp_path):
+    """--fsdp_bf16_params: the UNet blocks compute with bf16 weights (gathered in bf16), the optimiser updates fp32
+    shards, the adapter's sigma lookup and float64 epsilon -> x0 stay as they are (one process group of 1, gloo)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        parts = dmd2.tiny_t2i_parts(seed=0)
+        cfg = dmd2.Config(**{**dmd2.PRESETS["sdxl"], "dataset": "sdxl", "tiny": True, "precision": "fp32",
+                             "batch_size": 2, "warmup_steps": 0, "engine": "fsdp", "fsdp_bf16_params": True})
+        captions = ["a cat", "a dog", "red car", "blue sky"]
+        d = dmd2.Distiller(cfg, parts.teacher(), (4, 16, 16),
+                           conditions=dmd2.Prompts(captions, parts.tokenizers, parts.text_encoders))
+        seen = []
+        d.generator.unet.conv_in.register_forward_pre_hook(lambda m, args: seen.append((m.weight.dtype, args[0].dtype)))
+        before = {n: p.detach().full_tensor().clone() for n, p in d.generator.named_parameters()}
+        logs = d.train_step(dmd2.InMemoryBatches(torch.randn(4, 4, 16, 16).half(), captions, 2, 0).__next__())
+        assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+        assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+        params = dict(d.generator.named_parameters())
+        assert all(p.dtype == torch.float32 for p in params.values())  # the sharded master weights
+        assert any(not torch.equal(params[n].full_tensor(), v) for n, v in before.items())
+        assert {s["exp_avg"].dtype for s in d.opt_g.state.values()} == {torch.float32}
+    finally:
+        dist.destroy_process_group()
