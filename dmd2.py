@@ -155,7 +155,6 @@ class Config:
 # What every text-to-image preset shares: the fake score's loss is the official unweighted epsilon MSE, i.e.
 # denoising_loss at sigma_data = inf; GAN weight for the classifier 1e-2 (official --guidance_cls_loss_weight).
 T2I = dict(sigma_data=float("inf"), cls_loss_weight=1e-2, log_every=10, ckpt_every=500, sample_every=500)
-
 PRESETS = {
     # 2-D class-conditional mixture; MLP teacher trained in seconds, and deliberately briefly (300 of the ~4,000
     # iterations it takes to converge): like a real, capacity- and time-limited teacher it is not the data
@@ -1818,27 +1817,13 @@ T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res; re
     "sdxl": dict(num=10_000, eval_res=512, patch_fid=True, refs="subset"),
     "sd15": dict(num=30_000, eval_res=256, patch_fid=False, refs="all"),
 }
-
-
 COCO_SEED = 123  # official sdxl/data_process.py: np.random.seed(123)
-
-
 CLIP_PREFIX = "A photo depicts "  # official compute_clip_score (after arXiv 2104.08718)
-
-
 CLIP_RES = 256  # official compute_clip_score: resize_size=256 for SDXL and SD v1.5 alike
-
-
 CLIP_URL = "https://huggingface.co/laion/CLIP-ViT-g-14-laion2B-s12B-b42K/resolve/main/open_clip_pytorch_model.bin"
-
-
 CLEANFID_INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                           "inception-2015-12-05.pt")  # clean-fid's TorchScript network (StyleGAN2-ADA)
-
-
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # official: runwayml/stable-diffusion-v1-5 (moved)
-
-
 DMD2_SD15_FILE = ("model/sdv1.5/laion6.25_sd_baseline_8node_guidance1.75_lr5e-7_seed10_dfake10_diffusion1000_gan1e-3_"
                   "resume_fid8.35_checkpoint_model_041000/pytorch_model.bin")  # released SD v1.5 one-step, FID 8.35
 
@@ -2682,8 +2667,6 @@ def results_table(rows):
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
 PREPARE_HINT = ("prepare data with EDM's dataset_tool, e.g. `python dataset_tool.py --source=cifar-10-python.tar.gz "
                 "--dest=cifar10-32x32.zip` or `python dataset_tool.py --source=ILSVRC/Data/CLS-LOC/train "
                 "--dest=imagenet-64x64.zip --resolution=64x64 --transform=center-crop` (EDM README)")
@@ -2913,19 +2896,11 @@ class FileBatches:
 
 
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm"  # reference edm_fid.md 2.4
-
-
 EDM_TEACHER_URLS = {"imagenet64": f"{EDM_URL}/pretrained/edm-imagenet-64x64-cond-adm.pkl",
                     "cifar10": f"{EDM_URL}/pretrained/edm-cifar10-32x32-cond-vp.pkl"}
-
-
 EDM_FID_REF_URLS = {"imagenet64": f"{EDM_URL}/fid-refs/imagenet-64x64.npz",
                     "cifar10": f"{EDM_URL}/fid-refs/cifar10-32x32.npz"}
-
-
 DMD2_HF_REPO = "tianweiy/DMD2"
-
-
 DMD2_IMAGENET_RUNS = {  # folder under model/imagenet/ -> ImageNet-64 FID (official README model zoo, reference 9.1)
     "imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch_fid1.51_checkpoint_model_193500": 1.51,
     "imagenet_lr2e-6_scratch_fid2.61_checkpoint_model_405500": 2.61,
@@ -3101,14 +3076,8 @@ def run_edm(cfg):
 
 
 SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # official: --model_id
-
-
-
-
 DMD2_SDXL_FILES = {4: "dmd2_sdxl_4step_unet_fp16.bin", 1: "dmd2_sdxl_1step_unet_fp16.bin",
                    "lora": "dmd2_sdxl_4step_lora_fp16.safetensors"}
-
-
 SDXL_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                      "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # official
 
