@@ -1172,9 +1172,15 @@ def generator_weights(distiller):
 
 
 def load_weights(module, state, path, prefix=""):
-    """Strictly load the entries of a state dict that start with prefix (prefix removed) into module."""
+    """Strictly load the entries of a state dict that start with prefix (prefix removed) into module (sharded by
+    FSDP2: every process holds the whole state dict and keeps its shards)."""
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    if hasattr(module, "set_requires_gradient_sync"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        missing, unexpected = set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True,
+                                                                                          strict=False))
+    else:
+        missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: does not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]}, "
                          f"prefix {prefix!r}); is it a checkpoint of the same architecture?")
@@ -1187,8 +1193,10 @@ def initialise_from(distiller, generator_path="", guidance_path=""):
     (keys fake_unet.*, cls_pred_branch.*). Either path may also be a run's checkpoint.pt (SD v1.5 stage 2 from
     stage 1, the SDXL 1-step run from the ODE pretraining): its generator (EMA if kept), fake score and head."""
     if generator_path:
-        state = read_checkpoint(generator_path)
-        if "distiller" in state:
+        state = read_run(generator_path)
+        if state.get("sharded"):
+            load_weights(distiller.generator, gather_sharded(generator_path, "distiller.generator."), generator_path)
+        elif "distiller" in state:
             load_weights(distiller.generator, state["distiller"]["ema"] or state["distiller"]["generator"],
                          generator_path)
         else:
@@ -1197,8 +1205,11 @@ def initialise_from(distiller, generator_path="", guidance_path=""):
         if distiller.ema is not None:  # the EMA starts from the loaded generator, not from the teacher
             distiller.ema.load_state_dict(distiller.generator.state_dict())
     if guidance_path:
-        state = read_checkpoint(guidance_path)
-        if "distiller" in state:
+        state = read_run(guidance_path)
+        if state.get("sharded"):
+            state = {("fake_unet." if k.startswith("fake_score.") else "cls_pred_branch.") + k.split(".", 1)[1]: v
+                     for k, v in gather_sharded(guidance_path, "distiller.critic.").items()}
+        elif "distiller" in state:
             state = {**{f"fake_unet.{k}": v for k, v in state["distiller"]["fake_score"].items()},
                      **{f"cls_pred_branch.{k}": v for k, v in state["distiller"]["head"].items()}}
         load_weights(distiller.fake_score, state, guidance_path, "fake_unet.")
@@ -3506,6 +3517,17 @@ def read_run(path):
                 distiller=dict(step=info["step"], ema=None, generator=None))
 
 
+def gather_sharded(path, prefix):
+    """The whole tensors of a sharded checkpoint folder whose names start with prefix (e.g. "distiller.generator."),
+    in this one process (torch.distributed.checkpoint, no process group); prefix removed."""
+    import torch.distributed.checkpoint as dcp
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+               if k.startswith(prefix) and hasattr(m, "size")}
+    dcp.load(tensors, checkpoint_id=path, no_dist=True)
+    return {k[len(prefix):]: v for k, v in tensors.items()}
+
+
 def load_student(state):
     """(generator, Config, text-to-image parts or None) of a run checkpoint (read_run): the student (its EMA if kept)
     rebuilt from the checkpoint's architecture spec; a sharded one's weights gathered by torch.distributed.checkpoint
@@ -3516,9 +3538,7 @@ def load_student(state):
     if parts and cfg.lora_rank:
         add_generator_lora(generator.unet, cfg.lora_rank, cfg.lora_alpha)
     if state.get("sharded"):
-        import torch.distributed.checkpoint as dcp
-        weights = {k: v.clone() for k, v in generator.state_dict().items()}
-        dcp.load({"distiller": {"generator": weights}}, checkpoint_id=state["sharded"], no_dist=True)
+        weights = gather_sharded(state["sharded"], "distiller.generator.")
     else:
         weights = state["distiller"]["ema"] or state["distiller"]["generator"]
     generator.load_state_dict(weights)

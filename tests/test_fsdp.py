@@ -241,3 +241,16 @@ def test_bf16_params_option_gathers_bf16_and_keeps_fp32_shards(tmp_path):
         assert {s["exp_avg"].dtype for s in d.opt_g.state.values()} == {torch.float32}
     finally:
         dist.destroy_process_group()
+
+
+def test_a_sharded_run_starts_from_another_sharded_run(tmp_path):
+    """--generator_init / --guidance_init take a sharded checkpoint folder (the SD v1.5 stage 2 or SDXL 1-step start,
+    under FSDP); with the learning rate still 0 (warm-up), the new run holds exactly the weights it started from."""
+    run(tmp_path, "first", 2, 1, "--engine", "fsdp", iters=2)
+    source = str(tmp_path / "first" / "sdxl" / "student_4step" / "checkpoint")
+    run(tmp_path, "second", 2, 1, "--engine", "fsdp", "--generator_init", source, "--guidance_init", source,
+        "--warmup_steps", "1000", iters=1)
+    (_, first), (_, second) = final(tmp_path, "first"), final(tmp_path, "second")
+    for name in first:
+        assert all(torch.equal(first[name][k], second[name][k]) for k in first[name]), name
+    assert dmd2.gather_sharded(source, "distiller.critic.head.").keys()  # the GAN head came along
