@@ -2581,7 +2581,8 @@ def evaluate_teacher(rung):
 def distil(cfg, rung, run_dir, name=None, show=None):
     """Train (or resume, or reload when finished) one student of an embedded rung with cfg, then evaluate it on the
     rung's evaluation noise. Returns (results row, its samples, the Distiller)."""
-    regression_pairs = teacher_ode_pairs(cfg, rung.teacher, rung.sample_shape) if cfg.regression_loss_weight > 0 else None
+    regression_pairs = teacher_ode_pairs(cfg, rung.teacher, ClassLabels(cfg.num_classes, rung.device),
+                                         rung.sample_shape) if cfg.regression_loss_weight > 0 else None
     distiller = train(cfg, copy.deepcopy(rung.teacher), rung.real_batches(cfg.batch_size), rung.sample_shape,
                       run_dir, regression_pairs, device=rung.device, show=show)  # a copy: the Distiller owns its teacher
     generator, start = distiller.ema or distiller.generator, time.time()
@@ -2626,20 +2627,34 @@ def run_embedded(cfg):
     return rows
 
 
-def teacher_ode_pairs(cfg, teacher, sample_shape):
-    """(noise, labels, teacher output) pairs from the teacher's deterministic Heun sampler, for the regression
-    loss of the original DMD (its Sec. 3.3); cached like the teacher."""
+def teacher_ode_pairs(cfg, teacher, conditions, sample_shape):
+    """(noise, labels or prompts, teacher output) pairs from the teacher's deterministic Heun sampler, cached like the
+    teacher: the regression loss of the original DMD (its Sec. 3.3) on the embedded rungs, and the SDXL 1-step
+    pretraining (official: generate_noise_image_pairs_laion_sdxl.py, 10k pairs, CFG 8 with zero unconditional
+    embeddings). Labels are uniform classes, or prompts drawn from the captions. A DDPM teacher starts from pure noise
+    x_t = z at t = 999 and runs with CFG --guidance_scale; deviation: our Heun sampler (teacher_eval_steps steps
+    snapped to the DDPM table), not diffusers' 50-step Euler."""
+    captions = getattr(conditions, "captions", None)
     settings = dict(n=cfg.regression_pairs, steps=cfg.teacher_eval_steps, seed=cfg.seed,
                     teacher=teacher_fingerprint(teacher))
+    if captions is not None:
+        settings.update(cfg=cfg.guidance_scale, captions=hashlib.sha256("\n".join(captions).encode()).hexdigest())
     path = cache_path(cfg, f"odepairs-{cfg.dataset}", settings)
     if os.path.exists(path):
         state = read_checkpoint(path)
         return state["noise"], state["labels"], state["target"]
     rng = torch.Generator().manual_seed(cfg.seed + 4)
     noise = torch.randn((cfg.regression_pairs, *sample_shape), generator=rng)
-    labels = torch.randint(0, cfg.num_classes, (cfg.regression_pairs,), generator=rng)
-    target = sample_teacher(teacher, noise, labels, ClassLabels(cfg.num_classes, next(teacher.parameters()).device),
-                            cfg.teacher_eval_steps, cfg.eval_batch)
+    labels = torch.randint(0, cfg.num_classes if captions is None else len(captions), (cfg.regression_pairs,),
+                           generator=rng)
+    start = 1.0
+    if isinstance(teacher, EpsDenoiser):
+        labels = [captions[i] for i in labels.tolist()]
+        teacher.eval().guidance_scale = cfg.guidance_scale  # reset to 1 below: the Distiller sets its own
+        start = (teacher.sigma_max ** 2 + 1) ** 0.5 / teacher.sigma_max  # edm_sampler starts at sigma_max z
+    target = sample_teacher(teacher, noise * start, labels, conditions, cfg.teacher_eval_steps, cfg.eval_batch)
+    if isinstance(teacher, EpsDenoiser):
+        teacher.guidance_scale = 1.0
     atomic_save(dict(noise=noise, labels=labels, target=target), path)
     return noise, labels, target
 
@@ -3321,31 +3336,6 @@ def lpips_decoder(parts, cfg, device):
     return lambda z: vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()
 
 
-def t2i_ode_pairs(cfg, teacher, conditions, sample_shape, device):
-    """(noise, prompts, teacher output) pairs for the SDXL 1-step pretraining (official: generate_noise_image_pairs_
-    laion_sdxl.py, 10k pairs, CFG 8 with zero unconditional embeddings): the teacher's deterministic ODE from pure
-    noise x_t = z at t = 999 to t = 0, on cfg.regression_pairs prompts drawn from the captions. Deviation: our EDM Heun
-    sampler (teacher_eval_steps steps snapped to the DDPM table), not diffusers' 50-step Euler. Cached."""
-    settings = dict(n=cfg.regression_pairs, steps=cfg.teacher_eval_steps, seed=cfg.seed, cfg=cfg.guidance_scale,
-                    teacher=teacher_fingerprint(teacher),
-                    captions=hashlib.sha256("\n".join(conditions.captions).encode()).hexdigest())
-    path = cache_path(cfg, f"odepairs-{cfg.dataset}", settings)
-    if os.path.exists(path):
-        state = read_checkpoint(path)
-        return state["noise"], state["prompts"], state["target"]
-    rng = torch.Generator().manual_seed(cfg.seed + 4)
-    noise = torch.randn((cfg.regression_pairs, *sample_shape), generator=rng)
-    picks = torch.randint(0, len(conditions.captions), (cfg.regression_pairs,), generator=rng).tolist()
-    prompts = [conditions.captions[i] for i in picks]
-    teacher = teacher.to(device).eval()
-    teacher.guidance_scale = cfg.guidance_scale
-    start = float((teacher.sigma_max ** 2 + 1) ** 0.5 / teacher.sigma_max)  # edm_sampler starts at sigma_max z
-    target = sample_teacher(teacher, noise * start, prompts, conditions, cfg.teacher_eval_steps, cfg.eval_batch)
-    teacher.guidance_scale = 1.0
-    atomic_save(dict(noise=noise, prompts=prompts, target=target), path)
-    return noise, prompts, target
-
-
 def run_t2i(cfg):
     """Distil SD v1.5 or SDXL (presets sdxl, sdxl-1step, sdxl-ode, sd15, sd15-gan) with the method of sections 3-7 on
     the captioned images of --data_path: the same Distiller, train() loop, run folder, resume, log, curves and sample
@@ -3376,7 +3366,7 @@ def run_t2i(cfg):
         teacher.spec = dict(kind="t2i", kwargs=spec)
         parts.unet = None  # the teacher UNet now lives only in the Distiller's real score
         sample_shape = tuple(latents.shape[1:])
-        pairs = t2i_ode_pairs(cfg, teacher, conditions, sample_shape, device) if cfg.regression_pairs else None
+        pairs = teacher_ode_pairs(cfg, teacher, conditions, sample_shape) if cfg.regression_pairs else None
         real = InMemoryBatches(latents, captions, cfg.batch_size * world_size, cfg.seed, rank, world_size)
         distiller = train(cfg, teacher, real, sample_shape, run_dir, pairs, rank, world_size, device,
                           init=(cfg.generator_init, cfg.guidance_init), conditions=conditions,

@@ -624,8 +624,8 @@ def test_ode_pretraining_then_the_one_step_run_starts_from_it(tmp_path):
     teacher = dmd2.tiny_t2i_parts(seed=10).teacher()
     assert all(torch.equal(a, b) for a, b in zip(ode.fake_score.state_dict().values(), teacher.state_dict().values()))
     captions = [c for _, c in dmd2.read_captioned_folder(folder)]
-    noise, prompts, target = dmd2.t2i_ode_pairs(ode.cfg, teacher, dmd2.Prompts(captions, None, None), (4, 16, 16),
-                                                "cpu")
+    noise, prompts, target = dmd2.teacher_ode_pairs(ode.cfg, teacher, dmd2.Prompts(captions, None, None),
+                                                    (4, 16, 16))
     assert noise.shape == target.shape == (4, 4, 16, 16) and len(prompts) == 4  # read back from the cache
     parts = dmd2.tiny_t2i_parts(seed=10)
     cond = dmd2.Prompts([], parts.tokenizers, parts.text_encoders).encode(prompts)
