@@ -33,8 +33,9 @@ def timed(fn, repeats):
 
 
 def make_distiller(precision, channels_last, batch):
+    arch = {**dmd2.PRESETS["shapes"]["teacher_arch"], "model_channels": 32}  # the 32-channel net of results/train.json
     cfg = dmd2.Config(**{**dmd2.PRESETS["shapes"], "precision": precision, "channels_last": channels_last,
-                         "batch_size": batch, "warmup_steps": 0})
+                         "batch_size": batch, "warmup_steps": 0, "teacher_arch": arch, "ema_decay": 0.0})
     torch.manual_seed(0)
     spec = dict(kind="edm", kwargs=dict(img_resolution=16, img_channels=3, label_dim=10, **cfg.teacher_arch))
     teacher = dmd2.prepare_network(dmd2.build_network(spec), cfg, torch.device("cpu"))
