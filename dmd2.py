@@ -168,8 +168,8 @@ PRESETS = {
     # draws the shapes, with mottled colours, an imperfect teacher as real ones are. The main job distils it into a
     # 1-step DMD2 student and the same student without the GAN, 2,000 critic iterations each. Deviations, for a CPU
     # budget: learning rates 2e-4 (official 2e-6), and so a generator EMA (0.98 per generator update; official: none)
-    # that averages out the high rate's noise (raw students' FD-cls swings by +-1.5 between checkpoints). GAN weight:
-    # the official 3e-3 (`auto` measured 0.24 here and gave a worse student, README).
+    # that averages out the high rate's noise (raw students' FD-cls swung by +-1.5 between checkpoints, README). GAN
+    # weight: the official 3e-3 (`auto` measured 0.24 here and gave a worse student, README).
     "shapes": dict(students=[1], no_gan_student=True, resolution=16, num_classes=10, teacher_iters=1000,
                    teacher_batch=64, teacher_lr=1e-3,
                    teacher_arch=dict(model_type="DhariwalUNet", model_channels=16, channel_mult=[1, 2, 2],
