@@ -368,6 +368,19 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path):
         dmd2.train(tiny_cfg(), toy_teacher(), dmd2.Toy2DBatches(16, 0), (2,), str(tmp_path), show=lambda *a: None)
 
 
+def test_shapes_metric_classifier_is_one_yardstick_for_every_seed(tmp_path):
+    """FD-cls compares runs of different seeds: its classifier must not depend on --seed or on the global RNG."""
+    images, labels = dmd2.shapes_dataset(256, 16, seed=0)
+    weights = []
+    for seed, cache in ((10, "a"), (11, "b"), (12, "a")):  # (12, "a"): loaded from the cache seed 10 wrote
+        cfg = dmd2.Config(seed=seed, cache_dir=str(tmp_path / cache))
+        torch.manual_seed(seed)  # as embedded_rung does before building the classifier
+        weights.append(dmd2.shapes_classifier(cfg, images, labels, "cpu").state_dict())
+    assert len(os.listdir(tmp_path / "a")) == 1
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
+
+
 # ----- command line -----------------------------------------------------------------------------------------------
 
 def test_cli_presets_flags_and_errors(capsys):
