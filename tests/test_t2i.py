@@ -215,8 +215,8 @@ def test_sampler_equals_diffusers_lcm_pipeline(parts, cond, timesteps):
             return dmd2.generate(den, latents, cond, sigmas, lambda shape, device=None: torch.randn(shape, generator=g))
     x0 = ours(3)
     assert x0.shape == (2, 4, 16, 16) and x0.abs().max() > 0.1
-    # 1e-4: diffusers steps in float32, we in float64; CPU kernels differ between machines (seen: 1.9e-5 on an
-    # AMD EPYC without AVX-512); a wrong noise, timestep or formula gives differences of order 1e-2 and more
+    # 1e-4: diffusers steps in float32, our adapter in float64 (official); CPU kernels differ between machines
+    # (1.9e-5 on an AMD EPYC without AVX-512); a wrong noise, timestep or formula gives 1e-2 and more
     torch.testing.assert_close(x0.float(), theirs, rtol=1e-4, atol=1e-4)
     if len(timesteps) > 1:  # the noise matters: another seed gives another result
         assert (ours(4) - x0).abs().max() > 1e-2
