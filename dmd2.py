@@ -3307,8 +3307,9 @@ def encode_latents(folder, vae, resolution, batch_size=8):
                 return np.load(array_path, mmap_mode="r"), key["captions"]
     os.makedirs(store, exist_ok=True)
     device, side = next(vae.parameters()).device, resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    array = np.lib.format.open_memmap(array_path + ".part", "w+", np.float16,
-                                      (len(items), vae.config.latent_channels, side, side))
+    fd, tmp = tempfile.mkstemp(dir=store, suffix=".part")  # a name of its own: nodes sharing the folder encode at once
+    os.close(fd)
+    array = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(items), vae.config.latent_channels, side, side))
     rng = torch.Generator(device).manual_seed(0)  # the posterior samples: the same store on every machine
     for i in range(0, len(items), batch_size):
         images = torch.stack([load_image(p, resolution) for p, _ in items[i:i + batch_size]]).to(device, vae.dtype)
@@ -3316,9 +3317,11 @@ def encode_latents(folder, vae, resolution, batch_size=8):
         array[i:i + len(images)] = latents.half().cpu().numpy()
     array.flush()
     del array
-    os.replace(array_path + ".part", array_path)
-    with open(index_path, "w") as f:  # written last: an interrupted encoding is never taken for a complete one
+    os.replace(tmp, array_path)  # renames: a reader maps a complete file, never one being written
+    fd, tmp = tempfile.mkstemp(dir=store, suffix=".part")
+    with os.fdopen(fd, "w") as f:
         json.dump(key, f)
+    os.replace(tmp, index_path)  # last: an interrupted encoding is never taken for a complete one
     return np.load(array_path, mmap_mode="r"), key["captions"]
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import threading
 
 import numpy as np
 import PIL.Image
@@ -702,3 +703,30 @@ def test_killed_text_to_image_run_resumes_by_itself(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming {ckpt.parent} at iteration {step_at_kill}" in done.stdout
     assert torch.load(ckpt, weights_only=True)["distiller"]["step"] == 40
+
+
+def test_two_nodes_encoding_one_shared_folder_at_once_both_get_the_latents(parts, tmp_path, monkeypatch):
+    """Nodes whose local rank 0 share a data folder encode it at the same time: each writes its own temporary files
+    and renames them, so neither clobbers the other's file nor maps one being written (the fixed name "latents.npy.part"
+    did both: the two-node HSDP test failed with "mmap length is greater than file size")."""
+    folder = write_folder(tmp_path / "data")
+    both_writing, encode = threading.Barrier(2, timeout=60), parts.vae.encode
+
+    def encode_when_both_write(x):  # each batch waits for the other writer: both files are open at once
+        if threading.current_thread().name.startswith("node"):
+            both_writing.wait()
+        return encode(x)
+    monkeypatch.setattr(parts.vae, "encode", encode_when_both_write)
+    results, errors = {}, []
+
+    def node(r):
+        try:
+            results[r] = np.array(dmd2.encode_latents(str(folder), parts.vae, 128)[0])
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=node, args=(r,), name=f"node{r}") for r in range(2)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert not errors, errors
+    assert results[0].shape == (3, 4, 16, 16) and np.array_equal(results[0], results[1])
+    assert np.array_equal(np.load(folder / ".dmd2_latents_128" / "latents.npy"), results[0])
