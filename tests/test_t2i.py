@@ -725,8 +725,10 @@ def test_two_nodes_encoding_one_shared_folder_at_once_both_get_the_latents(parts
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
     threads = [threading.Thread(target=node, args=(r,), name=f"node{r}") for r in range(2)]
-    [t.start() for t in threads]
-    [t.join(120) for t in threads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
     assert not errors, errors
     assert results[0].shape == (3, 4, 16, 16) and np.array_equal(results[0], results[1])
     assert np.array_equal(np.load(folder / ".dmd2_latents_128" / "latents.npy"), results[0])
