@@ -4,10 +4,10 @@ A diffusion teacher (the "real score") is distilled into a one-step or few-step 
 in the paper's order:
   * distribution matching (Sec. 3): G follows the difference between the real score and a "fake score" that is
     trained online, by denoising, on G's own samples;
-  * two time-scale update rule (Sec. 4.1): the fake score takes several steps per generator step, which replaces
+  * two time-scale update rule (Sec. 4.2): the fake score takes several steps per generator step, which replaces
     the regression loss of the original DMD;
-  * a GAN on real data (Sec. 4.2): a classifier head on the fake score's bottleneck, so G can beat its teacher;
-  * backward simulation (Sec. 4.3): few-step generators train on inputs made by their own rollout.
+  * a GAN on real data (Sec. 4.3): a classifier head on the fake score's bottleneck, so G can beat its teacher;
+  * backward simulation (Sec. 4.5): few-step generators train on inputs made by their own rollout.
 
     python dmd2.py                       # embedded default: train a small teacher, distil it, print the table
     python dmd2.py --dataset toy2d       # 2-D class-conditional mixture, seconds
@@ -18,8 +18,8 @@ in the paper's order:
     python dmd2.py fid --images DIR --ref imagenet-64x64.npz
     python dmd2.py evaluate --model dmd2-sdxl --coco coco                 # COCO FID, patch FID, CLIP score
 
-Part I is the method (sections 1-7), Part II evaluation (8-10), Part III the harness (11-17).
-
+Part I is the method (sections 1-7) and lifts out on its own: cut the file at the PART II banner and it imports
+and trains (torch, numpy, scipy, tqdm, edm_net). Part II is evaluation (8-10), Part III the harness (11-17).
 Facts about the official code are cited as "official: <option or function>" (github.com/tianweiy/DMD2).
 """
 import argparse
@@ -29,11 +29,13 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import inspect
 import http.client
 import io
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -71,56 +73,57 @@ import edm_net
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Config and presets. Every field is a CLI flag (--name value); a preset fills in what the dataset needs.
+# 1. Config, presets and the command line built from them: every field is a flag (--name value), its comment the
+# flag's help; a preset fills in what the dataset needs.
 
 
 @dataclass
 class Config:
     dataset: str = "shapes"  # a preset: toy2d | shapes (embedded default) | cifar10 | imagenet64 | sdxl | sdxl-1step
-    #                          | sdxl-ode | sd15 | sd15-gan (text-to-image: diffusers teachers, section 9)
+    #                          | sdxl-ode | sd15 | sd15-gan (text-to-image: diffusers teachers, section 6)
     out_dir: str = "runs"  # run folders go to out_dir/<dataset>/<run_name>
     run_name: str = ""  # default: derived from the generator steps ("student_1step", ...)
     data_path: str = ""  # EDM dataset_tool zip / folder / DMD2 LMDB (cifar10, imagenet64); text-to-image: a folder
     #                      of images with same-named .txt captions
     cache_dir: str = ""  # downloads and embedded teachers; default ~/.cache/dmd2 (env DMD2_CACHE)
     seed: int = 10  # official: --seed 10
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # bf16 | fp32 | auto (bf16 where the hardware has it; official --use_fp16 means bf16)
     channels_last: bool = False  # NHWC layout; off: on CUDA each GroupNorm forces a layout change (gpu_check measures)
     # data and teacher
-    resolution: int = 16
-    num_classes: int = 10
+    resolution: int = 16  # image side in pixels
+    num_classes: int = 10  # class-conditional teachers: number of classes
     teacher: str = ""  # path or URL of an EDM pickle; empty: preset default (embedded sets train their own)
-    teacher_arch: dict = field(default_factory=dict)  # EDMPrecond kwargs of an embedded teacher
+    teacher_arch: dict = field(default_factory=dict)  # EDMPrecond kwargs of an embedded teacher (JSON)
     teacher_iters: int = 0  # EDM training iterations of an embedded teacher
-    teacher_batch: int = 64
-    teacher_lr: float = 1e-3
+    teacher_batch: int = 64  # its batch size
+    teacher_lr: float = 1e-3  # its Adam learning rate
     teacher_eval_steps: int = 18  # EDM Heun steps for the teacher row of the table (NFE = 2N-1; EDM: --steps 18)
     model_id: str = ""  # text-to-image teacher: Hugging Face id or local diffusers folder (default: the preset's)
     tiny: bool = False  # text-to-image: random tiny SD-shaped networks instead of the teacher (CPU runs, tests)
-    guidance_scale: float = 1.0  # CFG of the real score (official: --real_guidance_scale; none on ImageNet)
+    guidance_scale: float = 1.0  # CFG of the real score, applied when > 1 (official: --real_guidance_scale)
     # noise (official: --sigma_min 0.002 --sigma_max 80 --rho 7 --sigma_data 0.5 --num_train_timesteps 1000)
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    sigma_data: float = 0.5
-    rho: float = 7.0
-    num_train_timesteps: int = 1000
+    sigma_min: float = 0.002  # lowest level of the Karras grid
+    sigma_max: float = 80.0  # highest level of the Karras grid
+    sigma_data: float = 0.5  # EDM's data std in the fake score's loss weight (inf: the SD epsilon MSE)
+    rho: float = 7.0  # Karras grid exponent
+    num_train_timesteps: int = 1000  # levels of the noise grid
     min_step_percent: float = 0.02  # DM-loss sigma index range (official: --min_step_percent/--max_step_percent)
     max_step_percent: float = 0.98
     conditioning_timestep: int = 999  # one-step generator's input level on the grid: 999 = sigma 80 on the Karras
     #                                   grid (official EDM: --conditioning_sigma 80), SDXL 1-step: 399 (official)
     # generator
-    students: list = field(default_factory=lambda: [1])  # main job: one K-step student per entry
+    students: list = field(default_factory=lambda: [1])  # embedded main job: one K-step student per entry
     no_gan_student: bool = False  # embedded main job: also a 1-step student without the GAN (Table 3's "+ TTUR" row)
-    generator_steps: int = 1  # 1 = one-step; K > 1 = K steps on sigmas[999, 999-1000/K, ...] (Sec. 4.3)
-    backward_simulation: bool = True  # Sec. 4.3; False = forward-noised real data (Table 4 ablation)
+    generator_steps: int = 1  # 1 = one-step; K > 1 = K steps on sigmas[999, 999-1000/K, ...] (Sec. 4.4)
+    backward_simulation: bool = True  # Sec. 4.5; False = forward-noised real data (Table 4 ablation)
     # losses (Tables 3 and 4 are combinations of these switches)
     dm_loss_weight: float = 1.0  # official: --dm_loss_weight 1; 0 = "w/o distribution matching"
-    gan: bool = True  # official: --gan_classifier
-    gen_cls_loss_weight: float | str = 3e-3  # official ImageNet: --gen_cls_loss_weight 3e-3; "auto": Distiller docs
-    cls_loss_weight: float = 1e-2  # official: --cls_loss_weight 1e-2
-    diffusion_gan: bool = True  # official: --diffusion_gan --diffusion_gan_max_timestep 1000
-    diffusion_gan_max_timestep: int = 1000
+    gan: bool = True  # GAN classifier on real data (Sec. 4.3; official: --gan_classifier)
+    gen_cls_loss_weight: float | str = 3e-3  # generator's GAN weight (official ImageNet 3e-3); auto: Distiller docs
+    cls_loss_weight: float = 1e-2  # classifier's GAN weight (official: --cls_loss_weight 1e-2)
+    diffusion_gan: bool = True  # noise the GAN's inputs (official: --diffusion_gan --diffusion_gan_max_timestep 1000)
+    diffusion_gan_max_timestep: int = 1000  # GAN noise levels are drawn from [0, this)
     regression_loss_weight: float = 0.0  # original DMD's LPIPS regression on teacher ODE pairs (DMD: 0.25)
     regression_pairs: int = 0  # number of teacher ODE pairs generated for it
     regression_loss: str = "auto"  # lpips | mse | auto (lpips when its weights are on disk, else mse)
@@ -128,28 +131,28 @@ class Config:
     iters: int = 300  # critic iterations (official ImageNet run: ~200k)
     batch_size: int = 32  # per process (official: 40 per GPU x 7)
     generator_lr: float = 2e-6  # official: --generator_lr 2e-6
-    guidance_lr: float = 2e-6  # official: --guidance_lr 2e-6
-    dfake_gen_update_ratio: int = 5  # TTUR (Sec. 4.1); 1 = no TTUR
+    guidance_lr: float = 2e-6  # fake score and GAN head (official: --guidance_lr 2e-6)
+    dfake_gen_update_ratio: int = 5  # TTUR (Sec. 4.2): critic iterations per generator update; 1 = no TTUR
     warmup_steps: int = 500  # official: --warmup_step 500 (counted in iterations here, see train())
     max_grad_norm: float = 10.0  # official: --max_grad_norm 10
-    ema_decay: float = 0.0  # generator EMA; 0 = off (official: none)
+    ema_decay: float = 0.0  # generator EMA per generator update; 0 = off (official: none)
     grad_checkpointing: bool = False  # memory option for one GPU
     micro_batch: int = 0  # memory option: run each batch in chunks of this size, accumulating gradients (0 = whole)
     teacher_bf16_weights: bool = False  # memory option: frozen teacher stored in bf16
     lora_rank: int = 0  # > 0: train LoRA adapters of a text-to-image generator (official: --generator_lora
     lora_alpha: float = 8.0  # --lora_rank 64 --lora_alpha 8)
-    generator_init: str = ""  # start G from a generator state dict (official: --generator_ckpt_path)
+    generator_init: str = ""  # start G from a generator state dict or run checkpoint (official: --generator_ckpt_path)
     guidance_init: str = ""  # start the fake score from a DMD2 pytorch_model_1.bin (official: --ckpt_only_path)
     engine: str = "ddp"  # several processes: ddp (replicas), fsdp (FSDP2 shards over all), hsdp (shards in a node)
     fsdp_bf16_params: bool = False  # sharded text-to-image UNets gather and compute in bf16 (FSDP2 mixed precision)
     num_workers: int = 4  # data loader processes (official: --num_workers 12)
     dist_timeout: float = 30.0  # minutes a process waits in a collective (e.g. while its node fetches the teacher)
     # logging, checkpoints, evaluation
-    log_every: int = 10
-    ckpt_every: int = 100
-    sample_every: int = 100
-    eval_samples: int = 1000
-    eval_batch: int = 250
+    log_every: int = 10  # iterations between log lines
+    ckpt_every: int = 100  # iterations between checkpoints
+    sample_every: int = 100  # iterations between sample grids
+    eval_samples: int = 1000  # embedded rungs: samples the table is computed on
+    eval_batch: int = 250  # embedded rungs: sampling batch
 
 
 # What every text-to-image preset shares: the fake score's loss is the official unweighted epsilon MSE, i.e.
@@ -211,6 +214,54 @@ PRESETS = {
 }
 
 
+def field_help():
+    """{field: its comment in Config's source, continuation lines included}: the flags' help texts."""
+    helps, name = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        declared = re.match(r"    (\w+): [^#]*(?:#\s*(.*))?$", line)
+        if declared:
+            name, helps[declared[1]] = declared[1], declared[2] or ""
+        elif re.match(r"     +#", line) and name:  # a continuation (deeper than the section headings)
+            helps[name] += " " + line.strip(" #")
+    return helps
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def float_or_auto(text):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+def parse_config(argv):
+    """Config from a preset (--dataset) and flags: --iters 100 --gan false ... Every field is a flag. The command
+    line checks the values (check_config, section 17)."""
+    parser = argparse.ArgumentParser(prog="dmd2.py", description="DMD2 distillation (python dmd2.py [--dataset NAME] "
+                                     "[--flag value ...]; subcommands: sample, evaluate, fid)")
+    kinds = {"bool": dict(type=parse_bool, metavar="true|false"), "list": dict(type=int, nargs="+"),
+             "dict": dict(type=json.loads, metavar="JSON"), "float | str": dict(type=float_or_auto, metavar="FLOAT|auto"),
+             "int": dict(type=int), "float": dict(type=float), "str": dict(type=str)}
+    helps = field_help()
+    for f in dataclasses.fields(Config):
+        kind = getattr(f.type, "__name__", str(f.type))  # bool, int, ..., or "float | str"
+        parser.add_argument(f"--{f.name}", help=helps.get(f.name), **kinds[kind])
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    dataset = given.get("dataset", Config.dataset)
+    if dataset not in PRESETS:
+        parser.error(f"unknown dataset {dataset!r}; choose one of {', '.join(PRESETS)}")
+    return Config(**{**PRESETS[dataset], **given})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Noise levels and conditions: one 1000-level grid shared by every loss (Karras for EDM, DDPM's table for SD)
 
@@ -225,11 +276,10 @@ def karras_sigmas(num_levels=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
 
 
 def noise_grid(cfg, teacher):
-    """The 1000 noise levels every loss draws from: the Karras grid for EDM teachers, the DDPM table of a
-    text-to-image teacher (EpsDenoiser.sigmas: sigma_t = sqrt((1 - abar_t) / abar_t), t = 0..999)."""
-    if isinstance(teacher, EpsDenoiser):
-        return teacher.sigmas
-    return karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+    """The 1000 noise levels every loss draws from: a denoiser's own grid (EpsDenoiser.sigmas, the DDPM table),
+    else the Karras grid of cfg (EDM teachers)."""
+    own = getattr(teacher, "sigmas", None)
+    return own if own is not None else karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
 
 
 def _per_sample(sigma, x):
@@ -244,7 +294,7 @@ def onehot(labels, num_classes):
 
 class ClassLabels:
     """Conditions of a class-conditional teacher: one-hot labels, uniform for generated batches (official:
-    randint(0, label_dim)). Prompts (section 9) is the text-to-image counterpart."""
+    randint(0, label_dim)). Prompts (section 16) is the text-to-image counterpart."""
 
     def __init__(self, num_classes, device="cpu"):
         self.num_classes, self.device = num_classes, device
@@ -304,12 +354,11 @@ def dm_index_range(cfg):
 
 
 def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
-    """DM loss of a generated batch x (with grad) under one-hot labels, at per-sample sigma [B] with noise like x.
+    """DM loss of a generated batch x (with grad) under conditions `labels`, at per-sample sigma [B] with noise like x.
 
-    The caller draws sigma = sigmas[t], t uniform in [20, 980] (official: --min_step_percent 0.02,
-    --max_step_percent 0.98 of 1000 levels). Both scores run without gradient; CFG only inside the real score (none
-    on ImageNet). The loss is computed in the scores' output dtype: float32 for EDM networks, float64 for
-    EpsDenoiser (official SD path: dm loss on .double() predictions), and returned in float32."""
+    The caller draws sigma = sigmas[t], t uniform in [20, 980] (dm_index_range). Both scores run without gradient;
+    CFG only inside the real score. The loss is computed in the scores' output dtype: float32 for EDM networks,
+    float64 for EpsDenoiser (official SD path: dm loss on .double() predictions), and returned in float32."""
     with torch.no_grad():
         sigma = _per_sample(sigma, x)
         noisy = x + sigma * noise
@@ -344,7 +393,7 @@ def gan_discriminator_loss(logits_real, logits_fake):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. GAN classifier head on the fake score's bottleneck, with diffusion-GAN noising
+# 4. GAN classifier head on the fake score's bottleneck, with diffusion-GAN noising (Sec. 4.3)
 
 
 class GANHead(nn.Sequential):
@@ -378,13 +427,14 @@ def gan_logits(fake_score, head, images, labels, sigma, noise):
 
     Diffusion GAN (official: --diffusion_gan --diffusion_gan_max_timestep 1000): real and fake images each get
     their own sigma = sigmas[randint(0, 1000)] and the fake score runs at that sigma. Without it the official
-    code uses sigma = sigmas[0] = 0.002 and adds no noise: pass noise = zeros."""
+    code shows the clean images at the grid's first level: sigma = sigmas[0], noise = zeros, and images as the
+    denoiser reads clean data (Distiller.gan_logits)."""
     sigma = _per_sample(sigma, images)
     return head(fake_score(images + sigma * noise, sigma, labels, return_bottleneck=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Generators: one-step, few-step, backward simulation
+# 5. Generators: one-step, few-step (Sec. 4.4), backward simulation (Sec. 4.5)
 
 
 def generator_sigmas(num_steps, sigmas, conditioning_timestep=999):
@@ -399,10 +449,10 @@ def generator_sigmas(num_steps, sigmas, conditioning_timestep=999):
 
 
 def pure_noise(denoiser, noise, sigma):
-    """A generator's first input, from unit noise, at the first level sigma of its list. EDM teachers: sigma z
-    (official: 80 z). DDPM teachers (EpsDenoiser): DDPM's pure noise x_t = z whatever the timestep (official:
-    pure_noise_mask; the SDXL 1-step model takes z at t = 399), i.e. x = z sqrt(1 + sigma^2) in EDM scaling."""
-    return noise * ((sigma ** 2 + 1).sqrt() if isinstance(denoiser, EpsDenoiser) else sigma)
+    """A generator's first input, from unit noise, at the first level sigma of its list: sigma z for EDM teachers
+    (official: 80 z); a denoiser with its own convention says so (EpsDenoiser.pure_noise: DDPM's x_t = z)."""
+    own = getattr(denoiser, "pure_noise", None)
+    return own(noise, sigma) if own is not None else noise * sigma
 
 
 def generate(generator, noise, cond, step_sigmas, randn=torch.randn):
@@ -418,7 +468,7 @@ def generate(generator, noise, cond, step_sigmas, randn=torch.randn):
 
 @torch.no_grad()
 def backward_simulation(generator, cond, step_sigmas, k, shape, randn=torch.randn):
-    """Training input of a few-step generator by backward simulation (Sec. 4.3; official: sample_backward).
+    """Training input of a few-step generator by backward simulation (Sec. 4.5; official: sample_backward).
 
     The caller draws ONE step index k for the whole batch (official: broadcast from rank 0). The CURRENT generator
     is rolled out without gradient for k steps from fresh noise, re-noising each x0 with new independent noise
@@ -443,10 +493,12 @@ def noised_real_inputs(generator, real, step_sigmas, k, noise):
 # ----------------------------------------------------------------------------------------------------------------
 # 6. Text-to-image teachers as denoisers: an epsilon-prediction UNet (SD v1.5, SDXL) behind the EDM interface
 #
-# Every function of sections 2-7 takes a denoiser D(x, sigma, cond) -> x0 with a bottleneck output. EDM networks
-# are one (edm_net.EDMPrecond); EpsDenoiser makes a diffusers UNet2DConditionModel one, with the official
-# text-to-image numerics inside it (main/sd_guidance.py, main/sd_unified_model.py), and Prompts is the
-# text counterpart of ClassLabels. Loading the models and their data is harness (section 16).
+# The method takes a denoiser D(x, sigma, cond) -> x0 with a bottleneck output (return_bottleneck=True). EDM networks
+# are one (edm_net.EDMPrecond). EpsDenoiser makes a diffusers UNet2DConditionModel one and owns everything that
+# differs, as attributes and methods the method looks up on any teacher (EDM networks take the defaults): its noise
+# grid (`sigmas`), its pure-noise convention (`pure_noise`), how it reads clean data (`clean_input`), which frozen
+# weights it stores in bf16 (`store_frozen_in_bf16`), CFG (`guidance_scale`) and the bottleneck. Text conditions
+# (Prompts), loading the models and their data are harness (section 16).
 
 
 def ddpm_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
@@ -464,17 +516,17 @@ class _MidBlockReached(Exception):
 
 class EpsDenoiser(nn.Module):
     """A diffusers UNet2DConditionModel that predicts epsilon, as an EDM denoiser D(x, sigma, cond) -> x0 (in the
-    manner of k-diffusion's DiscreteEpsDDPMDenoiser), so that every function of the method serves it unchanged.
+    manner of k-diffusion's DiscreteEpsDDPMDenoiser).
 
     EDM scaling x = x0 + sigma n with sigma_t = sqrt((1 - abar_t) / abar_t): the UNet sees DDPM's x_t = sqrt(abar_t) x
     at the integer timestep t of the nearest table entry (k-diffusion: quantised sigmas). Official numerics
     (main/sd_guidance.py, main/utils.py): epsilon -> x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) in float64;
-    classifier-free guidance eps_u + s (eps_c - eps_u) when guidance_scale != 1 (the Distiller sets it on the real
-    score only), the unconditional input being all zeros for SDXL and the encoding of "" for SD v1.5; bf16 autocast
-    (use_fp16, EDMPrecond's name for it) only where gradients are taken, since the official code runs the DM loss's
-    fake pass and the backward-simulation rollout in fp32. return_bottleneck gives the mid-block output, the GAN
-    head's input (official: classify_forward). cond = (prompt embeddings [B, 77, D], pooled [B, P]), P = 0 for SD
-    v1.5; SDXL's micro-conditioning [res, res, 0, 0, res, res] (official: build_condition_input) is added here."""
+    classifier-free guidance eps_u + s (eps_c - eps_u) only when guidance_scale > 1 (the Distiller sets it on the
+    real score only), the unconditional input being all zeros for SDXL and the encoding of "" for SD v1.5; bf16
+    autocast (use_fp16, EDMPrecond's name for it) only where gradients are taken, since the official code runs the DM
+    loss's fake pass and the backward-simulation rollout in fp32. return_bottleneck gives the mid-block output, the
+    GAN head's input (official: classify_forward). cond = (prompt embeddings [B, 77, D], pooled [B, P]), P = 0 for
+    SD v1.5; SDXL's micro-conditioning [res, res, 0, 0, res, res] (official: build_condition_input) is added here."""
 
     def __init__(self, unet, alphas_cumprod, uncond, resolution=None):
         super().__init__()
@@ -486,6 +538,19 @@ class EpsDenoiser(nn.Module):
         self.register_buffer("uncond_pooled", uncond[1], persistent=False)
         self.time_ids = None if resolution is None else [resolution, resolution, 0, 0, resolution, resolution]
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])  # edm_sampler's range
+
+    def pure_noise(self, noise, sigma):
+        """DDPM's pure noise x_t = z at the generator's first timestep, whatever it is (official: pure_noise_mask;
+        the SDXL 1-step model takes z at t = 399): x = z sqrt(1 + sigma^2) in EDM scaling."""
+        return noise * (sigma ** 2 + 1).sqrt()
+
+    def clean_input(self, x0):
+        """The input that the UNet reads as the clean latent x0 at t = 0 (official compute_cls_logits without the
+        diffusion GAN: timesteps 0, noisy_image = image): x0 / sqrt(abar_0), in float64 so forward's x_t is x0."""
+        return x0.double() / self.alphas_cumprod[0].sqrt()
+
+    def store_frozen_in_bf16(self):
+        self.unet.to(torch.bfloat16)  # official: the real UNet's weights in bf16
 
     def timestep(self, sigma):
         """The integer timestep of the table entry nearest to each sigma (in log sigma)."""
@@ -523,49 +588,18 @@ class EpsDenoiser(nn.Module):
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.use_fp16 and torch.is_grad_enabled()):
             if return_bottleneck:
                 return self.mid_block_output(x_t, t, cond)
-            if self.guidance_scale == 1:
-                eps = self.unet_eps(x_t, t, cond)
-            else:
+            if self.guidance_scale > 1:  # official: CFG only when the scale is > 1
                 uncond = (self.uncond_embeds.expand_as(cond[0]), self.uncond_pooled.expand_as(cond[1]))
                 both = tuple(torch.cat(pair) for pair in zip(uncond, cond))
                 eps_u, eps_c = self.unet_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
                 eps = eps_u + self.guidance_scale * (eps_c - eps_u)
+            else:
+                eps = self.unet_eps(x_t, t, cond)
         return (x_t.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
 
 
-class Prompts:
-    """Text conditions: captions -> (prompt embeddings, pooled) with the teacher's frozen text encoders. SD v1.5:
-    CLIPTextModel(...)[0], the last hidden state [B, 77, 768], no pooled part. SDXL (official sdxl_text_encoder.py):
-    the penultimate hidden states of CLIP-L (768) and OpenCLIP-bigG (1280) concatenated to [B, 77, 2048], and the
-    pooled projection (text_embeds) of encoder 2 [B, 1280]. Generated batches take their prompts from the training
-    captions (official: the real-image dataset's captions in denoising mode)."""
-
-    def __init__(self, captions, tokenizers, text_encoders):
-        self.captions, self.tokenizers, self.text_encoders = captions, tokenizers, text_encoders
-
-    @torch.no_grad()
-    def encode(self, prompts):
-        sdxl, hidden = len(self.text_encoders) == 2, []
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(encoder.device)
-            out = encoder(ids, output_hidden_states=sdxl)
-            hidden.append(out.hidden_states[-2] if sdxl else out[0])
-        pooled = out[0] if sdxl else hidden[0].new_zeros(len(ids), 0)
-        return torch.cat(hidden, dim=-1).float(), pooled.float()
-
-    def sample(self, n, noise):
-        return self.encode([self.captions[i] for i in noise.randint(0, len(self.captions), n).tolist()])
-
-    def blank(self, n):
-        return self.encode([""] * n)
-
-    def examples(self, n):  # the prompts of sample grids
-        return [self.captions[i % len(self.captions)] for i in range(n)]
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# 7. The TTUR training loop: optimisers, multi-process gradients, one iteration, train()
+# 7. The two time-scale update rule (Sec. 4.2): optimisers, one iteration, checkpoints, train()
 
 
 def make_optimizer(params, lr):
@@ -577,13 +611,6 @@ def warmup_scheduler(optimizer, warmup_steps):
     """Constant LR after a linear warm-up: factor step/warmup, so 0 at step 0 (diffusers "constant_with_warmup",
     official)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step >= warmup_steps else step / warmup_steps)
-
-
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, then rename: a kill never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class SharedNoise:
@@ -609,47 +636,6 @@ class SharedNoise:
         return int(torch.randint(low, high, (1,), generator=self.gen, device=self.device))
 
 
-def data_parallel(module, world_size, device):
-    """DistributedDataParallel over the processes: gradients are averaged in buckets while backward runs (official:
-    accelerate's DDP). One process: the module itself. Buffers are constants here: synced at init, not per forward."""
-    if world_size == 1:
-        return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                               forward_sync_buffers=False)
-
-
-def device_mesh(engine, world_size, device):
-    """FSDP2's device mesh: fsdp shards over every process; hsdp shards within a node (LOCAL_WORLD_SIZE processes)
-    and replicates across nodes (official SDXL: accelerate FSDP HYBRID_SHARD)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    if engine == "hsdp":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        return init_device_mesh(device.type, (world_size // local, local), mesh_dim_names=("replicate", "shard"))
-    return init_device_mesh(device.type, (world_size,))
-
-
-def shard(module, mesh, bf16_params=False):
-    """FSDP2 (fully_shard): each block of the network, then the root, keeps 1/N of its weights, gradients and AdamW
-    states per process and gathers a block's weights only while it computes (official: FSDP, size-based wrapping).
-    Numerics as the official run by default: fp32 parameters and reductions, bf16 from autocast / use_fp16 inside the
-    networks. bf16_params (--fsdp_bf16_params, text-to-image UNets only): MixedPrecisionPolicy(param_dtype=bf16,
-    reduce_dtype=fp32): half the all-gathered bytes and bf16 compute, the optimiser still updating fp32 shards; the
-    UNet's inputs are cast, the adapter's sigma and its float64 epsilon -> x0 are not."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params else \
-        MixedPrecisionPolicy()
-    if isinstance(module, EpsDenoiser):
-        blocks = [*module.unet.down_blocks, module.unet.mid_block, *module.unet.up_blocks, module.unet]
-    elif isinstance(module, edm_net.EDMPrecond):
-        blocks = [*module.model.enc.values(), *module.model.dec.values()]
-    else:
-        blocks = []
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(module, mesh=mesh)
-    return module
-
-
 def micro_batches(batch_size, micro_batch):
     """Slices of the per-process batch run one at a time (--micro_batch); the whole batch when micro_batch is 0."""
     size = micro_batch or batch_size
@@ -658,16 +644,13 @@ def micro_batches(batch_size, micro_batch):
 
 def accumulate(losses, part, batch_size, logs, trained):
     """Backward of one micro-batch's weighted losses {key: (weight, mean loss over the micro-batch)}, scaled by the
-    micro-batch's share of the batch; logs get the whole-batch means (as tensors: no host sync here). The modules
-    in `trained` reduce their gradients over the processes only on the batch's last micro-batch (DDP: no_sync before
-    it; FSDP: set_requires_gradient_sync)."""
+    micro-batch's share of the batch; logs get the whole-batch means (as tensors: no host sync here). The networks
+    in `trained` reduce their gradients over the processes on the batch's last micro-batch only: before it, their
+    no_sync() (which an engine gives every network it wraps; one process has nothing to reduce)."""
     share, last = (part.stop - part.start) / batch_size, part.stop >= batch_size
     with contextlib.ExitStack() as stack:
-        for module in trained:
-            if isinstance(module, nn.parallel.DistributedDataParallel) and not last:
-                stack.enter_context(module.no_sync())
-            elif hasattr(module, "set_requires_gradient_sync"):  # an FSDP2 module
-                module.set_requires_gradient_sync(last)
+        for module in trained if not last else ():
+            stack.enter_context(getattr(module, "no_sync", contextlib.nullcontext)())
         (share * sum(weight * loss for weight, loss in losses.values())).backward()
     for key, (_, loss) in losses.items():
         logs[key] = logs.get(key, 0.0) + share * loss.detach().float()
@@ -689,6 +672,15 @@ def optimizer_step(params, optimizer, cfg, logs, name, step):
     return dict(zip(logs, values)), values[-1]
 
 
+def trainable_copy(denoiser):
+    """A trainable float32 copy of the teacher (official: --initialie_generator, and the fake score likewise), never
+    with classifier-free guidance (official: CFG on the real score only), whatever the teacher was handed in with."""
+    net = copy.deepcopy(denoiser).train().requires_grad_(True)
+    if hasattr(net, "guidance_scale"):
+        net.guidance_scale = 1.0
+    return net
+
+
 AUTO_GAN_UPDATES = 10  # generator updates measured by --gen_cls_loss_weight auto (Distiller.measuring_gan_weight)
 
 
@@ -696,40 +688,38 @@ class Distiller:
     """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step).
 
     real_score = the frozen teacher; fake_score = a trainable copy of it (plus the GAN head on its bottleneck);
-    generator = another copy (official: --initialie_generator): all three start from the teacher's weights. The
-    trainable copies and their AdamW states are float32 whatever the teacher's dtype; only the frozen real score may
-    be stored in bf16 (--teacher_bf16_weights). With several processes the trainable networks run through
-    DistributedDataParallel (ddp_* attributes; the plain modules are used where no gradient is synchronised), or
-    are sharded in place by FSDP2 (--engine fsdp / hsdp: ddp_* are then the modules themselves).
+    generator = another copy, or the network passed in (e.g. the copy with LoRA adapters). The trainable networks and
+    their AdamW states are float32; only the frozen real score may hold bf16 weights. Every teacher is a denoiser
+    D(x, sigma, cond) -> x0 with a bottleneck output (section 6); `conditions` draws the generated batches'
+    conditions and encodes the real ones: class labels (default) or Prompts.
 
-    Every teacher is a denoiser D(x, sigma, cond) -> x0 with a bottleneck output: EDM networks directly, SD v1.5 /
-    SDXL UNets through EpsDenoiser (which brings its own noise grid and classifier-free guidance). `conditions`
-    draws the generated batches' conditions and encodes the real ones: class labels (default) or Prompts.
+    From outside: `wrap` (an engine: network -> the module that runs it with gradient, e.g. DistributedDataParallel;
+    default: the network itself), `regression_pairs` (noise, conditions, teacher outputs) for the regression loss
+    and `perceptual` (generated, target) -> loss for it (default: mean squared error). The Distiller owns the
+    teacher it is given (it may store its frozen weights in bf16 in place); pass a copy to reuse it."""
 
-    The Distiller owns the teacher it is given (its frozen weights may be stored in bf16 in place); pass a copy to
-    reuse it. It must hold float32 weights: the trainable copies are made from them."""
-
-    def __init__(self, cfg, teacher, sample_shape, regression_pairs=None, rank=0, world_size=1, device="cpu",
-                 conditions=None, lpips_decode=None):
+    def __init__(self, cfg, teacher, sample_shape, conditions=None, generator=None, wrap=None, regression_pairs=None,
+                 perceptual=None, device="cpu", rank=0, world_size=1):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, torch.device(device)
-        self.sample_shape, self.regression_pairs = tuple(sample_shape), regression_pairs
+        self.sample_shape, self.regression_pairs, self.perceptual = tuple(sample_shape), regression_pairs, perceptual
         self.conditions = conditions or ClassLabels(cfg.num_classes, self.device)
+        if cfg.lora_rank and generator is None:
+            raise ValueError("--lora_rank: pass the generator with its adapters (lora_generator; run_training does)")
         if any(p.dtype != torch.float32 for p in teacher.parameters()):
             raise ValueError("Distiller needs the teacher's float32 weights (its trainable copies are made from them); "
                              "pass cfg.teacher_bf16_weights=True to store the frozen real score in bf16 instead")
         self.real_score = teacher.to(self.device).eval().requires_grad_(False)
-        self.fake_score = copy.deepcopy(self.real_score).train().requires_grad_(True)
-        self.generator = copy.deepcopy(self.real_score).train().requires_grad_(True)
-        if isinstance(teacher, EpsDenoiser):
+        self.fake_score = trainable_copy(self.real_score)
+        self.generator = (generator if generator is not None else trainable_copy(self.real_score)).to(self.device)
+        if hasattr(self.real_score, "guidance_scale"):
             self.real_score.guidance_scale = cfg.guidance_scale  # CFG on the real score only (official)
-            if teacher.use_fp16 or cfg.teacher_bf16_weights:  # official: the real UNet's weights in bf16
-                self.real_score.unet.to(torch.bfloat16)
-            if cfg.lora_rank:
-                add_generator_lora(self.generator.unet, cfg.lora_rank, cfg.lora_alpha)
-        elif cfg.teacher_bf16_weights:  # memory option: only the frozen real score in bf16
-            self.real_score.to(torch.bfloat16)
-        elif getattr(self.real_score, "use_fp16", False):  # bf16 compute: the teacher's casts made once, bit-identical
-            edm_net.store_frozen_in_bf16(self.real_score)
+        if cfg.teacher_bf16_weights or getattr(self.real_score, "use_fp16", False):
+            if hasattr(self.real_score, "store_frozen_in_bf16"):
+                self.real_score.store_frozen_in_bf16()
+            elif cfg.teacher_bf16_weights:  # memory option: every frozen weight in bf16
+                self.real_score.to(torch.bfloat16)
+            else:  # bf16 compute: the teacher's casts made once, bit-identical
+                edm_net.store_frozen_in_bf16(self.real_score)
         with torch.no_grad():  # the bottleneck's shape decides the GAN head's layers
             probe = torch.zeros(1, *sample_shape, device=self.device)
             features = self.fake_score(probe, torch.ones(1, device=self.device), self.conditions.blank(1),
@@ -737,50 +727,68 @@ class Distiller:
         with torch.random.fork_rng(devices=[]):  # head initialised from cfg.seed: the same on every rank, and
             torch.manual_seed(cfg.seed)           # independent of whatever drew from the global RNG before
             self.head = GANHead(features.shape[1], features.shape[-1] if features.ndim == 4 else 1).to(self.device)
-        if not cfg.gan:
-            self.head.requires_grad_(False)
+        self.head.requires_grad_(cfg.gan)
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
-        sharded = cfg.engine != "ddp" and dist.is_initialized()  # (the CLI refuses a sharded engine without torchrun)
-        self.mesh = device_mesh(cfg.engine, dist.get_world_size(), self.device) if sharded else None
-        wrap = functools.partial(shard, mesh=self.mesh, bf16_params=cfg.fsdp_bf16_params) if self.mesh else \
-            lambda net: data_parallel(net, world_size, self.device)
-        self.ddp_generator, self.ddp_fake_score = wrap(self.generator), wrap(self.fake_score)
-        self.ddp_head = wrap(self.head) if cfg.gan else self.head
-        self.critic_params = [p for p in [*self.fake_score.parameters(), *self.head.parameters()] if p.requires_grad]
+        self.clean_input = getattr(self.real_score, "clean_input", None)  # how the GAN sees clean data (gan_logits)
+        wrap = wrap or (lambda net: net)
+        self.wrapped_generator, self.wrapped_fake_score = wrap(self.generator), wrap(self.fake_score)
+        self.wrapped_head = wrap(self.head) if cfg.gan else self.head
+        self.critic = nn.ModuleDict(dict(fake_score=self.fake_score, head=self.head))  # one optimiser (official)
+        self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
         self.opt_g = make_optimizer(self.generator.parameters(), cfg.generator_lr)
         self.opt_d = make_optimizer(self.critic_params, cfg.guidance_lr)
         self.sched_g = warmup_scheduler(self.opt_g, cfg.warmup_steps)
         self.sched_d = warmup_scheduler(self.opt_d, cfg.warmup_steps)
-        self.sigmas = noise_grid(cfg, teacher).to(self.device)
+        self.sigmas = noise_grid(cfg, self.real_score).to(self.device)
         self.step_sigmas = generator_sigmas(cfg.generator_steps, self.sigmas, cfg.conditioning_timestep)
         self.noise = SharedNoise(cfg.seed, rank, world_size, self.device)
         self.auto_norms = [] if cfg.gen_cls_loss_weight == "auto" else None  # [|dL_dm/dx|, |dL_gan/dx|] per update
         self.gan_weight = 0.0 if self.auto_norms is not None else cfg.gen_cls_loss_weight
-        self.lpips = load_lpips(cfg.regression_loss, self.device) if cfg.regression_loss_weight > 0 else None
-        self.lpips_decode = lpips_decode  # latents -> images for the regression loss's LPIPS (text-to-image)
+        self.parts = micro_batches(cfg.batch_size, cfg.micro_batch)
+        self.trains_critic = cfg.dm_loss_weight > 0 or cfg.gan  # not the regression-only pretraining (sdxl-ode)
+        self.needs_real_data = cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)
         self.step = 0
 
-    def needs_real_data(self):
-        cfg = self.cfg
-        return cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)
+    def train_step(self, real=None):
+        """One iteration: a generator turn every dfake_gen_update_ratio iterations, then a critic turn on the same
+        generated batch (official: COMPUTE_GENERATOR_GRADIENT). Every random number is drawn for the whole batch
+        first; the networks then run in micro-batches (--micro_batch) whose losses are weighted by their share of the
+        batch, so the accumulated gradient is the whole batch's (every loss is a batch mean)."""
+        if real is not None:
+            real = (real[0].to(self.device), self.conditions.encode(real[1]))
+            if self.cfg.channels_last and real[0].ndim == 4:
+                real = (real[0].contiguous(memory_format=torch.channels_last), real[1])
+        inputs = self.generator_inputs(real) if self.trains_critic else None
+        logs = {}
+        if self.step % self.cfg.dfake_gen_update_ratio == 0:
+            fake, logs = self.generator_turn(inputs)
+        elif inputs is not None:
+            with torch.no_grad():
+                fake = self.generator(*inputs).float()
+        if self.trains_critic:
+            logs.update(self.critic_turn(fake, inputs[2], real))
+            self.sched_d.step()
+        self.sched_g.step()  # both advance every iteration: warm-up counts iterations (official generator scheduler)
+        self.step += 1
+        return logs
 
-    def trains_critic(self):  # the regression-only pretraining (sdxl-ode) has no use for the fake score
-        return self.cfg.dm_loss_weight > 0 or self.cfg.gan
-
-    def generator_input(self, labels, shape, real):
-        """(x, sigma) fed to the generator: pure noise for one step; otherwise backward simulation or noised real
-        data (whose own conditions the generator then gets, as official prepare_denoising_data)."""
-        cfg, n = self.cfg, shape[0]
+    def generator_inputs(self, real):
+        """(x, sigma, conditions) of the generated batch: pure noise for one step; otherwise backward simulation,
+        or noised real data with its own conditions (the Table 4 ablation; official prepare_denoising_data)."""
+        cfg, shape = self.cfg, (self.cfg.batch_size, *self.sample_shape)
+        noised_real = cfg.generator_steps > 1 and not cfg.backward_simulation
+        labels = real[1] if noised_real else self.conditions.sample(shape[0], self.noise)
         if cfg.generator_steps == 1:
-            return pure_noise(self.generator, self.noise.randn(shape), self.step_sigmas[0]), self.step_sigmas[0].expand(n)
-        if cfg.backward_simulation:
-            k = self.noise.shared_randint(0, cfg.generator_steps)
-            self.generator.eval()  # the rollout uses the current generator, deterministically
-            x, sigma = backward_simulation(self.generator, labels, self.step_sigmas, k, shape, self.noise.randn)
-            self.generator.train()
-            return x, sigma
-        k = self.noise.randint(0, cfg.generator_steps, n)
-        return noised_real_inputs(self.generator, real[0], self.step_sigmas, k, self.noise.randn(shape))
+            sigma = self.step_sigmas[0]
+            return pure_noise(self.generator, self.noise.randn(shape), sigma), sigma.expand(shape[0]), labels
+        if noised_real:
+            k = self.noise.randint(0, cfg.generator_steps, shape[0])
+            return (*noised_real_inputs(self.generator, real[0], self.step_sigmas, k, self.noise.randn(shape)), labels)
+        k = self.noise.shared_randint(0, cfg.generator_steps)
+        self.generator.eval()  # the rollout uses the current generator, deterministically
+        x, sigma = backward_simulation(self.generator, labels, self.step_sigmas, k, shape, self.noise.randn)
+        self.generator.train()
+        return x, sigma, labels
 
     def gan_noise(self, shape):
         """Diffusion-GAN noising of a batch: per-sample sigma = sigmas[randint(0, 1000)] and its noise; without the
@@ -789,103 +797,82 @@ class Distiller:
         t = self.noise.randint(0, cfg.diffusion_gan_max_timestep if cfg.diffusion_gan else 1, shape[0])
         return self.sigmas[t], self.noise.randn(shape) * (1.0 if cfg.diffusion_gan else 0.0)
 
-    def train_step(self, real=None):
-        """One iteration: a generator step every dfake_gen_update_ratio iterations (before the critic step, on
-        the same generated batch), and a critic step (fake score + GAN head, one optimiser) every iteration.
+    def gan_logits(self, fake_score, head, images, labels, sigma, noise):
+        """gan_logits; without the diffusion GAN on the images as the denoiser reads clean data (clean_input)."""
+        if not self.cfg.diffusion_gan and self.clean_input is not None:
+            images = self.clean_input(images)
+        return gan_logits(fake_score, head, images, labels, sigma, noise)
 
-        Every random number is drawn for the whole batch first; the network passes with gradient then run in
-        micro-batches of cfg.micro_batch (memory option) whose losses are weighted by their share of the batch, so
-        the accumulated gradient is the whole-batch gradient (every loss is a mean over the batch)."""
-        cfg, step, logs, n = self.cfg, self.step, {}, self.cfg.batch_size
+    def generator_turn(self, inputs):
+        """The generator's update with the critic frozen (official: guidance_model.requires_grad_(False)): the DM
+        loss (Sec. 3), the GAN generator loss (Sec. 4.3) and the original DMD's regression loss, as configured.
+        Returns (the detached generated batch, logs)."""
+        cfg, n = self.cfg, self.cfg.batch_size
         shape = (n, *self.sample_shape)
-        real = None if real is None else (real[0].to(self.device), self.conditions.encode(real[1]))
-        if real is not None and cfg.channels_last and real[0].ndim == 4:
-            real = (real[0].contiguous(memory_format=torch.channels_last), real[1])
-        with_critic = self.trains_critic()  # False only in the regression-only pretraining (sdxl-ode)
-        if with_critic:
-            noised_real = cfg.generator_steps > 1 and not cfg.backward_simulation  # the Table 4 ablation
-            labels = real[1] if noised_real else self.conditions.sample(n, self.noise)
-            x_in, sigma_in = self.generator_input(labels, shape, real)
-        update_generator = step % cfg.dfake_gen_update_ratio == 0  # official: COMPUTE_GENERATOR_GRADIENT
-        parts = micro_batches(n, cfg.micro_batch)
-
-        if update_generator:
-            self.fake_score.requires_grad_(False)  # official: guidance_model.requires_grad_(False)
-            self.head.requires_grad_(False)
-            if cfg.dm_loss_weight > 0:
-                t_dm = self.noise.randint(*dm_index_range(cfg), n)
-                noise_dm = self.noise.randn(shape)
-            if cfg.gan:
-                sigma_gan, noise_gan = self.gan_noise(shape)
-            if cfg.regression_loss_weight > 0:
-                pairs = self.noise.randint(0, len(self.regression_pairs[1]), n).cpu()
-            fakes, turn, norms_sq = [], {}, torch.zeros(2, device=self.device)
-            measure = self.measuring_gan_weight()
-            for part in parts:
-                fake = self.ddp_generator(x_in[part], sigma_in[part], take(labels, part)).float() \
-                    if with_critic else None
-                losses = {}
+        self.critic.requires_grad_(False)
+        draws = {}  # every random number of the turn first, in a fixed order
+        if cfg.dm_loss_weight > 0:
+            draws["dm"] = (self.sigmas[self.noise.randint(*dm_index_range(cfg), n)], self.noise.randn(shape))
+        if cfg.gan:
+            draws["gan"] = self.gan_noise(shape)
+        if cfg.regression_loss_weight > 0:
+            pairs = self.noise.randint(0, len(self.regression_pairs[1]), n).cpu()
+        fakes, logs, norms_sq = [], {}, torch.zeros(2, device=self.device)
+        measure = self.measuring_gan_weight()
+        for part in self.parts:
+            losses, fake = {}, None
+            if inputs is not None:
+                x, sigma, labels = (take(v, part) for v in inputs)
+                fake = self.wrapped_generator(x, sigma, labels).float()
+                fakes.append(fake.detach())
                 if cfg.dm_loss_weight > 0:
                     losses["loss_dm"] = (cfg.dm_loss_weight, distribution_matching_loss(
-                        fake, take(labels, part), self.real_score, self.fake_score, self.sigmas[t_dm[part]],
-                        noise_dm[part]))
+                        fake, labels, self.real_score, self.fake_score, *(v[part] for v in draws["dm"])))
                 if cfg.gan:
-                    losses["loss_gan_g"] = (self.gan_weight, gan_generator_loss(gan_logits(
-                        self.fake_score, self.head, fake, take(labels, part), sigma_gan[part], noise_gan[part])))
-                if measure:  # gradients on the generated images of the weighted DM term and the GAN term at weight 1
-                    share = (part.stop - part.start) / n
-                    for i, (key, weight) in enumerate((("loss_dm", cfg.dm_loss_weight), ("loss_gan_g", 1.0))):
-                        grad, = torch.autograd.grad(losses[key][1], fake, retain_graph=True)
-                        norms_sq[i] += (share * weight * grad).square().sum()
-                if cfg.regression_loss_weight > 0:
-                    losses["loss_reg"] = (cfg.regression_loss_weight, self.regression_loss(pairs[part]))
-                accumulate(losses, part, n, turn, [self.ddp_generator])
-                fakes.append(fake.detach() if with_critic else None)
-            if measure:
-                self.record_gradient_norms(norms_sq)
-            if cfg.gan:
-                logs["gen_cls_loss_weight"] = self.gan_weight
-            turn, logs["grad_norm_g"] = optimizer_step(list(self.generator.parameters()), self.opt_g, cfg, turn,
-                                                       "the generator loss", step)
-            logs.update(turn)
-            self.fake_score.requires_grad_(True)
-            self.head.requires_grad_(cfg.gan)
-            if self.ema is not None:
-                with torch.no_grad():
-                    for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
-                        p_ema.lerp_(p, 1 - cfg.ema_decay)
-            fake = torch.cat(fakes) if with_critic else None
-        elif with_critic:
-            with torch.no_grad():
-                fake = self.generator(x_in, sigma_in, labels).float()
+                    losses["loss_gan_g"] = (self.gan_weight, gan_generator_loss(self.gan_logits(
+                        self.fake_score, self.head, fake, labels, *(v[part] for v in draws["gan"]))))
+                if measure:
+                    norms_sq += self.gradient_norms_sq(losses, fake, (part.stop - part.start) / n)
+            if cfg.regression_loss_weight > 0:
+                losses["loss_reg"] = (cfg.regression_loss_weight, self.regression_loss(pairs[part]))
+            accumulate(losses, part, n, logs, [self.wrapped_generator])
+        if measure:
+            self.record_gradient_norms(norms_sq)
+        logs, grad_norm = optimizer_step(list(self.generator.parameters()), self.opt_g, cfg, logs,
+                                         "the generator loss", self.step)
+        self.critic.requires_grad_(True)
+        self.head.requires_grad_(cfg.gan)
+        self.update_ema()
+        logs.update(grad_norm_g=grad_norm, **({"gen_cls_loss_weight": self.gan_weight} if cfg.gan else {}))
+        return (torch.cat(fakes) if fakes else None), logs
 
-        if with_critic:  # critic turn: denoising loss on the detached fake batch, sigma uniform over all 1000 levels
-            t = self.noise.randint(0, cfg.num_train_timesteps, n)
-            noise = self.noise.randn(shape)
+    def critic_turn(self, fake, labels, real):
+        """The critic's update (fake score + GAN head, one optimiser; official: guidance_model): the denoising loss
+        on the detached generated batch at sigma index-uniform over all 1000 levels (official: compute_loss_fake),
+        and the GAN classifier loss on real against generated images (Sec. 4.3)."""
+        cfg, n = self.cfg, self.cfg.batch_size
+        t, noise = self.noise.randint(0, cfg.num_train_timesteps, n), self.noise.randn(fake.shape)
+        if cfg.gan:
+            gan_real, gan_fake = self.gan_noise(real[0].shape), self.gan_noise(fake.shape)
+        logs, critic, head = {}, self.wrapped_fake_score, self.wrapped_head
+        for part in self.parts:
+            losses = {"loss_fake": (1.0, denoising_loss(critic, fake[part], take(labels, part), self.sigmas[t[part]],
+                                                         noise[part], cfg.sigma_data))}
             if cfg.gan:
-                sigma_real, noise_real = self.gan_noise(real[0].shape)
-                sigma_fake, noise_fake = self.gan_noise(shape)
-            turn, critic, head = {}, self.ddp_fake_score, self.ddp_head
-            for part in parts:
-                losses = {"loss_fake": (1.0, denoising_loss(critic, fake[part], take(labels, part),
-                                                             self.sigmas[t[part]], noise[part], cfg.sigma_data))}
-                if cfg.gan:
-                    logits_real = gan_logits(critic, head, real[0][part], take(real[1], part), sigma_real[part],
-                                             noise_real[part])
-                    logits_fake = gan_logits(critic, head, fake[part], take(labels, part), sigma_fake[part],
-                                             noise_fake[part])
-                    losses["loss_gan_d"] = (cfg.cls_loss_weight, gan_discriminator_loss(logits_real, logits_fake))
-                accumulate(losses, part, n, turn, [critic, head])
-            turn, logs["grad_norm_d"] = optimizer_step(self.critic_params, self.opt_d, cfg, turn, "the critic loss",
-                                                       step)
-            logs.update(turn)
-        # Both schedulers advance once per iteration, so warm-up counts iterations for both networks (the official
-        # generator scheduler does this; accelerate also stepped each one num_gpus times: quirk 4, not copied).
-        self.sched_g.step()
-        if with_critic:
-            self.sched_d.step()
-        self.step += 1
+                logits_real = self.gan_logits(critic, head, real[0][part], take(real[1], part),
+                                              *(v[part] for v in gan_real))
+                logits_fake = self.gan_logits(critic, head, fake[part], take(labels, part), *(v[part] for v in gan_fake))
+                losses["loss_gan_d"] = (cfg.cls_loss_weight, gan_discriminator_loss(logits_real, logits_fake))
+            accumulate(losses, part, n, logs, [critic, head])
+        logs, logs["grad_norm_d"] = optimizer_step(self.critic_params, self.opt_d, cfg, logs, "the critic loss",
+                                                   self.step)
         return logs
+
+    def update_ema(self):
+        if self.ema is not None:  # per generator update (deviation: the official code keeps no EMA)
+            with torch.no_grad():
+                for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
+                    p_ema.lerp_(p, 1 - self.cfg.ema_decay)
 
     def measuring_gan_weight(self):
         """--gen_cls_loss_weight auto, the official maintainer's rule (tianweiy/DMD2#73): the GAN weight at which the
@@ -895,6 +882,12 @@ class Distiller:
         with the checkpoint. The maintainer starts a grid search there; here it is the value used."""
         return self.cfg.gan and self.auto_norms is not None and len(self.auto_norms) < AUTO_GAN_UPDATES and \
             self.step >= self.cfg.dfake_gen_update_ratio
+
+    def gradient_norms_sq(self, losses, fake, share):
+        """Squared norms of the gradients on the generated images of the weighted DM term and the GAN term at 1."""
+        terms = (("loss_dm", self.cfg.dm_loss_weight), ("loss_gan_g", 1.0))
+        grads = [torch.autograd.grad(losses[key][1], fake, retain_graph=True)[0] for key, _ in terms]
+        return torch.stack([(share * weight * grad).square().sum() for (_, weight), grad in zip(terms, grads)])
 
     def record_gradient_norms(self, norms_sq):
         if self.world_size > 1:  # the same weight on every rank: the mean over ranks of the squared norms
@@ -912,67 +905,41 @@ class Distiller:
     def regression_loss(self, pairs):
         """Original DMD's regression loss (DMD Sec. 3.3) on the teacher ODE pairs with indices `pairs`: the one-step
         generator maps the teacher's ODE noise to the teacher's ODE output (also the SDXL 1-step model's pretraining,
-        official main/train_sd_ode.py). LPIPS where its weights are on disk, otherwise mean squared error (stated);
-        latents are decoded to images first (official: by the tiny autoencoder taesdxl)."""
+        official main/train_sd_ode.py), measured by `perceptual` (LPIPS) or mean squared error."""
         noise, labels, target = (take(v, pairs) for v in self.regression_pairs)
         noise, target, labels = noise.to(self.device), target.to(self.device), self.conditions.encode(labels)
         sigma = self.step_sigmas[0]
-        x = self.ddp_generator(pure_noise(self.generator, noise, sigma), sigma.expand(len(noise)), labels).float()
-        if self.lpips is None:
-            return F.mse_loss(x, target)
-        if self.lpips_decode is not None:
-            x, target = self.lpips_decode(x), self.lpips_decode(target)
-        size = (224, 224) if x.shape[-1] < 224 else x.shape[-2:]  # original DMD upsamples to 224 for LPIPS
-        return self.lpips(F.interpolate(x, size, mode="bilinear"), F.interpolate(target, size, mode="bilinear")).mean()
+        x = self.wrapped_generator(pure_noise(self.generator, noise, sigma), sigma.expand(len(noise)), labels).float()
+        return (self.perceptual or F.mse_loss)(x, target)
 
     def state_dict(self):
-        """Everything to resume exactly. Sharded (FSDP): this process's shards of the networks and optimiser states,
-        named by parameter (torch.distributed.checkpoint.state_dict), for a sharded checkpoint."""
-        if self.mesh is not None:
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-            (generator, opt_g), (critic, opt_d) = get_state_dict(self.generator, self.opt_g), get_state_dict(
-                nn.ModuleDict(dict(fake_score=self.fake_score, head=self.head)), self.opt_d)
-            nets = dict(generator=generator, critic=critic, opt_g=opt_g, opt_d=opt_d)
-        else:
-            nets = dict(generator=self.generator.state_dict(), fake_score=self.fake_score.state_dict(),
-                        head=self.head.state_dict(), opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict())
-        return dict(step=self.step, ema=None if self.ema is None else self.ema.state_dict(),
-                    sched_g=self.sched_g.state_dict(), sched_d=self.sched_d.state_dict(), noise=self.noise.gen.get_state(),
-                    gan_weight=self.gan_weight, auto_norms=self.auto_norms, **nets)
+        """Everything to resume exactly, through torch.distributed.checkpoint's state-dict API for every engine
+        (networks and optimiser states named by parameter; a sharded network gives this process's shards)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        (generator, opt_g), (critic, opt_d) = get_state_dict(self.generator, self.opt_g), get_state_dict(
+            self.critic, self.opt_d)
+        return dict(step=self.step, generator=generator, critic=critic, opt_g=opt_g, opt_d=opt_d,
+                    ema=None if self.ema is None else self.ema.state_dict(), sched_g=self.sched_g.state_dict(),
+                    sched_d=self.sched_d.state_dict(), noise=self.noise.gen.get_state(), gan_weight=self.gan_weight,
+                    auto_norms=self.auto_norms)
 
     def load_state_dict(self, state):
-        self.step = state["step"]
-        if self.mesh is not None:
-            from torch.distributed.checkpoint.state_dict import set_state_dict
-            set_state_dict(self.generator, self.opt_g, model_state_dict=state["generator"],
-                           optim_state_dict=state["opt_g"])
-            set_state_dict(nn.ModuleDict(dict(fake_score=self.fake_score, head=self.head)), self.opt_d,
-                           model_state_dict=state["critic"], optim_state_dict=state["opt_d"])
-        else:
-            self.generator.load_state_dict(state["generator"])
-            self.fake_score.load_state_dict(state["fake_score"])
-            self.head.load_state_dict(state["head"])
-            self.opt_g.load_state_dict(state["opt_g"])
-            self.opt_d.load_state_dict(state["opt_d"])
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        set_state_dict(self.generator, self.opt_g, model_state_dict=state["generator"], optim_state_dict=state["opt_g"])
+        set_state_dict(self.critic, self.opt_d, model_state_dict=state["critic"], optim_state_dict=state["opt_d"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        for name in ("sched_g", "sched_d"):
-            getattr(self, name).load_state_dict(state[name])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
         self.noise.gen.set_state(state["noise"])
-        self.gan_weight = state.get("gan_weight", self.gan_weight)  # --gen_cls_loss_weight auto: its measurement
-        self.auto_norms = state.get("auto_norms", self.auto_norms)
+        self.step, self.gan_weight, self.auto_norms = state["step"], state["gan_weight"], state["auto_norms"]
 
 
-def load_lpips(kind, device):
-    """LPIPS(VGG) for the regression loss when kind is lpips, or auto and the VGG weights are already on disk;
-    None means the mean-squared-error fallback (no network here to fetch torchvision's VGG weights)."""
-    vgg_file = os.path.join(torch.hub.get_dir(), "checkpoints", "vgg16-397923af.pth")
-    if kind == "mse" or (kind == "auto" and not os.path.exists(vgg_file)):
-        if kind == "auto":
-            print(f"regression loss: LPIPS needs {vgg_file} (torchvision VGG16); using mean squared error instead")
-        return None
-    import lpips
-    return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, then rename: a kill never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def read_checkpoint(path, what="DMD2 checkpoint", fix="Delete it to start over, or pass another --run_name.",
@@ -984,6 +951,25 @@ def read_checkpoint(path, what="DMD2 checkpoint", fix="Delete it to start over, 
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
     except Exception as e:
         raise error(f"{path}: not a readable {what} ({type(e).__name__}: {e}). {fix}") from None
+
+
+class Checkpoint:
+    """A run's checkpoint as one file: written atomically by rank 0 (replicas are equal), read weights-only. A sharded
+    run uses a torch.distributed.checkpoint folder behind the same three methods (ShardedCheckpoint, section 11)."""
+
+    def __init__(self, path, rank=0):
+        self.path, self.rank = path, rank
+
+    def exists(self):
+        return os.path.exists(self.path)
+
+    def save(self, state):
+        if self.rank == 0:
+            atomic_save(state, self.path)
+
+    def load(self, state):
+        """The saved state; `state` (the current one) shows what to read."""
+        return read_checkpoint(self.path)
 
 
 RESUME_FREE_FIELDS = {"iters", "log_every", "ckpt_every", "sample_every", "eval_samples", "eval_batch", "students",
@@ -1001,261 +987,54 @@ def check_resumable(saved, cfg, path):
                          f"flags, pass another --run_name, or delete the folder.")
 
 
-def file_digest(path, chunk=1 << 20):
-    """Fingerprint of a checkpoint file: its size and the SHA-256 of its first and last MiB (a torch zip file ends
-    with its directory, which holds every record's CRC-32), cheap even for a file of many GB."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(chunk)
-        f.seek(max(0, size - chunk))
-        return f"{size}:{hashlib.sha256(head + f.read()).hexdigest()[:16]}"
-
-
-def agree_on_checkpoint(path, world_size=1):
-    """Whether a run resumes from path. Rank 0 decides, and every rank must see the same file (same digest), or the
-    run stops with one line on every rank, before any collective of training could hang or mix different states
-    (e.g. node-local run folders where only the first node holds the checkpoint)."""
-    mine = file_digest(path) if os.path.exists(path) else "none"
-    if world_size == 1:
-        return mine != "none"
-    digests = [None] * world_size
-    dist.all_gather_object(digests, mine)
-    others = [r for r, d in enumerate(digests) if d != digests[0]]
-    if others:
-        raise SystemExit(f"{path}: ranks {others} see {'another checkpoint' if digests[others[0]] != 'none' else 'none'}"
-                         f" than rank 0 ({'resuming' if digests[0] != 'none' else 'starting fresh'}); put --out_dir on "
-                         "a filesystem shared by every node, or copy the run folder to each node.")
-    return digests[0] != "none"
-
-
-def train(cfg, teacher, real_batches, sample_shape, run_dir, regression_pairs=None, rank=0, world_size=1,
-          device="cpu", show=None, init=("", ""), conditions=None, decode=None, lpips_decode=None):
-    """Distil teacher into a cfg.generator_steps-step generator. Writes into run_dir: checkpoint.pt (atomic, every
-    ckpt_every iterations), log.jsonl, samples_<iteration>.png, curves.png. If run_dir already holds a checkpoint, the
-    run resumes from it exactly (networks, optimisers, schedulers, step, noise and data RNG): re-running the same
-    command after a kill continues by itself. A fresh run can start from released weights: init = (generator state
-    dict path, DMD2 guidance state dict path). real_batches may be None when no loss needs real data. Text-to-image:
-    conditions = Prompts, decode = latents -> images (sample grids), lpips_decode (the same with gradient, for the
-    regression loss). Returns the Distiller."""
+def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on_sample=None, rank=0):
+    """Train `distiller` to cfg.iters iterations, writing into run_dir the checkpoint every ckpt_every iterations
+    (networks, optimisers, schedulers, step, noise and data RNG) and log.jsonl. A run folder with a checkpoint resumes
+    from it exactly: re-running a command after a kill continues by itself. Otherwise start(distiller), if given,
+    loads earlier weights. on_sample(distiller, iteration) runs every sample_every iterations, on every rank.
+    real_batches: an iterator with state_dict / load_state_dict, or None when no loss needs real data."""
     os.makedirs(run_dir, exist_ok=True)
-    distiller = Distiller(cfg, teacher, sample_shape, regression_pairs, rank, world_size, device, conditions,
-                          lpips_decode)
-    sharded = distiller.mesh is not None
-    ckpt_path, log_path = checkpoint_path(run_dir, cfg), os.path.join(run_dir, "log.jsonl")
-    if sharded:
-        if rank == 0:
-            recover_checkpoint(ckpt_path)
-        dist.barrier()
-    if agree_on_checkpoint(os.path.join(ckpt_path, "run.json") if sharded else ckpt_path, world_size):
-        load_checkpoint(ckpt_path, cfg, distiller, real_batches, world_size)
+    checkpoint = checkpoint or Checkpoint(os.path.join(run_dir, "checkpoint.pt"), rank)
+    log_path = os.path.join(run_dir, "log.jsonl")
+
+    def run_state():
+        return dict(config=dataclasses.asdict(cfg), distiller=distiller.state_dict(),
+                    arch=getattr(distiller.generator, "spec", None),  # how `sample` rebuilds it (set by the harness)
+                    data=None if real_batches is None else real_batches.state_dict())
+
+    if checkpoint.exists():
+        state = checkpoint.load(run_state())
+        check_resumable(state["config"], cfg, checkpoint.path)
+        distiller.load_state_dict(state["distiller"])
+        if real_batches is not None:
+            real_batches.load_state_dict(state["data"])
         if rank == 0 and distiller.step < cfg.iters:
             print(f"resuming {run_dir} at iteration {distiller.step}")
-    else:
-        initialise_from(distiller, *init)
-    if rank == 0:  # drop log lines written after the checkpoint we resume from
-        records = [r for r in read_log(log_path) if r["step"] < distiller.step]
+    elif start is not None:
+        start(distiller)
+    if rank == 0 and os.path.exists(log_path):  # drop log lines written after the checkpoint we resume from
+        with open(log_path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] < distiller.step]
         with open(log_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    show_noise = torch.randn((16, *sample_shape), generator=torch.Generator().manual_seed(cfg.seed + 1))
-    show_labels = distiller.conditions.examples(16)
-
+            f.writelines(lines)
     quiet = rank != 0 or bool(os.environ.get("TQDM_DISABLE"))  # an explicit disable= overrides tqdm's own TQDM_DISABLE
     bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), disable=quiet, leave=False,
                mininterval=2)
     t0 = time.time()
     for step in bar:
-        real = next(real_batches) if distiller.needs_real_data() else None
-        logs = distiller.train_step(real)
+        logs = distiller.train_step(next(real_batches) if distiller.needs_real_data else None)
         done = step + 1 == cfg.iters
         if rank == 0 and (step % cfg.log_every == 0 or done):
             record = dict(step=step, seconds=round(time.time() - t0, 3), lr_g=distiller.sched_g.get_last_lr()[0], **logs)
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
-        if (rank == 0 or sharded) and ((step + 1) % cfg.sample_every == 0 or done):  # sharded: all take part
-            net = distiller.ema or distiller.generator
-            samples = sample_student(net, show_noise, show_labels, distiller.step_sigmas, distiller.conditions)
-            if decode is not None:
-                samples = decode(samples)
-            if rank == 0:
-                (show or save_samples)(samples, show_labels, os.path.join(run_dir, f"samples_{step + 1:06d}.png"))
+        if on_sample is not None and ((step + 1) % cfg.sample_every == 0 or done):
+            on_sample(distiller, step + 1)
         if (step + 1) % cfg.ckpt_every == 0 or done:
-            save_checkpoint(ckpt_path, cfg, distiller, real_batches, rank)
-    if rank == 0:
-        plot_curves(read_log(log_path), os.path.join(run_dir, "curves.png"))
+            checkpoint.save(run_state())
     return distiller
 
-
-def checkpoint_path(run_dir, cfg):
-    """A run folder's checkpoint: checkpoint.pt, or with a sharded engine the folder checkpoint/ (with run.json)."""
-    return os.path.join(run_dir, "checkpoint.pt" if cfg.engine == "ddp" else "checkpoint")
-
-
-def saved_config(run_dir):
-    """The config a run folder's checkpoint was written with (either kind), or None; cheap (no networks read)."""
-    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-        return read_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["config"]
-    if os.path.exists(os.path.join(run_dir, "checkpoint", "run.json")):
-        with open(os.path.join(run_dir, "checkpoint", "run.json")) as f:
-            return json.load(f)["config"]
-    return None
-
-
-def save_checkpoint(path, cfg, distiller, real_batches, rank=0):
-    """Everything to resume exactly, written atomically. DDP / one process: checkpoint.pt by rank 0 (the replicas are
-    equal). Sharded: a torch.distributed.checkpoint folder to which every process writes its own shards (no
-    process ever holds the whole state), then run.json (config, world size) marks it complete; the folder replaces
-    the previous one only then (official FSDP runs saved parameters only and could not resume exactly)."""
-    state = dict(config=dataclasses.asdict(cfg), distiller=distiller.state_dict(), arch=network_spec(distiller.generator),
-                 data=None if real_batches is None else real_batches.state_dict())
-    if distiller.mesh is None:
-        if rank == 0:
-            atomic_save(state, path)
-        return
-    import shutil
-    import torch.distributed.checkpoint as dcp
-    if rank == 0:
-        shutil.rmtree(path + ".tmp", ignore_errors=True)
-    dist.barrier()
-    dcp.save(state, checkpoint_id=path + ".tmp")
-    if rank == 0:
-        with open(os.path.join(path + ".tmp", "run.json"), "w") as f:
-            json.dump(dict(config=state["config"], arch=state["arch"], world_size=dist.get_world_size(),
-                           step=distiller.step), f)
-        if os.path.exists(path):
-            os.replace(path, path + ".old")
-        os.replace(path + ".tmp", path)
-        shutil.rmtree(path + ".old", ignore_errors=True)
-    dist.barrier()
-
-
-def recover_checkpoint(path):
-    """A sharded checkpoint replaces the previous one by two renames (previous -> .old, new .tmp -> path); after a
-    kill between them, take the newest complete one (run.json is written last) back as path."""
-    if not os.path.exists(path):
-        for candidate in (path + ".tmp", path + ".old"):
-            if os.path.exists(os.path.join(candidate, "run.json")):
-                os.replace(candidate, path)
-                return
-
-
-def load_checkpoint(path, cfg, distiller, real_batches, world_size=1):
-    """Restore a run from save_checkpoint's file or folder (the sharded kind only with the world size that wrote it:
-    the global batch and its noise slices depend on it)."""
-    if distiller.mesh is None:
-        state = read_checkpoint(path)
-        check_resumable(state["config"], cfg, path)
-    else:
-        import torch.distributed.checkpoint as dcp
-        with open(os.path.join(path, "run.json")) as f:
-            info = json.load(f)
-        check_resumable(info["config"], cfg, path)
-        if info["world_size"] != world_size:
-            raise SystemExit(f"{path} was written by {info['world_size']} processes, this run has {world_size}: "
-                             "resume with the same number (torchrun --nproc_per_node), or pass another --run_name")
-        state = dict(distiller=distiller.state_dict(), data=None if real_batches is None else real_batches.state_dict())
-        try:
-            dcp.load(state, checkpoint_id=path)
-        except (Exception, dcp.api.CheckpointException) as e:  # a missing or truncated shard file
-            raise RuntimeError(f"{path}: cannot read this sharded checkpoint ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200]}). A shard file is missing or corrupt: delete the "
-                               "folder to start over, or pass another --run_name") from None
-    distiller.load_state_dict(state["distiller"])
-    if real_batches is not None:
-        real_batches.load_state_dict(state["data"])
-
-
-def generator_weights(distiller):
-    """The generator's (or its EMA's) whole float32 weights on the CPU; sharded, every process must call this."""
-    net = distiller.ema or distiller.generator
-    if distiller.mesh is None:
-        return {k: v.float().cpu() for k, v in net.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_weights(module, state, path, prefix=""):
-    """Strictly load the entries of a state dict that start with prefix (prefix removed) into module (sharded by
-    FSDP2: every process holds the whole state dict and keeps its shards)."""
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if hasattr(module, "set_requires_gradient_sync"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        missing, unexpected = set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True,
-                                                                                          strict=False))
-    else:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: does not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                         f"prefix {prefix!r}); is it a checkpoint of the same architecture?")
-
-
-def initialise_from(distiller, generator_path="", guidance_path=""):
-    """Starts from earlier weights, optimisers fresh (official --generator_ckpt_path / --ckpt_only_path, e.g. the FID
-    1.28 continuation). The generator from a plain state dict: keys model.* (EDM), or a diffusers UNet state dict
-    (the released dmd2_sdxl_*_unet layout). The fake score and, if present, the GAN head from a DMD2 guidance file
-    (keys fake_unet.*, cls_pred_branch.*). Either path may also be a run's checkpoint.pt (SD v1.5 stage 2 from
-    stage 1, the SDXL 1-step run from the ODE pretraining): its generator (EMA if kept), fake score and head."""
-    if generator_path:
-        state = read_run(generator_path)
-        if state.get("sharded"):
-            load_weights(distiller.generator, gather_sharded(generator_path, "distiller.generator."), generator_path)
-        elif "distiller" in state:
-            load_weights(distiller.generator, state["distiller"]["ema"] or state["distiller"]["generator"],
-                         generator_path)
-        else:
-            net = distiller.generator
-            load_weights(net.unet if isinstance(net, EpsDenoiser) else net, state, generator_path)
-        if distiller.ema is not None:  # the EMA starts from the loaded generator, not from the teacher
-            distiller.ema.load_state_dict(distiller.generator.state_dict())
-    if guidance_path:
-        state = read_run(guidance_path)
-        if state.get("sharded"):
-            state = {("fake_unet." if k.startswith("fake_score.") else "cls_pred_branch.") + k.split(".", 1)[1]: v
-                     for k, v in gather_sharded(guidance_path, "distiller.critic.").items()}
-        elif "distiller" in state:
-            state = {**{f"fake_unet.{k}": v for k, v in state["distiller"]["fake_score"].items()},
-                     **{f"cls_pred_branch.{k}": v for k, v in state["distiller"]["head"].items()}}
-        load_weights(distiller.fake_score, state, guidance_path, "fake_unet.")
-        if any(k.startswith("cls_pred_branch.") for k in state):
-            load_weights(distiller.head, state, guidance_path, "cls_pred_branch.")
-
-
-def read_log(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_curves(records, path):
-    """Loss curves of a run (matplotlib, one panel per logged quantity). A bare Figure (no pyplot) leaves the
-    caller's backend alone, e.g. inline plots in a notebook."""
-    from matplotlib.figure import Figure
-    keys = [k for k in ("loss_dm", "loss_fake", "loss_gan_g", "loss_gan_d", "loss_reg", "grad_norm_g")
-            if any(k in r for r in records)]
-    fig = Figure(figsize=(3.2 * len(keys), 2.6))
-    axes = fig.subplots(1, len(keys), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot(*zip(*points), lw=1)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("iteration", fontsize=8)
-        if key in ("loss_fake", "grad_norm_g"):
-            ax.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def build_network(spec):
-    """A network from its spec: {"kind": "edm", "kwargs": EDMPrecond kwargs} or {"kind": "toy", "kwargs": ...}.
-    The spec travels in checkpoints so `python dmd2.py sample` can rebuild the generator."""
-    net = edm_net.EDMPrecond(**spec["kwargs"]) if spec["kind"] == "edm" else ToyDenoiser(**spec["kwargs"])
-    net.spec = spec
-    return net
-
-
-def network_spec(net):
-    return net.spec
 
 # ================================================================================================================
 # PART II. EVALUATION: sampling, metrics, FID (ImageNet-64 protocol), text-to-image protocol
@@ -2233,7 +2012,7 @@ def t2i_evaluate(args, protocol, num, steps, guidance, out, refs, device, rank=0
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 11. Devices, precision, processes, the cache
+# 11. Devices, precision, engines, checkpoints of process groups, the runs around train(), the cache
 
 
 def resolve_device(cfg):
@@ -2255,18 +2034,18 @@ def use_bf16(cfg, device):
 
 
 def prepare_network(net, cfg, device):
-    """Device, compute precision (EDMPrecond's use_fp16 flag, which means bf16 here) and memory layout."""
+    """Device, compute precision (the use_fp16 flag of EDMPrecond and EpsDenoiser, which means bf16 here), memory
+    layout and gradient checkpointing (official SD: generator always, fake UNet in its loss; here both copies)."""
     net = net.to(device)
-    if isinstance(net, EpsDenoiser):
+    if hasattr(net, "use_fp16"):
         net.use_fp16 = use_bf16(cfg, device)
-        if cfg.grad_checkpointing:  # official: generator always, fake UNet in its loss; here both trainable copies
-            net.unet.enable_gradient_checkpointing()
-    elif isinstance(net, edm_net.EDMPrecond):
-        net.use_fp16 = use_bf16(cfg, device)
+    if isinstance(net, edm_net.EDMPrecond):
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
         if cfg.grad_checkpointing:
             edm_net.set_gradient_checkpointing(net, True)
+    elif cfg.grad_checkpointing and hasattr(net, "unet"):
+        net.unet.enable_gradient_checkpointing()
     return net
 
 
@@ -2289,6 +2068,304 @@ def distributed(device, timeout_minutes=30.0):
         yield dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", 0))
     finally:
         dist.destroy_process_group()
+
+
+def engine(cfg, world_size, device):
+    """The engine as a function network -> the module that runs it with gradient (Distiller's `wrap`): one process:
+    the network; ddp: DistributedDataParallel (gradients averaged in buckets while backward runs; official:
+    accelerate's DDP); fsdp / hsdp: the network sharded in place by FSDP2 (shard). Each wrapped network has
+    no_sync(), under which backward leaves the gradients unreduced (accumulate: every micro-batch but the last)."""
+    if cfg.engine == "ddp" and world_size == 1:
+        return lambda net: net
+    if cfg.engine == "ddp":  # buffers are constants here: synced at init, not per forward
+        return lambda net: nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    return functools.partial(shard, mesh=device_mesh(cfg.engine, world_size, device), bf16_params=cfg.fsdp_bf16_params)
+
+
+def device_mesh(engine_name, world_size, device):
+    """FSDP2's device mesh: fsdp shards over every process; hsdp shards within a node (LOCAL_WORLD_SIZE processes)
+    and replicates across nodes (official SDXL: accelerate FSDP HYBRID_SHARD)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if engine_name == "hsdp":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        return init_device_mesh(device.type, (world_size // local, local), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (world_size,))
+
+
+def shard(module, mesh, bf16_params=False):
+    """FSDP2 (fully_shard): each block of the network, then the root, keeps 1/N of its weights, gradients and AdamW
+    states per process and gathers a block's weights only while it computes (official: FSDP, size-based wrapping).
+    Numerics as the official run by default: fp32 parameters and reductions, bf16 from autocast / use_fp16 inside the
+    networks. bf16_params (--fsdp_bf16_params, text-to-image UNets only): MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32): half the all-gathered bytes and bf16 compute, the optimiser still updating fp32 shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params else \
+        MixedPrecisionPolicy()
+    if hasattr(module, "unet"):  # a diffusers UNet (EpsDenoiser): its down, mid and up blocks
+        unet = module.unet
+        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks, unet]
+    elif isinstance(module, edm_net.EDMPrecond):
+        blocks = [*module.model.enc.values(), *module.model.dec.values()]
+    else:
+        blocks = []
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(module, mesh=mesh)
+
+    @contextlib.contextmanager
+    def no_sync():
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    module.no_sync = no_sync
+    return module
+
+
+def file_digest(path, chunk=1 << 20):
+    """Fingerprint of a checkpoint file: its size and the SHA-256 of its first and last MiB (a torch zip file ends
+    with its directory, which holds every record's CRC-32), cheap even for a file of many GB."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(chunk)
+        f.seek(max(0, size - chunk))
+        return f"{size}:{hashlib.sha256(head + f.read()).hexdigest()[:16]}"
+
+
+def agree_on_checkpoint(path, world_size=1):
+    """Whether a run resumes from path. Rank 0 decides, and every rank must see the same file (same digest), or the
+    run stops with one line on every rank, before any collective of training could hang or mix different states
+    (e.g. node-local run folders where only the first node holds the checkpoint)."""
+    mine = file_digest(path) if os.path.exists(path) else "none"
+    if world_size == 1:
+        return mine != "none"
+    digests = [None] * world_size
+    dist.all_gather_object(digests, mine)
+    others = [r for r, d in enumerate(digests) if d != digests[0]]
+    if others:
+        raise SystemExit(f"{path}: ranks {others} see {'another checkpoint' if digests[others[0]] != 'none' else 'none'}"
+                         f" than rank 0 ({'resuming' if digests[0] != 'none' else 'starting fresh'}); put --out_dir on "
+                         "a filesystem shared by every node, or copy the run folder to each node.")
+    return digests[0] != "none"
+
+
+class GroupCheckpoint(Checkpoint):
+    """checkpoint.pt of a run of several replicas (DDP): rank 0 decides whether to resume, and every rank must see
+    the same file (agree_on_checkpoint)."""
+
+    def __init__(self, path, rank=0, world_size=1):
+        super().__init__(path, rank)
+        self.world_size = world_size
+
+    def exists(self):
+        return agree_on_checkpoint(self.path, self.world_size)
+
+
+def recover_checkpoint(path):
+    """A sharded checkpoint replaces the previous one by two renames (previous -> .old, new .tmp -> path); after a
+    kill between them, take the newest complete one (run.json is written last) back as path."""
+    for candidate in (path + ".tmp", path + ".old"):
+        if not os.path.exists(path) and os.path.exists(os.path.join(candidate, "run.json")):
+            os.replace(candidate, path)
+
+
+class ShardedCheckpoint(GroupCheckpoint):
+    """A sharded run's checkpoint: a torch.distributed.checkpoint folder to which every process writes its own shards
+    (no process ever holds the whole state); run.json (config, world size) marks it complete, and it replaces the
+    previous folder only then (official FSDP runs saved parameters only and could not resume exactly). It resumes only
+    with the world size that wrote it (the global batch and its noise slices depend on it)."""
+
+    def exists(self):
+        if self.rank == 0:
+            recover_checkpoint(self.path)
+        dist.barrier()
+        return agree_on_checkpoint(os.path.join(self.path, "run.json"), self.world_size)
+
+    def save(self, state):
+        import shutil
+        import torch.distributed.checkpoint as dcp
+        if self.rank == 0:
+            shutil.rmtree(self.path + ".tmp", ignore_errors=True)
+        dist.barrier()
+        dcp.save(state, checkpoint_id=self.path + ".tmp")
+        if self.rank == 0:
+            with open(os.path.join(self.path + ".tmp", "run.json"), "w") as f:
+                json.dump(dict(config=state["config"], arch=state["arch"], world_size=self.world_size,
+                               step=state["distiller"]["step"]), f)
+            if os.path.exists(self.path):
+                os.replace(self.path, self.path + ".old")
+            os.replace(self.path + ".tmp", self.path)
+            shutil.rmtree(self.path + ".old", ignore_errors=True)
+        dist.barrier()
+
+    def load(self, state):
+        import torch.distributed.checkpoint as dcp
+        with open(os.path.join(self.path, "run.json")) as f:
+            info = json.load(f)
+        if info["world_size"] != self.world_size:
+            raise SystemExit(f"{self.path} was written by {info['world_size']} processes, this run has "
+                             f"{self.world_size}: resume with the same number (torchrun --nproc_per_node), or pass "
+                             "another --run_name")
+        state = dict(distiller=state["distiller"], data=state["data"])
+        try:
+            dcp.load(state, checkpoint_id=self.path)
+        except (Exception, dcp.api.CheckpointException) as e:  # a missing or truncated shard file
+            raise RuntimeError(f"{self.path}: cannot read this sharded checkpoint ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]}). A shard file is missing or corrupt: delete the "
+                               "folder to start over, or pass another --run_name") from None
+        return dict(state, config=info["config"])
+
+
+def checkpoint_path(run_dir, cfg):
+    """A run folder's checkpoint: checkpoint.pt, or with a sharded engine the folder checkpoint/ (with run.json)."""
+    return os.path.join(run_dir, "checkpoint.pt" if cfg.engine == "ddp" else "checkpoint")
+
+
+def saved_config(run_dir):
+    """The config a run folder's checkpoint was written with (either kind), or None; cheap (no networks read)."""
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        return read_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["config"]
+    if os.path.exists(os.path.join(run_dir, "checkpoint", "run.json")):
+        with open(os.path.join(run_dir, "checkpoint", "run.json")) as f:
+            return json.load(f)["config"]
+    return None
+
+
+def generator_weights(distiller):
+    """The generator's (or its EMA's) whole float32 weights on the CPU; sharded, every process must call this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    net = distiller.ema or distiller.generator
+    weights = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.float().cpu() for k, v in weights.items()}
+
+
+def load_weights(module, state, path, prefix=""):
+    """Strictly load the entries of a state dict that start with prefix (prefix removed) into module (sharded by
+    FSDP2: every process holds the whole state dict and keeps its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True,
+                                                                                      strict=False))
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"prefix {prefix!r}); is it a checkpoint of the same architecture?")
+
+
+def initialise_from(distiller, generator_path="", guidance_path=""):
+    """Starts from earlier weights, optimisers fresh (official --generator_ckpt_path / --ckpt_only_path, e.g. the FID
+    1.28 continuation). The generator from a plain state dict: keys model.* (EDM), or a diffusers UNet state dict
+    (the released dmd2_sdxl_*_unet layout). The fake score and, if present, the GAN head from a DMD2 guidance file
+    (keys fake_unet.*, cls_pred_branch.*). Either path may also be a run's checkpoint (SD v1.5 stage 2 from stage 1,
+    the SDXL 1-step run from the ODE pretraining): its generator (EMA if kept), fake score and head."""
+    if generator_path:
+        state = read_run(generator_path)
+        if state.get("sharded"):
+            load_weights(distiller.generator, gather_sharded(generator_path, "distiller.generator."), generator_path)
+        elif "distiller" in state:
+            load_weights(distiller.generator, state["distiller"]["ema"] or state["distiller"]["generator"],
+                         generator_path)
+        else:  # a released file: the EDMPrecond's or the diffusers UNet's state dict
+            load_weights(getattr(distiller.generator, "unet", distiller.generator), state, generator_path)
+        if distiller.ema is not None:  # the EMA starts from the loaded generator, not from the teacher
+            distiller.ema.load_state_dict(distiller.generator.state_dict())
+    if guidance_path:
+        state = read_run(guidance_path)
+        if state.get("sharded"):
+            state = gather_sharded(guidance_path, "distiller.critic.")
+        elif "distiller" in state:
+            state = state["distiller"]["critic"]
+        else:  # the released DMD2 guidance layout
+            state = {("fake_score." if k.startswith("fake_unet.") else "head.") + k.split(".", 1)[1]: v
+                     for k, v in state.items() if k.startswith(("fake_unet.", "cls_pred_branch."))}
+        load_weights(distiller.fake_score, state, guidance_path, "fake_score.")
+        if any(k.startswith("head.") for k in state):
+            load_weights(distiller.head, state, guidance_path, "head.")
+
+
+def read_log(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(records, path):
+    """Loss curves of a run (matplotlib, one panel per logged quantity). A bare Figure (no pyplot) leaves the
+    caller's backend alone, e.g. inline plots in a notebook."""
+    from matplotlib.figure import Figure
+    keys = [k for k in ("loss_dm", "loss_fake", "loss_gan_g", "loss_gan_d", "loss_reg", "grad_norm_g")
+            if any(k in r for r in records)]
+    fig = Figure(figsize=(3.2 * len(keys), 2.6))
+    axes = fig.subplots(1, len(keys), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), lw=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        if key in ("loss_fake", "grad_norm_g"):
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def perceptual_loss(kind, device, decode=None):
+    """The regression loss's distance: LPIPS(VGG) when kind is lpips, or auto and torchvision's VGG16 weights are
+    already on disk (original DMD: images upsampled to 224; latents decoded first by `decode`, official: taesdxl);
+    None, i.e. mean squared error, for mse or when the weights are missing (stated)."""
+    vgg_file = os.path.join(torch.hub.get_dir(), "checkpoints", "vgg16-397923af.pth")
+    if kind == "mse" or (kind == "auto" and not os.path.exists(vgg_file)):
+        if kind == "auto":
+            print(f"regression loss: LPIPS needs {vgg_file} (torchvision VGG16); using mean squared error instead")
+        return None
+    import lpips
+    net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
+
+    def distance(x, target):
+        if decode is not None:
+            x, target = decode(x), decode(target)
+        size = (224, 224) if x.shape[-1] < 224 else x.shape[-2:]
+        return net(F.interpolate(x, size, mode="bilinear"), F.interpolate(target, size, mode="bilinear")).mean()
+    return distance
+
+
+def build_network(spec):
+    """A network from its spec: {"kind": "edm", "kwargs": EDMPrecond kwargs} or {"kind": "toy", "kwargs": ...}.
+    The spec travels in checkpoints so `python dmd2.py sample` can rebuild the generator."""
+    net = edm_net.EDMPrecond(**spec["kwargs"]) if spec["kind"] == "edm" else ToyDenoiser(**spec["kwargs"])
+    net.spec = spec
+    return net
+
+
+def run_training(cfg, teacher, real, sample_shape, run_dir, device="cpu", rank=0, world_size=1, conditions=None,
+                 decode=None, regression_pairs=None, perceptual=None, show=None):
+    """train() as every rung runs it: the engine and the checkpoint kind for the process group, LoRA adapters on the
+    generator, --generator_init / --guidance_init for a fresh run, sample grids of the generator (its EMA if kept)
+    every sample_every iterations (`show`, default save_samples; `decode`: latents -> images), loss curves at the
+    end. Returns the Distiller."""
+    sharded = cfg.engine != "ddp" and world_size > 1
+    generator = lora_generator(teacher.to(device), cfg) if cfg.lora_rank else None
+    distiller = Distiller(cfg, teacher, sample_shape, conditions, generator, engine(cfg, world_size, device),
+                          regression_pairs, perceptual, device, rank, world_size)
+    path = checkpoint_path(run_dir, cfg)
+    checkpoint = (ShardedCheckpoint if sharded else GroupCheckpoint)(path, rank, world_size)
+    show_noise = torch.randn((16, *sample_shape), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    show_labels = distiller.conditions.examples(16)
+
+    def on_sample(d, iteration):
+        if rank == 0 or sharded:  # sharded networks sample on every process
+            samples = sample_student(d.ema or d.generator, show_noise, show_labels, d.step_sigmas, d.conditions)
+            if decode is not None:
+                samples = decode(samples)
+            if rank == 0:
+                (show or save_samples)(samples, show_labels, os.path.join(run_dir, f"samples_{iteration:06d}.png"))
+
+    train(cfg, distiller, real, run_dir, checkpoint, lambda d: initialise_from(d, cfg.generator_init,
+                                                                               cfg.guidance_init), on_sample, rank)
+    if rank == 0:
+        plot_curves(read_log(os.path.join(run_dir, "log.jsonl")), os.path.join(run_dir, "curves.png"))
+    return distiller
 
 
 def cache_path(cfg, kind, settings):
@@ -2589,8 +2666,10 @@ def distil(cfg, rung, run_dir, name=None, show=None):
     rung's evaluation noise. Returns (results row, its samples, the Distiller)."""
     regression_pairs = teacher_ode_pairs(cfg, rung.teacher, ClassLabels(cfg.num_classes, rung.device),
                                          rung.sample_shape) if cfg.regression_loss_weight > 0 else None
-    distiller = train(cfg, copy.deepcopy(rung.teacher), rung.real_batches(cfg.batch_size), rung.sample_shape,
-                      run_dir, regression_pairs, device=rung.device, show=show)  # a copy: the Distiller owns its teacher
+    distiller = run_training(cfg, copy.deepcopy(rung.teacher), rung.real_batches(cfg.batch_size), rung.sample_shape,
+                             run_dir, rung.device, regression_pairs=regression_pairs,
+                             perceptual=perceptual_loss(cfg.regression_loss, rung.device) if regression_pairs else None,
+                             show=show)  # a copy of the teacher: the Distiller owns the one it gets
     generator, start = distiller.ema or distiller.generator, time.time()
     samples = sample_student(generator, rung.eval_noise, rung.eval_labels, distiller.step_sigmas, distiller.conditions,
                              cfg.eval_batch)
@@ -2654,12 +2733,12 @@ def teacher_ode_pairs(cfg, teacher, conditions, sample_shape):
     labels = torch.randint(0, cfg.num_classes if captions is None else len(captions), (cfg.regression_pairs,),
                            generator=rng)
     start = 1.0
-    if isinstance(teacher, EpsDenoiser):
+    if captions is not None:  # a DDPM teacher: edm_sampler's first input sigma_max z made DDPM's pure noise x_t = z
         labels = [captions[i] for i in labels.tolist()]
         teacher.eval().guidance_scale = cfg.guidance_scale  # reset to 1 below: the Distiller sets its own
-        start = (teacher.sigma_max ** 2 + 1) ** 0.5 / teacher.sigma_max  # edm_sampler starts at sigma_max z
+        start = (teacher.sigma_max ** 2 + 1) ** 0.5 / teacher.sigma_max  # (EpsDenoiser.pure_noise)
     target = sample_teacher(teacher, noise * start, labels, conditions, cfg.teacher_eval_steps, cfg.eval_batch)
-    if isinstance(teacher, EpsDenoiser):
+    if captions is not None:
         teacher.guidance_scale = 1.0
     atomic_save(dict(noise=noise, labels=labels, target=target), path)
     return noise, labels, target
@@ -3089,8 +3168,8 @@ def run_edm(cfg):
         teacher = prepare_network(load_teacher(cfg, local_rank), cfg, device)
         real = None if dataset is None else FileBatches(dataset, cfg.batch_size, cfg.seed, rank, world_size,
                                                         cfg.num_workers)
-        distiller = train(cfg, teacher, real, (3, cfg.resolution, cfg.resolution), run_dir, rank=rank,
-                          world_size=world_size, device=device, init=(cfg.generator_init, cfg.guidance_init))
+        distiller = run_training(cfg, teacher, real, (3, cfg.resolution, cfg.resolution), run_dir, device, rank,
+                                 world_size)
         weights = generator_weights(distiller)
         if rank == 0:
             path = os.path.join(run_dir, "pytorch_model.bin")
@@ -3123,6 +3202,37 @@ def _hf():
         raise ImportError(f"the text-to-image path needs diffusers, transformers, peft and safetensors ({e}): "
                           "pip install -r requirements-sdxl.txt") from None
     return diffusers, transformers
+
+
+class Prompts:
+    """Text conditions: captions -> (prompt embeddings, pooled) with the teacher's frozen text encoders. SD v1.5:
+    CLIPTextModel(...)[0], the last hidden state [B, 77, 768], no pooled part. SDXL (official sdxl_text_encoder.py):
+    the penultimate hidden states of CLIP-L (768) and OpenCLIP-bigG (1280) concatenated to [B, 77, 2048], and the
+    pooled projection (text_embeds) of encoder 2 [B, 1280]. Generated batches take their prompts from the training
+    captions (official: the real-image dataset's captions in denoising mode)."""
+
+    def __init__(self, captions, tokenizers, text_encoders):
+        self.captions, self.tokenizers, self.text_encoders = captions, tokenizers, text_encoders
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        sdxl, hidden = len(self.text_encoders) == 2, []
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+            out = encoder(ids, output_hidden_states=sdxl)
+            hidden.append(out.hidden_states[-2] if sdxl else out[0])
+        pooled = out[0] if sdxl else hidden[0].new_zeros(len(ids), 0)
+        return torch.cat(hidden, dim=-1).float(), pooled.float()
+
+    def sample(self, n, noise):
+        return self.encode([self.captions[i] for i in noise.randint(0, len(self.captions), n).tolist()])
+
+    def blank(self, n):
+        return self.encode([""] * n)
+
+    def examples(self, n):  # the prompts of sample grids
+        return [self.captions[i % len(self.captions)] for i in range(n)]
 
 
 @dataclass
@@ -3230,6 +3340,14 @@ def load_unet_weights(unet, path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     unet.load_state_dict(state, strict=True)
     return unet
+
+
+def lora_generator(teacher, cfg):
+    """The generator of a LoRA run (--lora_rank): a trainable copy of the teacher with adapters (Distiller's
+    `generator`)."""
+    generator = trainable_copy(teacher)
+    add_generator_lora(generator.unet, cfg.lora_rank, cfg.lora_alpha)
+    return generator
 
 
 def add_generator_lora(unet, rank=64, alpha=8):
@@ -3377,10 +3495,9 @@ def run_t2i(cfg):
         sample_shape = tuple(latents.shape[1:])
         pairs = teacher_ode_pairs(cfg, teacher, conditions, sample_shape) if cfg.regression_pairs else None
         real = InMemoryBatches(latents, captions, cfg.batch_size * world_size, cfg.seed, rank, world_size)
-        distiller = train(cfg, teacher, real, sample_shape, run_dir, pairs, rank, world_size, device,
-                          init=(cfg.generator_init, cfg.guidance_init), conditions=conditions,
-                          decode=functools.partial(decode_latents, parts.vae),
-                          lpips_decode=lpips_decoder(parts, cfg, device) if cfg.regression_loss_weight else None)
+        perceptual = perceptual_loss(cfg.regression_loss, device, lpips_decoder(parts, cfg, device)) if pairs else None
+        distiller = run_training(cfg, teacher, real, sample_shape, run_dir, device, rank, world_size, conditions,
+                                 functools.partial(decode_latents, parts.vae), pairs, perceptual)
         weights = generator_weights(distiller)
         if rank == 0:
             export_generator(weights, distiller.real_score.unet.config, cfg, run_dir, parts.sdxl)
@@ -3413,47 +3530,8 @@ def export_generator(weights, unet_config, cfg, run_dir, sdxl=True):
 # 17. Command line: python dmd2.py [--dataset NAME] [--flag value ...] | sample | evaluate | fid
 
 
-def parse_config(argv):
-    """Config from a preset (--dataset) and flags; every Config field is a flag: --iters 100 --gan false ..."""
-    parser = argparse.ArgumentParser(description="DMD2 distillation (python dmd2.py [--dataset NAME] [--flag value])")
-    for f in dataclasses.fields(Config):
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(f"--{f.name}", type=_parse_bool, metavar="true|false")
-        elif f.type in (list, "list"):
-            parser.add_argument(f"--{f.name}", type=int, nargs="+")
-        elif f.type in (dict, "dict"):
-            parser.add_argument(f"--{f.name}", type=json.loads, metavar="JSON")
-        elif f.type == float | str:
-            parser.add_argument(f"--{f.name}", type=_float_or_auto, metavar="FLOAT|auto")
-        else:
-            parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}.get(f.type, f.type))
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    dataset = given.get("dataset", Config.dataset)
-    if dataset not in PRESETS:
-        parser.error(f"unknown dataset {dataset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[dataset], **given})
-    check_config(cfg)
-    return cfg
-
-
-def _parse_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _float_or_auto(text):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
-
-
 def check_config(cfg):
+    """Combinations and ranges refused before any work, all named in one line."""
     problems = []
     if cfg.regression_loss_weight > 0 and (cfg.generator_steps != 1 or cfg.students != [1] or cfg.regression_pairs < 1):
         problems.append("the regression loss is for one-step students: use --students 1 and --regression_pairs N")
@@ -3475,8 +3553,8 @@ def check_config(cfg):
     problems += [f"--{k} {getattr(cfg, k)} must be a positive integer" for k in counts if getattr(cfg, k) < 1]
     problems += [f"--{k} {getattr(cfg, k)} must be > 0" for k in ("generator_lr", "guidance_lr", "dist_timeout")
                  if not getattr(cfg, k) > 0]
-    problems += [f"--{k} {getattr(cfg, k)} must be >= 0" for k in ("teacher_iters", "warmup_steps", "num_workers")
-                 if getattr(cfg, k) < 0]
+    problems += [f"--{k} {getattr(cfg, k)} must be >= 0" for k in ("teacher_iters", "warmup_steps", "num_workers",
+                                                                     "lora_rank") if getattr(cfg, k) < 0]
     if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:
         problems.append("--min_step_percent and --max_step_percent must satisfy 0 <= min < max <= 1")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
@@ -3495,10 +3573,8 @@ def check_config(cfg):
     elif cfg.engine != "ddp" and (cfg.ema_decay > 0 or cfg.dataset in ("toy2d", "shapes")):
         problems.append(f"--engine {cfg.engine}: not with --ema_decay (the EMA copy is not sharded) nor on the "
                         "embedded rungs (one process)")
-    if cfg.fsdp_bf16_params and (cfg.engine == "ddp" or not cfg.dataset.startswith(("sdxl", "sd15"))):
+    if cfg.fsdp_bf16_params and (cfg.engine == "ddp" or not text_to_image):
         problems.append("--fsdp_bf16_params is for sharded text-to-image runs: --engine fsdp or hsdp, --dataset sdxl..")
-    if cfg.lora_rank < 0:
-        problems.append(f"--lora_rank {cfg.lora_rank} must be >= 0 (0: full fine-tuning)")
     if problems:
         raise SystemExit("config error: " + "; ".join(problems))
 
@@ -3681,6 +3757,7 @@ def main(argv):
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     cfg = parse_config(argv)
+    check_config(cfg)
     if cfg.dataset in ("toy2d", "shapes"):
         return run_embedded(cfg)
     return run_t2i(cfg) if cfg.dataset.startswith(("sdxl", "sd15")) else run_edm(cfg)

@@ -32,7 +32,7 @@ def worker(engine, iters, out):
                          "warmup_steps": 0, "generator_lr": 1e-4, "guidance_lr": 1e-4, "engine": engine})
     latents, captions = torch.randn(8, 4, 16, 16).half(), [f"image number {i}" for i in range(8)]
     d = dmd2.Distiller(cfg, dmd2.prepare_network(parts.teacher(), cfg, torch.device("cpu")), (4, 16, 16), rank=rank,
-                       world_size=world, conditions=dmd2.Prompts(captions, parts.tokenizers, parts.text_encoders))
+                       world_size=world, wrap=dmd2.engine(cfg, world, torch.device("cpu")), conditions=dmd2.Prompts(captions, parts.tokenizers, parts.text_encoders))
     real = dmd2.InMemoryBatches(latents, captions, cfg.batch_size * world, 0, rank, world)
     for _ in range(cfg.dfake_gen_update_ratio):  # warm-up cycle: optimiser states exist afterwards
         d.train_step(next(real))

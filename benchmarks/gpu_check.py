@@ -303,7 +303,8 @@ def fsdp_section(report, path, clock, device, tiny):
                                      'batch_size': 2, 'device': str(device)})
                 teacher = dmd2.prepare_network(parts.teacher(), cfg, device)
                 conditions = dmd2.Prompts(captions, parts.tokenizers, parts.text_encoders)
-                distiller = dmd2.Distiller(cfg, teacher, (4, size, size), device=device, conditions=conditions)
+                distiller = dmd2.Distiller(cfg, teacher, (4, size, size), device=device, conditions=conditions,
+                                           wrap=dmd2.engine(cfg, 1, device))
                 real = dmd2.InMemoryBatches(torch.randn(8, 4, size, size).half(), captions, 2, 0)
                 if device.type == 'cuda':
                     torch.cuda.reset_peak_memory_stats(device)

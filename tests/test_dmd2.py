@@ -218,7 +218,7 @@ def test_generator_loss_does_not_train_the_critic():
 def test_nan_loss_stops_without_touching_the_checkpoint(tmp_path):
     cfg = tiny_cfg(iters=10, ckpt_every=5)
     real = dmd2.Toy2DBatches(cfg.batch_size, 0)
-    dmd2.train(cfg, toy_teacher(), real, (2,), str(tmp_path), show=lambda *a: None)
+    dmd2.run_training(cfg, toy_teacher(), real, (2,), str(tmp_path), show=lambda *a: None)
     ckpt = tmp_path / "checkpoint.pt"
     saved = ckpt.read_bytes()
 
@@ -227,7 +227,7 @@ def test_nan_loss_stops_without_touching_the_checkpoint(tmp_path):
             x, y = super().__next__()
             return x * float("nan"), y
     with pytest.raises(FloatingPointError, match="the critic loss is not finite at iteration 10.*last good checkpoint"):
-        dmd2.train(dataclasses.replace(cfg, iters=20), toy_teacher(), NaNBatches(cfg.batch_size, 0), (2,),
+        dmd2.run_training(dataclasses.replace(cfg, iters=20), toy_teacher(), NaNBatches(cfg.batch_size, 0), (2,),
                    str(tmp_path), show=lambda *a: None)
     assert ckpt.read_bytes() == saved
 
@@ -271,7 +271,7 @@ def test_micro_batching_equals_the_whole_batch(setting, micro_batch):
 
 def test_micro_batch_must_divide_the_batch():
     with pytest.raises(SystemExit, match="--micro_batch 3 must divide --batch_size 4"):
-        dmd2.parse_config(["--dataset", "toy2d", "--batch_size", "4", "--micro_batch", "3"])
+        dmd2.check_config(dmd2.parse_config(["--dataset", "toy2d", "--batch_size", "4", "--micro_batch", "3"]))
     assert dmd2.parse_config(["--dataset", "toy2d", "--batch_size", "4", "--micro_batch", "2"]).micro_batch == 2
     assert [(s.start, s.stop) for s in dmd2.micro_batches(6, 2)] == [(0, 2), (2, 4), (4, 6)]
     assert dmd2.micro_batches(6, 0) == [slice(0, 6)]
@@ -304,7 +304,7 @@ def test_auto_gan_weight_resumes_and_micro_batches(monkeypatch, tmp_path):
     monkeypatch.setattr(dmd2, "AUTO_GAN_UPDATES", 3)
     cfg = tiny_cfg(gen_cls_loss_weight="auto", dfake_gen_update_ratio=1, warmup_steps=0, batch_size=4, iters=6,
                    ckpt_every=2)
-    run = lambda c, folder: dmd2.train(c, toy_teacher(), dmd2.Toy2DBatches(c.batch_size, 0), (2,),
+    run = lambda c, folder: dmd2.run_training(c, toy_teacher(), dmd2.Toy2DBatches(c.batch_size, 0), (2,),
                                        str(tmp_path / folder), show=lambda *a: None)
     full = run(cfg, "full")
     run(dataclasses.replace(cfg, iters=2), "resumed")  # killed in the middle of the measurement
@@ -320,18 +320,18 @@ def test_auto_gan_weight_on_the_command_line():
     assert dmd2.parse_config(["--gen_cls_loss_weight", "0.01"]).gen_cls_loss_weight == 0.01
     assert dmd2.parse_config(["--dataset", "imagenet64"]).gen_cls_loss_weight == 3e-3  # official fixed weight
     with pytest.raises(SystemExit):
-        dmd2.parse_config(["--gen_cls_loss_weight", "big"])
+        dmd2.check_config(dmd2.parse_config(["--gen_cls_loss_weight", "big"]))
     with pytest.raises(SystemExit, match="auto matches the DM term's gradient norm"):
-        dmd2.parse_config(["--gen_cls_loss_weight", "auto", "--dm_loss_weight", "0"])
+        dmd2.check_config(dmd2.parse_config(["--gen_cls_loss_weight", "auto", "--dm_loss_weight", "0"]))
 
 
 def test_resume_is_bit_identical(tmp_path):
     cfg = tiny_cfg(iters=12, ckpt_every=4, generator_steps=4, ema_decay=0.9)
-    full = dmd2.train(cfg, toy_teacher(), dmd2.Toy2DBatches(cfg.batch_size, 0), (2,), str(tmp_path / "a"),
+    full = dmd2.run_training(cfg, toy_teacher(), dmd2.Toy2DBatches(cfg.batch_size, 0), (2,), str(tmp_path / "a"),
                       show=lambda *a: None)
-    dmd2.train(dataclasses.replace(cfg, iters=8), toy_teacher(), dmd2.Toy2DBatches(cfg.batch_size, 0), (2,),
+    dmd2.run_training(dataclasses.replace(cfg, iters=8), toy_teacher(), dmd2.Toy2DBatches(cfg.batch_size, 0), (2,),
                str(tmp_path / "b"), show=lambda *a: None)
-    resumed = dmd2.train(cfg, toy_teacher(), dmd2.Toy2DBatches(cfg.batch_size, 0), (2,), str(tmp_path / "b"),
+    resumed = dmd2.run_training(cfg, toy_teacher(), dmd2.Toy2DBatches(cfg.batch_size, 0), (2,), str(tmp_path / "b"),
                          show=lambda *a: None)
     for name in ("generator", "fake_score", "head", "ema"):
         a, b = getattr(full, name).state_dict(), getattr(resumed, name).state_dict()
@@ -356,16 +356,16 @@ def test_cached_teacher_gives_the_same_students(tmp_path):
 
 def test_resume_refuses_another_config(tmp_path):
     cfg = tiny_cfg(iters=5)
-    dmd2.train(cfg, toy_teacher(), dmd2.Toy2DBatches(16, 0), (2,), str(tmp_path), show=lambda *a: None)
+    dmd2.run_training(cfg, toy_teacher(), dmd2.Toy2DBatches(16, 0), (2,), str(tmp_path), show=lambda *a: None)
     with pytest.raises(ValueError, match="another config.*generator_lr"):
-        dmd2.train(dataclasses.replace(cfg, generator_lr=0.5), toy_teacher(), dmd2.Toy2DBatches(16, 0), (2,),
+        dmd2.run_training(dataclasses.replace(cfg, generator_lr=0.5), toy_teacher(), dmd2.Toy2DBatches(16, 0), (2,),
                    str(tmp_path), show=lambda *a: None)
 
 
 def test_corrupt_checkpoint_gives_clear_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="checkpoint.pt: not a readable DMD2 checkpoint"):
-        dmd2.train(tiny_cfg(), toy_teacher(), dmd2.Toy2DBatches(16, 0), (2,), str(tmp_path), show=lambda *a: None)
+        dmd2.run_training(tiny_cfg(), toy_teacher(), dmd2.Toy2DBatches(16, 0), (2,), str(tmp_path), show=lambda *a: None)
 
 
 def test_shapes_metric_classifier_is_one_yardstick_for_every_seed(tmp_path):
@@ -391,9 +391,9 @@ def test_cli_presets_flags_and_errors(capsys):
         dmd2.parse_config(["--dataset", "mnist"])
     assert "unknown dataset 'mnist'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="regression loss is for one-step"):
-        dmd2.parse_config(["--dataset", "toy2d", "--regression_loss_weight", "0.25"])
+        dmd2.check_config(dmd2.parse_config(["--dataset", "toy2d", "--regression_loss_weight", "0.25"]))
     with pytest.raises(SystemExit, match="no loss"):
-        dmd2.parse_config(["--dataset", "toy2d", "--gan", "false", "--dm_loss_weight", "0"])
+        dmd2.check_config(dmd2.parse_config(["--dataset", "toy2d", "--gan", "false", "--dm_loss_weight", "0"]))
 
 
 def run_cli(args, tmp_path, **popen):

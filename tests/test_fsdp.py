@@ -42,7 +42,8 @@ def final(tmp_path, out):
     folder = tmp_path / out / "sdxl" / "student_4step"
     if (folder / "checkpoint.pt").exists():
         state = torch.load(folder / "checkpoint.pt", weights_only=True)["distiller"]
-        return state["step"], {"generator": state["generator"], "fake_score": state["fake_score"]}
+        return state["step"], {"generator": state["generator"], "fake_score": {
+            k[len("fake_score."):]: v for k, v in state["critic"].items() if k.startswith("fake_score.")}}
     import torch.distributed.checkpoint as dcp
     weights = dmd2.tiny_t2i_parts(seed=10).teacher().state_dict()  # the shapes; gathered into fresh tensors
     template = {"distiller": {"generator": {k: v.clone() for k, v in weights.items()},
@@ -227,7 +228,7 @@ def test_bf16_params_option_gathers_bf16_and_keeps_fp32_shards(tmp_path):
         cfg = dmd2.Config(**{**dmd2.PRESETS["sdxl"], "dataset": "sdxl", "tiny": True, "precision": "fp32",
                              "batch_size": 2, "warmup_steps": 0, "engine": "fsdp", "fsdp_bf16_params": True})
         captions = ["a cat", "a dog", "red car", "blue sky"]
-        d = dmd2.Distiller(cfg, parts.teacher(), (4, 16, 16),
+        d = dmd2.Distiller(cfg, parts.teacher(), (4, 16, 16), wrap=dmd2.engine(cfg, 1, torch.device("cpu")),
                            conditions=dmd2.Prompts(captions, parts.tokenizers, parts.text_encoders))
         seen = []
         d.generator.unet.conv_in.register_forward_pre_hook(lambda m, args: seen.append((m.weight.dtype, args[0].dtype)))

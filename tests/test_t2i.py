@@ -325,8 +325,9 @@ def t2i_distiller(parts, **overrides):
                          "generator_lr": 1e-4, "guidance_lr": 1e-4, **overrides})
     latents, captions = tiny_latents()
     torch.manual_seed(0)
-    d = dmd2.Distiller(cfg, dmd2.prepare_network(parts.teacher(), cfg, torch.device("cpu")), (4, 16, 16),
-                       conditions=dmd2.Prompts(captions, parts.tokenizers, parts.text_encoders))
+    teacher = dmd2.prepare_network(parts.teacher(), cfg, torch.device("cpu"))
+    d = dmd2.Distiller(cfg, teacher, (4, 16, 16), conditions=dmd2.Prompts(captions, parts.tokenizers, parts.text_encoders),
+                       generator=dmd2.lora_generator(teacher, cfg) if cfg.lora_rank else None)
     return d, dmd2.InMemoryBatches(latents, captions, cfg.batch_size, cfg.seed)
 
 
@@ -673,9 +674,10 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, micro_batch):
     two, one = run("two", 1, 2), run("one", 2, 1)
     teacher = dmd2.tiny_t2i_parts(seed=10).teacher().state_dict()
     assert two["step"] == one["step"] == 3
-    for name in ("generator", "fake_score"):
-        diff = torch.cat([(two[name][k] - v).abs().flatten() for k, v in one[name].items()]).mean()
-        update = torch.cat([(v - teacher[k]).abs().flatten() for k, v in one[name].items()]).mean()
+    for name, prefix in (("generator", ""), ("critic", "fake_score.")):  # the critic: fake_score.* and head.*
+        ours = {k[len(prefix):]: v for k, v in one[name].items() if k.startswith(prefix)}
+        diff = torch.cat([(two[name][prefix + k] - v).abs().flatten() for k, v in ours.items()]).mean()
+        update = torch.cat([(v - teacher[k]).abs().flatten() for k, v in ours.items()]).mean()
         assert update > 1e-5 and diff < 1e-3 * update, (name, float(diff), float(update))
 
 
