@@ -515,6 +515,105 @@ def test_sd15_iteration_equals_the_official_formulas(sd15):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5 * float(log["grad_norm_d"]))
 
 
+# --- CFG only on the real score, only above 1; the GAN head without diffusion GAN ------------------------------------
+
+
+def sd15_config(**overrides):
+    """The sd15 preset for the tiny model (fp32 on the CPU, batch 2, no warm-up)."""
+    return dmd2.Config(**{**dmd2.PRESETS["sd15"], "dataset": "sd15", "sigma_data": math.inf, "precision": "fp32",
+                          "batch_size": 2, "warmup_steps": 0, "generator_lr": 1e-4, "guidance_lr": 1e-4, **overrides})
+
+
+def direct_x0(den, x, sigma, cond, guidance=None):
+    """x0 of the UNet called directly (SD v1.5: no added conditions), in the UNet's dtype (float64 here), at the
+    adapter's float32 x_t: the conditional prediction, or uncond + guidance (cond - uncond) with the empty prompt."""
+    t = den.timestep(sigma).expand(len(x))
+    a = dmd2.ddpm_alphas_cumprod()[t].view(-1, 1, 1, 1)
+    x_t = (x.double() * a.sqrt()).float().double()
+    eps = den.unet(x_t, t, cond[0].double()).sample
+    if guidance is not None:
+        eps_u = den.unet(x_t, t, den.uncond_embeds.double().expand_as(cond[0])).sample
+        eps = eps_u + guidance * (eps - eps_u)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def test_cfg_only_above_guidance_scale_one(sd15):
+    """Official (main/sd_guidance.py): classifier-free guidance only when the scale is > 1. Scales 0.5 and 0 return
+    exactly the plain conditional prediction (that of scale 1, bitwise: the same code path); 2 returns
+    uncond + 2 (cond - uncond) with the empty-prompt encoding. The UNet runs in float64, so the comparison with the
+    direct computation is free of float32 kernels: 1e-6 covers a float32 rounding of x_t more or less (u |x_t| / sqrt(a)),
+    while the CFG term 2 (cond - uncond) - cond differs by (cond - uncond) sqrt(1 - a) / sqrt(a) >~ 1e-4 here."""
+    parts = copy.deepcopy(sd15)
+    parts.unet.double()
+    den = parts.teacher()
+    cond = dmd2.Prompts([], parts.tokenizers, parts.text_encoders).encode(["a red cat", "two dogs on a hill"])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigma = den.sigmas[torch.tensor([300, 700])]
+    out = {}
+    with torch.no_grad():
+        for scale in (1.0, 0.5, 0.0, 2.0):
+            den.guidance_scale = scale
+            out[scale] = den(x, sigma, cond)
+        plain, guided = direct_x0(den, x, sigma, cond), direct_x0(den, x, sigma, cond, guidance=2.0)
+    torch.testing.assert_close(out[1.0], plain, rtol=1e-6, atol=1e-6)
+    for scale in (0.5, 0.0):
+        assert torch.equal(out[scale], out[1.0]), \
+            f"guidance_scale {scale}: {(out[scale] - out[1.0]).abs().max().item():.3g} from the conditional prediction"
+    torch.testing.assert_close(out[2.0], guided, rtol=1e-6, atol=1e-6)
+    assert (guided - plain).abs().max() > 1e-4  # CFG at 2 is not the conditional prediction: the test is not vacuous
+
+
+def test_fake_score_and_generator_never_get_cfg(sd15):
+    """Only the real score guides (official: real_guidance_scale on the real UNet; the fake UNet and the generator
+    run without CFG), whatever scale the teacher handed to the Distiller carried."""
+    parts = copy.deepcopy(sd15)
+    teacher = parts.teacher()
+    teacher.guidance_scale = 3.0
+    cfg = sd15_config(guidance_scale=1.75)
+    d = dmd2.Distiller(cfg=cfg, teacher=teacher, sample_shape=(4, 16, 16),
+                       conditions=dmd2.Prompts(["a cat", "a dog"], parts.tokenizers, parts.text_encoders))
+    assert d.real_score.guidance_scale == 1.75
+    assert (d.fake_score.guidance_scale, d.generator.guidance_scale) == (1, 1)
+    cond = dmd2.Prompts([], parts.tokenizers, parts.text_encoders).encode(["a red cat", "two dogs on a hill"])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    for net in (d.fake_score, d.generator):  # behaviourally: the conditional prediction, float64 as above
+        net.unet.double()
+        sigma = net.sigmas[torch.tensor([300, 700])]
+        with torch.no_grad():
+            torch.testing.assert_close(net(x, sigma, cond), direct_x0(net, x, sigma, cond), rtol=1e-6, atol=1e-6)
+
+
+def test_gan_without_diffusion_gan_classifies_the_clean_latents_at_timestep_zero(sd15, monkeypatch):
+    """Without the diffusion GAN (official sd_guidance compute_cls_logits: timesteps zeros, noisy_image = image) the
+    GAN head's features are the UNet's mid block on the latent x itself at t = 0, not on sqrt(alpha_bar_0) x
+    (= 0.99957 x, the EDM scaling x = x0 + sigma_0 n with n = 0 read through the adapter). Recorded through one
+    train_step (generator turn: the generated batch; critic turn: the real batch, then the generated one). The real
+    latents are float16 values (exact in float32); the adapter may reach x_t = x only up to rounding (x_t =
+    fl32(x' sqrt(a_0)) with x' = x / sqrt(a_0) formed in float64: within 1 ulp, 6e-8 |x|), so 1e-6 max|x|, still
+    700 times below the 4.3e-4 |x| of the scaled input."""
+    parts = copy.deepcopy(sd15)
+    cfg = sd15_config(gan=True, diffusion_gan=False, gen_cls_loss_weight=1e-3, cls_loss_weight=1e-2,
+                      dfake_gen_update_ratio=1)
+    latents, captions = tiny_latents()
+    d = dmd2.Distiller(cfg=cfg, teacher=parts.teacher(), sample_shape=(4, 16, 16),
+                       conditions=dmd2.Prompts(captions, parts.tokenizers, parts.text_encoders))
+    calls, original = [], dmd2.EpsDenoiser.mid_block_output
+
+    def recording(self, x_t, t, cond):
+        calls.append((x_t.detach().clone(), t.detach().clone()))
+        return original(self, x_t, t, cond)
+    monkeypatch.setattr(dmd2.EpsDenoiser, "mid_block_output", recording)
+    batch = next(dmd2.InMemoryBatches(latents, captions, cfg.batch_size, cfg.seed))
+    log = d.train_step(batch)
+    assert {"loss_gan_g", "loss_gan_d"} <= set(log)
+    assert len(calls) == 3, [tuple(x.shape) for x, _ in calls]  # generated (G turn), real, generated (critic turn)
+    assert all(t.tolist() == [0] * len(t) for _, t in calls), [t.tolist() for _, t in calls]
+    real = batch[0].float()
+    scale = real.abs().max().item()
+    torch.testing.assert_close(calls[1][0].float(), real, rtol=0, atol=1e-6 * scale)
+    torch.testing.assert_close(calls[2][0], calls[0][0], rtol=0, atol=0)  # the same generated batch, both turns
+
+
 # --- data, checkpoints, released weights ----------------------------------------------------------------------------
 
 
