@@ -20,6 +20,7 @@ torch 2.14.1, diffusers 0.42.1, transformers 5.24.0 (the file's "meta" says the 
 
 The record is not regenerated from today's code (it pins the old step): the recorder is this file at commit 37b252e.
 Here run_cycle() replays the recorded draws through the unified Distiller; tests/test_sdxl_record.py compares."""
+import copy
 import dataclasses
 import math
 import os
@@ -203,7 +204,7 @@ def unified_order(draws, k, steps, generator_turn):
     return [by_role[role] for role in roles]
 
 
-def run_cycle(parts, name, recorded_draws):
+def run_cycle(parts, name, recorded_draws, float64=False):
     """Two iterations for CONFIGS[name] on tiny_data() through the unified path (the tiny UNet as an EpsDenoiser
     teacher, dmd2.Distiller.train_step, real batches from dmd2.InMemoryBatches, prompts from dmd2.Prompts), with
     the recorded draws served in place of torch's random functions. Returns {"config", "initial", "draws", "logs", "optimizer_steps",
@@ -211,10 +212,14 @@ def run_cycle(parts, name, recorded_draws):
     recorded_cfg = dict(RECORD["runs"][name]["config"])
     cfg = unified_config(recorded_cfg)
     data = tiny_data()
-    distiller = dmd2.Distiller(cfg, parts.teacher(), (4, 16, 16), conditions=dmd2.Prompts(
+    teacher = copy.deepcopy(parts.teacher()) if float64 else parts.teacher()  # the real score's UNet is the teacher's
+    distiller = dmd2.Distiller(cfg, teacher, (4, 16, 16), conditions=dmd2.Prompts(
         data["captions"], parts.tokenizers, parts.text_encoders))
     real = dmd2.InMemoryBatches(data["latents"], data["captions"], cfg.batch_size, cfg.seed)
     init_gan_head(distiller.head)
+    if float64:  # the three UNets (GANHead computes in float32 whatever its input: official)
+        for unet in (distiller.generator.unet, distiller.fake_score.unet, distiller.real_score.unet):
+            unet.double()
     nets = {"generator": distiller.generator.unet, "fake_unet": distiller.fake_score.unet, "gan_head": distiller.head}
     names = {net: [n for n, p in module.named_parameters() if p.requires_grad] for net, module in nets.items()}
     shapes = {net: [list(p.shape) for p in module.parameters() if p.requires_grad] for net, module in nets.items()}
