@@ -1373,6 +1373,7 @@ class InceptionV3(nn.Module):
                                                     init_weights=False).state_dict()
         with mock.patch.object(pfid, "load_state_dict_from_url", lambda *args, **kwargs: state):  # not downloaded
             self.net = pfid.InceptionV3(resize_input=False, normalize_input=False).eval()  # loads `state` strictly
+        self.net.to(memory_format=torch.channels_last)  # faster CPU convolutions; the same math
 
     @torch.inference_mode()
     def forward(self, images):
@@ -1960,7 +1961,7 @@ def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None,
 
 def t2i_evaluate_main(argv):
     """python dmd2.py evaluate --model MODEL --coco DIR [--protocol sdxl|sd15] [--num N] [--out DIR] ...
-    Text-to-image evaluation (section 8b2): `evaluate` dispatches here when --model is given. Writes the images and
+    Text-to-image evaluation (section 10): `evaluate` dispatches here when --model is given. Writes the images and
     out/metrics.json and prints FID, patch FID (SDXL) and CLIP score, each with its N. --model images evaluates the
     images already in --out."""
     parser = argparse.ArgumentParser(prog="dmd2.py evaluate", description=t2i_evaluate_main.__doc__,
