@@ -31,7 +31,6 @@ import functools
 import hashlib
 import inspect
 import http.client
-import io
 import json
 import math
 import os
@@ -1124,213 +1123,67 @@ def image_metrics(images, labels, classifier, ref_features):
 # 9. FID: the Inception network, its weights, float64 statistics, the Frechet distance, the ImageNet-64 protocol.
 # EDM's fid.py is the protocol the paper's numbers use: NVIDIA's TF-ported Inception on uint8 images, TF1 bilinear
 # resize to 299, (x - 128) / 128, 2048-d pool features, float64 mean / unbiased covariance, sqrtm Frechet distance.
-# Here the same TF graph runs as our own module with pytorch-fid's weight file (no pickled code is executed). Both
-# weight files are ports of TF's inception-2015-12-05; they have not been byte-compared, so equality with NVIDIA's
-# detector is expected (torch-fidelity reports features within 1e-4 of TF), not verified here.
+# Here the same TF graph is pytorch-fid's network and weight file (no pickled code is executed). Both weight files
+# are ports of TF's inception-2015-12-05; they have not been byte-compared, so equality with NVIDIA's detector is
+# expected (torch-fidelity reports features within 1e-4 of TF), not verified here.
 
 
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                 "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's FID_WEIGHTS_URL
-
-
-class InceptionConv(nn.Module):
-    """Conv (no bias) + inference batch norm (eps 1e-3) + ReLU, named as torchvision's BasicConv2d (conv, bn). The
-    batch norm is folded into the convolution at every call (w s, beta - mean s, s = gamma / sqrt(var + eps))."""
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels, eps=1e-3)  # TF Inception / pytorch-fid: eps 0.001
-
-    def folded(self):
-        scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
-        return self.conv.weight * scale[:, None, None, None], self.bn.bias - self.bn.running_mean * scale
-
-    def forward(self, x):
-        weight, bias = self.folded()
-        return F.relu(F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding), inplace=True)
-
-
-def parallel_1x1(x, *convs):
-    """Several 1x1 InceptionConvs that read the same input, run as one convolution (same result, fewer passes)."""
-    weights, biases = zip(*(c.folded() for c in convs))
-    y = F.relu(F.conv2d(x, torch.cat(weights), torch.cat(biases)), inplace=True)
-    return y.split([w.shape[0] for w in weights], dim=1)
-
-
-def avg_pool_3x3(x):
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # TF excludes the padding (pytorch-fid)
-
-
-def add_convs(module, **specs):
-    """module.name = InceptionConv(in, out, kernel[, stride[, padding]]) for every name=(in, out, kernel, ...)."""
-    for name, spec in specs.items():
-        setattr(module, name, InceptionConv(*spec))
-
-
-class InceptionA(nn.Module):  # Mixed_5b..5d (pytorch-fid FIDInceptionA)
-    def __init__(self, cin, pool_features):
-        super().__init__()
-        add_convs(self, branch1x1=(cin, 64, 1), branch5x5_1=(cin, 48, 1), branch5x5_2=(48, 64, 5, 1, 2),
-                  branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1), branch3x3dbl_3=(96, 96, 3, 1, 1),
-                  branch_pool=(cin, pool_features, 1))
-
-    def forward(self, x):
-        a, b, c = parallel_1x1(x, self.branch1x1, self.branch5x5_1, self.branch3x3dbl_1)
-        b = self.branch5x5_2(b)
-        c = self.branch3x3dbl_3(self.branch3x3dbl_2(c))
-        return torch.cat([a, b, c, self.branch_pool(avg_pool_3x3(x))], 1)
-
-
-class InceptionB(nn.Module):  # Mixed_6a (torchvision InceptionB)
-    def __init__(self, cin):
-        super().__init__()
-        add_convs(self, branch3x3=(cin, 384, 3, 2), branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1),
-                  branch3x3dbl_3=(96, 96, 3, 2))
-
-    def forward(self, x):
-        c = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), c, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionC(nn.Module):  # Mixed_6b..6e (pytorch-fid FIDInceptionC)
-    def __init__(self, cin, c7):
-        super().__init__()
-        row, col = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # kernel, stride, padding of the 1x7 and 7x1 convs
-        add_convs(self, branch1x1=(cin, 192, 1), branch7x7_1=(cin, c7, 1), branch7x7_2=(c7, c7, *row),
-                  branch7x7_3=(c7, 192, *col), branch7x7dbl_1=(cin, c7, 1), branch7x7dbl_2=(c7, c7, *col),
-                  branch7x7dbl_3=(c7, c7, *row), branch7x7dbl_4=(c7, c7, *col), branch7x7dbl_5=(c7, 192, *row),
-                  branch_pool=(cin, 192, 1))
-
-    def forward(self, x):
-        a, b, c = parallel_1x1(x, self.branch1x1, self.branch7x7_1, self.branch7x7dbl_1)
-        b = self.branch7x7_3(self.branch7x7_2(b))
-        c = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(c))))
-        return torch.cat([a, b, c, self.branch_pool(avg_pool_3x3(x))], 1)
-
-
-class InceptionD(nn.Module):  # Mixed_7a (torchvision InceptionD)
-    def __init__(self, cin):
-        super().__init__()
-        add_convs(self, branch3x3_1=(cin, 192, 1), branch3x3_2=(192, 320, 3, 2), branch7x7x3_1=(cin, 192, 1),
-                  branch7x7x3_2=(192, 192, (1, 7), 1, (0, 3)), branch7x7x3_3=(192, 192, (7, 1), 1, (3, 0)),
-                  branch7x7x3_4=(192, 192, 3, 2))
-
-    def forward(self, x):
-        a, b = parallel_1x1(x, self.branch3x3_1, self.branch7x7x3_1)
-        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(b)))
-        return torch.cat([self.branch3x3_2(a), b, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):  # Mixed_7b (FIDInceptionE_1, average pool) and Mixed_7c (FIDInceptionE_2, max pool)
-    def __init__(self, cin, max_pool):
-        super().__init__()
-        self.max_pool = max_pool  # a quirk of the TF graph kept by pytorch-fid: Mixed_7c pools with max
-        row, col = ((1, 3), 1, (0, 1)), ((3, 1), 1, (1, 0))  # kernel, stride, padding of the 1x3 and 3x1 convs
-        add_convs(self, branch1x1=(cin, 320, 1), branch3x3_1=(cin, 384, 1), branch3x3_2a=(384, 384, *row),
-                  branch3x3_2b=(384, 384, *col), branch3x3dbl_1=(cin, 448, 1), branch3x3dbl_2=(448, 384, 3, 1, 1),
-                  branch3x3dbl_3a=(384, 384, *row), branch3x3dbl_3b=(384, 384, *col), branch_pool=(cin, 192, 1))
-
-    def forward(self, x):
-        a, b, c = parallel_1x1(x, self.branch1x1, self.branch3x3_1, self.branch3x3dbl_1)
-        c = self.branch3x3dbl_2(c)
-        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool_3x3(x)
-        return torch.cat([a, self.branch3x3_2a(b), self.branch3x3_2b(b), self.branch3x3dbl_3a(c),
-                          self.branch3x3dbl_3b(c), self.branch_pool(pool)], 1)
-
-
-def tf1_resize_matrix(size_in, size_out):
-    """[size_out, size_in] matrix of TF1 bilinear resize (align_corners=False, no half-pixel centres): output i
-    samples source coordinate i * in/out, neighbours clamped at the border (EDM/NVIDIA detector, TTUR FID)."""
-    src = torch.arange(size_out, dtype=torch.float64) * (size_in / size_out)
-    lo = src.floor().long()
-    frac = src - lo
-    rows = torch.arange(size_out)
-    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
-    matrix.index_put_((rows, lo), 1 - frac, accumulate=True)
-    matrix.index_put_((rows, (lo + 1).clamp(max=size_in - 1)), frac, accumulate=True)
-    return matrix
-
-
-def tf1_bilinear_resize(x, size=299):
-    """Resize float [N, C, H, W] to size x size with the TF1 rule, as two matrix products (separable bilinear)."""
-    rows = tf1_resize_matrix(x.shape[2], size).to(x)
-    cols = tf1_resize_matrix(x.shape[3], size).to(x)
-    return rows @ x @ cols.T
+                 "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's FID_WEIGHTS_URL; 6726825d: SHA-256 prefix
 
 
 class InceptionV3(nn.Module):
-    """The FID Inception network (TF inception-2015-12-05 graph) returning 2048-d pool features, float32. Module
-    tree and state-dict keys are torchvision's / pytorch-fid's, so pytorch-fid's pt_inception-2015-12-05-6726825d.pth
-    loads strictly (fc is kept only for that). Input: uint8 images [N, 3, H, W], any H, W. Preprocessing `mode`:
+    """pytorch-fid's FID Inception (its InceptionV3 up to the 2048-d pool features, float32) with `state`, a state
+    dict in pytorch-fid's weight-file layout, loaded strictly (None: torchvision's random initialisation). Input:
+    uint8 images [N, 3, H, W], any H, W. Preprocessing `mode`:
       'edm'         TF1 bilinear resize to 299, (x - 128) / 128 (EDM fid.py / NVIDIA detector: the paper's FID);
-      'pytorch-fid' x / 255, F.interpolate bilinear (align_corners=False) to 299, 2x - 1 (pytorch-fid's numbers).
-    Runs in inference mode, channels_last, batch norm folded into the convolutions, float32 throughout."""
+      'pytorch-fid' x / 255, F.interpolate bilinear (align_corners=False) to 299, 2x - 1 (pytorch-fid's numbers)."""
 
-    def __init__(self, mode="edm"):
+    def __init__(self, mode="edm", state=None):
         super().__init__()
+        import pytorch_fid.inception as pfid
+        import torchvision
+        from unittest import mock
         if mode not in ("edm", "pytorch-fid"):
             raise ValueError(f"InceptionV3 mode must be 'edm' or 'pytorch-fid', got {mode!r}")
         self.mode = mode
-        add_convs(self, Conv2d_1a_3x3=(3, 32, 3, 2), Conv2d_2a_3x3=(32, 32, 3), Conv2d_2b_3x3=(32, 64, 3, 1, 1),
-                  Conv2d_3b_1x1=(64, 80, 1), Conv2d_4a_3x3=(80, 192, 3))
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, c7=128)
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, max_pool=False)
-        self.Mixed_7c = InceptionE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)  # the TF graph's 1008-way softmax layer; unused for FID
-        self.requires_grad_(False)
-        self.to(memory_format=torch.channels_last)
-
-    def preprocess(self, images):
-        x = images.to(self.fc.weight.device, torch.float32)
-        if self.mode == "edm":
-            return (tf1_bilinear_resize(x, 299) - 128) / 128
-        x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False)
-        return 2 * x - 1
+        if state is None:  # pytorch-fid's tree is torchvision's Inception v3 with 1008 classes and no aux head
+            state = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008,
+                                                    init_weights=False).state_dict()
+        with mock.patch.object(pfid, "load_state_dict_from_url", lambda *args, **kwargs: state):  # not downloaded
+            self.net = pfid.InceptionV3(resize_input=False, normalize_input=False).eval()  # loads `state` strictly
+        self.net.to(memory_format=torch.channels_last)  # faster CPU convolutions; the same math
 
     @torch.inference_mode()
     def forward(self, images):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"InceptionV3 takes uint8 images [N, 3, H, W], got {images.dtype} "
                              f"{list(images.shape)} (use images_to_uint8 for [-1, 1] floats)")
-        return self.features(self.preprocess(images))
+        x = images.to(next(self.parameters()).device, torch.float32)
+        if self.mode == "edm":
+            return self.features((edm_net.tf1_bilinear_resize(x, 299) - 128) / 128)
+        return self.features(2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1)
 
     @torch.inference_mode()
     def features(self, x):
-        """Pool features of preprocessed float input [N, 3, 299, 299] in [-1, 1] (clean-fid's entry, section 8b2)."""
-        x = x.to(self.fc.weight.device, torch.float32).contiguous(memory_format=torch.channels_last)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
-        x = F.max_pool2d(x, 3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
-            x = block(x)
-        return x.mean(dim=(2, 3))  # pool_3: global average pool -> [N, 2048]
+        """Pool features of preprocessed float input [N, 3, 299, 299] in [-1, 1] (the text-to-image path)."""
+        return self.net(x.to(next(self.parameters()).device, torch.float32))[0].flatten(1)
 
 
 def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
     """InceptionV3 in eval mode with pytorch-fid's weights, loaded strictly from `path`, else from the cache
     (cache_dir, default $DMD2_CACHE or ~/.cache/dmd2), else downloaded into the cache (download_cached)."""
     if path is None:
-        path = download_cached(INCEPTION_URL, cache_dir, flag="--inception")
+        path = download_cached(INCEPTION_URL, cache_dir, flag="--inception", hash_prefix="6726825d")
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: Inception weights not found (get {INCEPTION_URL})")
-    net = InceptionV3(mode)
+    state = read_checkpoint(path, "Inception weights file", f"Delete it and download {INCEPTION_URL} again.",
+                            ValueError)
     try:
-        net.load_state_dict(read_checkpoint(path, "Inception weights file",
-                                            f"Delete it and download {INCEPTION_URL} again.", ValueError), strict=True)
+        return InceptionV3(mode, state).to(device).eval()
     except (RuntimeError, TypeError, AttributeError) as error:
-        raise ValueError(f"{path}: not pytorch-fid's Inception state dict ({str(error).splitlines()[0]}); "
+        raise ValueError(f"{path}: not pytorch-fid's Inception state dict ({' '.join(str(error).split())[:300]}); "
                          f"expected the file {INCEPTION_URL}") from None
-    return net.to(device).eval()
 
 
 class FeatureStats:
@@ -1465,9 +1318,9 @@ def iter_image_batches(source, batch_size=64, rank=0, world_size=1):
         names, open_file = archive.namelist(), archive.open
     else:
         raise FileNotFoundError(f"{source}: not an image folder or a zip file (EDM dataset_tool output)")
-    names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+    names = sorted(n for n in names if n.lower().endswith(edm_net.IMAGE_EXTENSIONS))
     if not names:
-        raise ValueError(f"{source}: no {'/'.join(IMAGE_EXTENSIONS)} images found")
+        raise ValueError(f"{source}: no {'/'.join(edm_net.IMAGE_EXTENSIONS)} images found")
     batch, shape = [], None
     try:
         for name in names[rank::world_size]:
@@ -1599,7 +1452,7 @@ def fid_main(argv=None):
 #   * generated and reference images alike: centre crop of the long edge, PIL LANCZOS to eval_res (SDXL 512, SD v1.5
 #     256), then clean-fid's "clean" resize (PIL bicubic in float to 299, no quantisation); patch FID (SDXL): the
 #     centre 299 x 299 crop at full resolution. Features: clean-fid's TorchScript Inception when its file is there,
-#     else our InceptionV3 with pytorch-fid's port of the same TF weights (not byte-identical: README);
+#     else pytorch-fid's network and port of the same TF weights (not byte-identical: README);
 #   * CLIP score: open_clip ViT-g-14 laion2b_s12b_b42k, "A photo depicts " + caption, mean raw cosine (~0.33);
 #   * every model is a diffusers pipeline; sample i draws all its noise from seed + i; PNGs on disk (resumable);
 #     sharded over torchrun processes with statistics summed over them: numbers independent of batch and processes.
@@ -1635,14 +1488,6 @@ def crop_resize(image, res):
 def patch_crop(image, size=299):
     """Patch FID: the centre 299 x 299 crop, no resize; smaller images pass unchanged (official patch_fid=True)."""
     return center_crop(image, size) if min(image.size) >= size else image
-
-
-def clean_resize(image, size=299):
-    """clean-fid "clean" mode: each channel as a float32 PIL image, bicubic to size x size, clipped to [0, 255], no
-    quantisation. uint8 [H, W, 3] -> float32 [3, size, size]."""
-    channels = np.asarray(image, np.float32).transpose(2, 0, 1)
-    return np.stack([np.asarray(PIL.Image.fromarray(c).resize((size, size), PIL.Image.BICUBIC)) for c in channels]
-                    ).clip(0, 255)
 
 
 def open_rgb(path):
@@ -1699,10 +1544,9 @@ def coco_caption_subset(rows, num, seed=COCO_SEED):
 def t2i_inception(path=None, cache_dir=None, device="cpu"):
     """(name, features): float [N, 3, 299, 299] in [0, 255] -> [N, 2048] after (x - 128) / 128 (clean-fid). A .pt
     file, or clean-fid's inception-2015-12-05.pt found in the cache or clean-fid's /tmp, is its TorchScript network
-    (the `layers` module, as clean-fid calls it); otherwise our InceptionV3 with pytorch-fid's weights."""
+    (its `layers`, as clean-fid's InceptionV3W calls them); otherwise InceptionV3 with pytorch-fid's weights."""
     name = "inception-2015-12-05.pt"
-    found = [path] if path else [os.path.join(cache_dir or default_cache_dir(), name),
-                                 os.path.join(tempfile.gettempdir(), name)]
+    found = [path] if path else [os.path.join(cache_dir or default_cache_dir(), name), os.path.join("/tmp", name)]
     script = next((p for p in found if p.endswith(".pt") and os.path.isfile(p)), None)
     if path and path.endswith(".pt") and not script:
         raise FileNotFoundError(f"{path}: no such file (clean-fid's TorchScript Inception is {CLEANFID_INCEPTION_URL})")
@@ -1721,19 +1565,23 @@ def t2i_inception(path=None, cache_dir=None, device="cpu"):
     return "pytorch-fid-inception", lambda x: net.features((x - 128) / 128)
 
 
-def _inception_batch(paths, transform):
-    return torch.from_numpy(np.stack([clean_resize(transform(open_rgb(p))) for p in paths]))
+def _on_array(array, transform):
+    return np.asarray(transform(PIL.Image.fromarray(array)))
 
 
-@torch.inference_mode()
 def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", workers=0):
-    """FeatureStats of image files after transform (PIL -> PIL, picklable for `workers` loader processes) and the
-    clean resize; rank r of torchrun's world reads files r, r + world, ... and the sums are reduced over ranks."""
+    """FeatureStats of image files after transform (PIL -> PIL, picklable for `workers` loader processes), read and
+    "clean"-resized by clean-fid's get_files_features (PIL bicubic in float to 299, no quantisation); rank r of
+    torchrun's world reads files r, r + world, ... and the sums are reduced over ranks."""
+    try:
+        from cleanfid.fid import get_files_features
+    except ImportError:
+        raise ImportError("text-to-image FID needs clean-fid: pip install -r requirements-sdxl.txt") from None
     rank, world = _rank_world()
     stats = FeatureStats(dim, device)
-    for x in torch.utils.data.DataLoader(paths[rank::world], batch, num_workers=workers,
-                                         collate_fn=functools.partial(_inception_batch, transform=transform)):
-        stats.add(features(x))
+    if paths[rank::world]:
+        stats.add(get_files_features(paths[rank::world], features, workers, batch, device, mode="clean", verbose=False,
+                                     custom_image_tranform=functools.partial(_on_array, transform=transform)))
     return stats.all_reduce()
 
 
@@ -1892,7 +1740,7 @@ def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None,
 
 def t2i_evaluate_main(argv):
     """python dmd2.py evaluate --model MODEL --coco DIR [--protocol sdxl|sd15] [--num N] [--out DIR] ...
-    Text-to-image evaluation (section 8b2): `evaluate` dispatches here when --model is given. Writes the images and
+    Text-to-image evaluation (section 10): `evaluate` dispatches here when --model is given. Writes the images and
     out/metrics.json and prints FID, patch FID (SDXL) and CLIP score, each with its N. --model images evaluates the
     images already in --out."""
     parser = argparse.ArgumentParser(prog="dmd2.py evaluate", description=t2i_evaluate_main.__doc__,
@@ -2777,92 +2625,7 @@ def results_table(rows):
 # (official lmdb_dataset.py); there is no augmentation, as in the official pipeline.
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-PREPARE_HINT = ("prepare data with EDM's dataset_tool, e.g. `python dataset_tool.py --source=cifar-10-python.tar.gz "
-                "--dest=cifar10-32x32.zip` or `python dataset_tool.py --source=ILSVRC/Data/CLS-LOC/train "
-                "--dest=imagenet-64x64.zip --resolution=64x64 --transform=center-crop` (EDM README)")
-
-
-def decode_image(data, name):
-    """PNG/JPG bytes -> uint8 CHW array; grayscale gives one channel (as EDM's dataset.py)."""
-    try:
-        with PIL.Image.open(io.BytesIO(data)) as img:
-            if img.mode not in ("L", "RGB"):  # palette / RGBA / CMYK files: read as RGB
-                img = img.convert("RGB")
-            image = np.asarray(img)
-    except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"{name}: cannot decode image ({e}); re-create the dataset with dataset_tool") from None
-    image = image[:, :, None] if image.ndim == 2 else image
-    return np.ascontiguousarray(image.transpose(2, 0, 1))
-
-
-class EDMImageDataset(torch.utils.data.Dataset):
-    """EDM dataset_tool output: a .zip or the same extracted into a folder. Images are all .png/.jpg files in
-    sorted path order (EDM's ImageFolderDataset); labels come from dataset.json {"labels": [[path, label], ...]}
-    (null or no file -> no labels, returned as 0). The zip is opened lazily, once per process, so the dataset is
-    safe in DataLoader workers (forked workers reopen it)."""
-
-    def __init__(self, path):
-        self.path = path
-        self.is_zip = os.path.isfile(path)
-        self._zip, self._zip_pid = None, None
-        if self.is_zip:
-            try:
-                names = self._zipfile().namelist()
-            except zipfile.BadZipFile:
-                raise ValueError(f"{path} is not a valid zip file; {PREPARE_HINT}") from None
-        else:
-            names = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
-                     for root, _dirs, files in os.walk(path) for f in files]
-        self.fnames = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
-        if not self.fnames:
-            raise ValueError(f'{path} holds no {"/".join(IMAGE_EXTENSIONS)} images; {PREPARE_HINT}')
-        self.labels = self._read_labels() if "dataset.json" in names else None
-        self.image_shape = None
-        self.image_shape = self[0][0].shape  # EDM's dataset takes the shape of the first image too
-
-    def _zipfile(self):
-        if self._zip is None or self._zip_pid != os.getpid():  # reopen after fork: handles are not shareable
-            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
-        return self._zip
-
-    def _read(self, fname):
-        if self.is_zip:
-            return self._zipfile().read(fname)
-        with open(os.path.join(self.path, fname), "rb") as f:
-            return f.read()
-
-    def _read_labels(self):
-        name = os.path.join(self.path, "dataset.json")
-        try:
-            labels = json.loads(self._read("dataset.json"))["labels"]
-            table = None if labels is None else dict(labels)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f'{name}: expected {{"labels": [[path, label], ...]}} ({e!r}); {PREPARE_HINT}') from None
-        if table is None:
-            return None
-        missing = [f for f in self.fnames if f not in table]
-        if missing:
-            raise ValueError(f"{name} has no label for {missing[0]} ({len(missing)} images unlabelled); "
-                             "re-create the dataset with dataset_tool")
-        return np.array([table[f] for f in self.fnames], dtype=np.int64)
-
-    def describe(self, index):
-        return f"{self.path}/{self.fnames[index]}" if self.is_zip else os.path.join(self.path, self.fnames[index])
-
-    def __getstate__(self):  # pickled into spawned workers without the open zip handle
-        return dict(self.__dict__, _zip=None, _zip_pid=None)
-
-    def __len__(self):
-        return len(self.fnames)
-
-    def __getitem__(self, index):
-        image = decode_image(self._read(self.fnames[index]), self.describe(index))
-        if self.image_shape is not None and image.shape != self.image_shape:
-            raise ValueError(f"{self.describe(index)} is {image.shape} (CxHxW) but the first image is "
-                             f"{self.image_shape}; re-create the dataset with dataset_tool --resolution")
-        return image, np.int64(0 if self.labels is None else self.labels[index])
-
+IMAGE_EXTENSIONS, PREPARE_HINT = edm_net.IMAGE_EXTENSIONS, edm_net.PREPARE_HINT  # for sections 15-16
 
 _LMDB_ENVS = {}  # real path -> (lmdb environment, pid that opened it)
 
@@ -2887,7 +2650,7 @@ class LMDBImageDataset(torch.utils.data.Dataset):
             shape = tuple(int(s) for s in shape.decode().split())
             count, self.image_shape = shape[0], shape[1:]
             if count == 0:
-                raise ValueError(f"{path}: LMDB declares 0 images; {PREPARE_HINT}")
+                raise ValueError(f"{path}: LMDB declares 0 images; {edm_net.PREPARE_HINT}")
             first = txn.get(b"images_0_data")
             if first is None or len(first) != int(np.prod(self.image_shape)):
                 raise ValueError(f"{path}: images_0_data holds {0 if first is None else len(first)} bytes, but "
@@ -2938,9 +2701,10 @@ def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "data.mdb")):
         dataset = LMDBImageDataset(path)
     elif os.path.isdir(path) or path.lower().endswith(".zip"):
-        dataset = EDMImageDataset(path)
+        dataset = edm_net.EDMImageDataset(path)
     else:
-        raise ValueError(f"{path} is neither a .zip, a folder of images nor an LMDB directory; {PREPARE_HINT}")
+        raise ValueError(f"{path} is neither a .zip, a folder of images nor an LMDB directory; "
+                         f"{edm_net.PREPARE_HINT}")
     expected = (num_channels, resolution, resolution)
     if tuple(dataset.image_shape) != expected:
         raise ValueError(f'{dataset.describe(0)} is {"x".join(map(str, dataset.image_shape))} (CxHxW), expected '
@@ -3027,10 +2791,12 @@ def default_cache_dir():
     return os.environ.get("DMD2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmd2")
 
 
-def download_cached(url, cache_dir=None, filename=None, flag="--teacher", timeout=60):
-    """Return the local path of url in the cache, downloading it first if absent. The download streams into
-    a temp file in the cache dir, renamed into place only when complete; temp files of killed downloads are
-    never taken for the file and are deleted once an hour old. Offline -> DownloadError naming `flag`."""
+def download_cached(url, cache_dir=None, filename=None, flag="--teacher", hash_prefix=None):
+    """Return the local path of url in the cache, downloading it first if absent: urllib's urlretrieve into a temp
+    file in the cache dir, renamed into place only when complete (urlretrieve raises on a body shorter than its
+    Content-Length; torch.hub's download_url_to_file keeps such a body) and, given hash_prefix, when its SHA-256
+    starts with it. Temp files of killed downloads are never taken for the file and are deleted once an hour old.
+    Offline -> DownloadError naming `flag`."""
     cache_dir = cache_dir or default_cache_dir()
     filename = filename or os.path.basename(urllib.parse.urlparse(url).path)
     path = os.path.join(cache_dir, filename)
@@ -3039,25 +2805,24 @@ def download_cached(url, cache_dir=None, filename=None, flag="--teacher", timeou
     os.makedirs(cache_dir, exist_ok=True)
     for name in os.listdir(cache_dir):  # a live download keeps writing to its temp file; an hour-old one is dead
         if name.startswith(filename + ".") and name.endswith(".part"):
-            try:
+            with contextlib.suppress(OSError):  # removed meanwhile by another process
                 if time.time() - os.path.getmtime(os.path.join(cache_dir, name)) > 3600:
                     os.remove(os.path.join(cache_dir, name))
-            except OSError:  # removed meanwhile by another process
-                pass
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=filename + ".", suffix=".part")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            received = 0
-            with tqdm(total=total, unit="B", unit_scale=True, desc=filename, disable=None) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            if total is not None and received != total:
-                raise http.client.IncompleteRead(b"", total - received)
+        with tqdm(unit="B", unit_scale=True, desc=filename, disable=None) as bar:
+            def progress(blocks, block_size, total):
+                bar.total = total if total > 0 else None
+                bar.update(blocks * block_size - bar.n)
+            urllib.request.urlretrieve(url, tmp, progress)
+        if hash_prefix:
+            with open(tmp, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            if not digest.startswith(hash_prefix):
+                raise OSError(f"its SHA-256 {digest} does not start with {hash_prefix}")
         os.replace(tmp, path)
-    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, refused/reset connections
+    except (OSError, http.client.HTTPException) as e:  # URLError, ContentTooShortError, timeouts, resets, hash
         raise DownloadError(f"could not download {url} ({type(e).__name__}: {e}). If this machine is offline, "
                             f"download it elsewhere and pass {flag} PATH, or place it at {path}") from None
     finally:

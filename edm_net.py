@@ -8,8 +8,9 @@ development: bit-identical to the official modules on CPU with the official atte
 bit-identical initial weights).
 
 Contents: layers (Linear, Conv2d, GroupNorm, attention, embeddings), UNetBlock, SongUNet (DDPM++/NCSN++),
-DhariwalUNet (ADM), EDMPrecond, the EDM Heun sampler, official configs, and loaders for official EDM snapshot
-pickles (without executing anything from the file) and plain state dicts (DMD2's released generators).
+DhariwalUNet (ADM), EDMPrecond, the EDM Heun sampler, official configs, loaders for official EDM snapshot
+pickles (without executing anything from the file) and plain state dicts (DMD2's released generators), and EDM's FID
+resize (TF1 bilinear) and dataset_tool zip / folder reader.
 Speed options that leave the state dict alone: attention through F.scaled_dot_product_attention (the default) or the
 official op (set_attention), torch.compile of each UNetBlock (compile_blocks), gradient checkpointing.
 
@@ -21,11 +22,14 @@ import collections
 import contextlib
 import inspect
 import io
+import json
 import math
 import os
 import pickle
+import zipfile
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -830,3 +834,116 @@ def load_edm_state_dict(path_or_state_dict, config, name=None):
         raise EDMLoadError(f'{source}: expected a flat state dict of tensors (keys model.*), '
                            f'got {type(state).__name__}')
     return _build_and_load(config, state, source, copy=not isinstance(path_or_state_dict, (str, os.PathLike)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EDM's FID detector protocol and its dataset format (reference edm_fid.md 4; official fid.py, dataset.py and
+# dataset_tool.py): NVIDIA's detector resizes with TF1's bilinear rule; dataset_tool writes images and dataset.json
+# labels into a zip or a folder. dmd2.py's FID (section 9) and real-image readers (section 13) use them.
+
+
+def tf1_resize_matrix(size_in, size_out):
+    """[size_out, size_in] matrix of TF1 bilinear resize (align_corners=False, no half-pixel centres): output i
+    samples source coordinate i * in/out, neighbours clamped at the border (EDM/NVIDIA detector, TTUR FID)."""
+    src = torch.arange(size_out, dtype=torch.float64) * (size_in / size_out)
+    lo = src.floor().long()
+    frac = src - lo
+    rows = torch.arange(size_out)
+    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
+    matrix.index_put_((rows, lo), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, (lo + 1).clamp(max=size_in - 1)), frac, accumulate=True)
+    return matrix
+
+
+def tf1_bilinear_resize(x, size=299):
+    """Resize float [N, C, H, W] to size x size with the TF1 rule, as two matrix products (separable bilinear)."""
+    rows = tf1_resize_matrix(x.shape[2], size).to(x)
+    cols = tf1_resize_matrix(x.shape[3], size).to(x)
+    return rows @ x @ cols.T
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PREPARE_HINT = ("prepare data with EDM's dataset_tool, e.g. `python dataset_tool.py --source=cifar-10-python.tar.gz "
+                "--dest=cifar10-32x32.zip` or `python dataset_tool.py --source=ILSVRC/Data/CLS-LOC/train "
+                "--dest=imagenet-64x64.zip --resolution=64x64 --transform=center-crop` (EDM README)")
+
+
+def decode_image(data, name):
+    """PNG/JPG bytes -> uint8 CHW array; grayscale gives one channel (as EDM's dataset.py)."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as img:
+            if img.mode not in ("L", "RGB"):  # palette / RGBA / CMYK files: read as RGB
+                img = img.convert("RGB")
+            image = np.asarray(img)
+    except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"{name}: cannot decode image ({e}); re-create the dataset with dataset_tool") from None
+    image = image[:, :, None] if image.ndim == 2 else image
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+class EDMImageDataset(torch.utils.data.Dataset):
+    """EDM dataset_tool output: a .zip or the same extracted into a folder. Images are all .png/.jpg files in
+    sorted path order (EDM's ImageFolderDataset); labels come from dataset.json {"labels": [[path, label], ...]}
+    (null or no file -> no labels, returned as 0). The zip is opened lazily, once per process, so the dataset is
+    safe in DataLoader workers (forked workers reopen it)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.is_zip = os.path.isfile(path)
+        self._zip, self._zip_pid = None, None
+        if self.is_zip:
+            try:
+                names = self._zipfile().namelist()
+            except zipfile.BadZipFile:
+                raise ValueError(f"{path} is not a valid zip file; {PREPARE_HINT}") from None
+        else:
+            names = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+                     for root, _dirs, files in os.walk(path) for f in files]
+        self.fnames = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+        if not self.fnames:
+            raise ValueError(f'{path} holds no {"/".join(IMAGE_EXTENSIONS)} images; {PREPARE_HINT}')
+        self.labels = self._read_labels() if "dataset.json" in names else None
+        self.image_shape = None
+        self.image_shape = self[0][0].shape  # EDM's dataset takes the shape of the first image too
+
+    def _zipfile(self):
+        if self._zip is None or self._zip_pid != os.getpid():  # reopen after fork: handles are not shareable
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._zip
+
+    def _read(self, fname):
+        if self.is_zip:
+            return self._zipfile().read(fname)
+        with open(os.path.join(self.path, fname), "rb") as f:
+            return f.read()
+
+    def _read_labels(self):
+        name = os.path.join(self.path, "dataset.json")
+        try:
+            labels = json.loads(self._read("dataset.json"))["labels"]
+            table = None if labels is None else dict(labels)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f'{name}: expected {{"labels": [[path, label], ...]}} ({e!r}); {PREPARE_HINT}') from None
+        if table is None:
+            return None
+        missing = [f for f in self.fnames if f not in table]
+        if missing:
+            raise ValueError(f"{name} has no label for {missing[0]} ({len(missing)} images unlabelled); "
+                             "re-create the dataset with dataset_tool")
+        return np.array([table[f] for f in self.fnames], dtype=np.int64)
+
+    def describe(self, index):
+        return f"{self.path}/{self.fnames[index]}" if self.is_zip else os.path.join(self.path, self.fnames[index])
+
+    def __getstate__(self):  # pickled into spawned workers without the open zip handle
+        return dict(self.__dict__, _zip=None, _zip_pid=None)
+
+    def __len__(self):
+        return len(self.fnames)
+
+    def __getitem__(self, index):
+        image = decode_image(self._read(self.fnames[index]), self.describe(index))
+        if self.image_shape is not None and image.shape != self.image_shape:
+            raise ValueError(f"{self.describe(index)} is {image.shape} (CxHxW) but the first image is "
+                             f"{self.image_shape}; re-create the dataset with dataset_tool --resolution")
+        return image, np.int64(0 if self.labels is None else self.labels[index])

@@ -1,7 +1,9 @@
-"""Tests of the built-in FID (dmd2.py, FID section): the Inception network against pytorch-fid's on identical random
-weights, the TF1 resize against an independent float64 re-computation, statistics against numpy, the Frechet
+"""Tests of the built-in FID (dmd2.py, FID section): pytorch-fid's Inception behind EDM's and pytorch-fid's
+preprocessing (against pytorch-fid's own resize and against features recorded from the previous hand-written network),
+the TF1 resize (edm_net) against an independent float64 re-computation, statistics against numpy, the Frechet
 distance against pytorch-fid and closed forms, the ImageNet-64 protocol (balance, seeds, sharding), bad input.
-No downloads: every network gets random weights made here. pytorch-fid is a test dependency."""
+No downloads: every network gets random weights made here."""
+import email.message
 import hashlib
 import io
 import math
@@ -16,23 +18,31 @@ import pytest
 import pytorch_fid.inception as pfid_inception
 import torch
 import torch.nn.functional as F
+import torchvision
 from pytorch_fid.fid_score import calculate_frechet_distance
 
 import dmd2
 from dmd2 import (INCEPTION_URL, FeatureStats, InceptionV3, compute_reference_stats, fid_main, fid_of_generator,
                   frechet_distance, generator_stats, image_stats, images_to_uint8, iter_image_batches,
-                  load_inception, load_stats, save_stats, tf1_bilinear_resize)
+                  load_inception, load_stats, save_stats)
+from edm_net import tf1_bilinear_resize
 
 # sha256 of the "name [shape]" lines of pytorch-fid's Inception state dict as listed in
 # tests/data/edm_fid_keys.txt, last section (472 entries, generated from pytorch-fid b9c1811 + torchvision 0.29.1).
 PYTORCH_FID_KEYS_SHA256 = "9f56d538acfbbf4d75780c6c260373469342bdf5559054ee1075af33cdf5d0ac"
 
 
+def inception_layout():
+    """pytorch-fid's weight-file layout: torchvision's Inception v3 with 1008 classes and no aux head."""
+    return torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008,
+                                           init_weights=False).state_dict()
+
+
 def random_inception_state(seed=0):
     """pytorch-fid's layout with random values scaled so activations stay O(1) through all 94 conv layers."""
     g = torch.Generator().manual_seed(seed)
     state = {}
-    for name, value in InceptionV3().state_dict().items():
+    for name, value in inception_layout().items():
         if name.endswith("num_batches_tracked"):
             continue
         if name.endswith("conv.weight"):
@@ -81,16 +91,24 @@ def rel_err(a, b):
 
 
 def test_state_dict_layout_is_pytorch_fid(weights):
-    ours = {k: v for k, v in InceptionV3().state_dict().items() if not k.endswith("num_batches_tracked")}
     theirs = {k: v for k, v in pytorch_fid_tree(weights).state_dict().items()
               if not k.endswith("num_batches_tracked")}
-    assert len(ours) == 472
-    assert [(k, v.shape) for k, v in ours.items()] == [(k, v.shape) for k, v in theirs.items()]
-    listing = "\n".join(f"{k} {list(v.shape)}" for k, v in ours.items())
+    assert len(weights) == 472
+    assert [(k, v.shape) for k, v in weights.items()] == [(k, v.shape) for k, v in theirs.items()]
+    listing = "\n".join(f"{k} {list(v.shape)}" for k, v in weights.items())
     assert hashlib.sha256(listing.encode()).hexdigest() == PYTORCH_FID_KEYS_SHA256
-    assert sum(p.numel() for p in InceptionV3().parameters()) == 23_850_960
-    bns = [m for m in InceptionV3().modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    net = InceptionV3(state=weights)
+    assert sum(p.numel() for p in net.parameters()) == 23_850_960 - (2048 * 1008 + 1008)  # all but the 1008-way fc
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(bns) == 94 and all(m.eps == 1e-3 for m in bns)
+
+
+def loaded_weights(net):
+    """The network's tensors under the weight file's names: pytorch-fid's blocks hold the modules in file order."""
+    tensors = [v for k, v in net.net.state_dict().items() if not k.endswith("num_batches_tracked")]
+    names = [k for k in inception_layout() if not k.endswith("num_batches_tracked") and not k.startswith("fc.")]
+    assert len(tensors) == len(names) == 470
+    return dict(zip(names, tensors))
 
 
 @pytest.mark.parametrize("with_batch_counters", [False, True])
@@ -102,21 +120,42 @@ def test_pytorch_fid_file_loads_strict(tmp_path, weights, with_batch_counters):
     path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(state, path)
     net = load_inception(str(path))
-    assert not net.training
-    for name, value in net.state_dict().items():
-        if not name.endswith("num_batches_tracked"):
-            assert torch.equal(value, weights[name]), name
+    assert not net.training and not net.net.training
+    for name, value in loaded_weights(net).items():
+        assert torch.equal(value, weights[name]), name
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="not pytorch-fid's Inception state dict.*Mixed_7c.branch_pool.conv.weight"):
+        load_inception(str(path))
 
 
 def test_features_equal_pytorch_fid(weights, images):
-    net = InceptionV3("pytorch-fid")
-    net.load_state_dict(weights)
-    ours = net(images)
+    ours = InceptionV3("pytorch-fid", weights)(images)
     with torch.no_grad():
         theirs = pytorch_fid_net(weights)(images.float() / 255)[0].flatten(1)
     assert ours.shape == (2, 2048) and ours.dtype == torch.float32
     assert theirs.std() > 0.1  # random weights that keep the signal alive: the comparison is not vacuous
-    assert rel_err(ours, theirs) < 1e-4
+    assert rel_err(ours, theirs) < 1e-4  # float32, F.interpolate vs pytorch-fid's call of it: round-off only
+
+
+# Features 3, 259, ..., 1795 and the row sums of both images, recorded with the previous hand-written network
+# (dmd2.py at 64cf466: batch norm folded into the convolutions, fused 1x1 branches, channels_last) on `weights` and
+# `images`. They agree with pytorch-fid's network here to 3.5e-7 of the largest feature (float32 round-off).
+RECORDED = {"edm": ([[6.590828, 0.9962059, 0.112322, 11.90491, 5.052039, 0.0, 0.2211944, 2.494463],
+                     [6.699601, 0.9028265, 0.2017945, 11.74322, 5.003873, 0.0, 0.1757896, 2.769253]],
+                    [3644.94279, 3620.25067]),
+            "pytorch-fid": ([[6.648498, 0.9985883, 0.1125452, 12.01831, 5.086661, 0.0, 0.2132528, 2.513535],
+                             [6.698493, 0.8915977, 0.1982355, 11.81845, 5.048091, 0.002446913, 0.1797866, 2.806072]],
+                            [3664.58135, 3650.97631])}
+
+
+@pytest.mark.parametrize("mode", ["edm", "pytorch-fid"])
+def test_features_unchanged_from_hand_written_network(weights, images, mode):
+    features = InceptionV3(mode, weights)(images).double()
+    values, sums = map(torch.tensor, RECORDED[mode])
+    # different float32 kernels (folded vs unfolded batch norm) differ by round-off: 1e-4 relative is far above it
+    assert rel_err(features[:, 3::256], values.double()) < 1e-4
+    assert rel_err(features.sum(1), sums.double()) < 1e-4
 
 
 def tf1_resize_reference(x, size):
@@ -154,12 +193,11 @@ def test_tf1_resize_identity_and_not_pytorch_resize():
 
 
 def test_edm_mode_is_tf1_resize_then_128(weights, images):
-    net = InceptionV3("edm")
-    net.load_state_dict(weights)
+    net = InceptionV3("edm", weights)
     x = torch.from_numpy((tf1_resize_reference(images.numpy(), 299) - 128) / 128).float()
     with torch.no_grad():
         theirs = pytorch_fid_net(weights, resize_input=False, normalize_input=False)(x)[0].flatten(1)
-    assert rel_err(net(images), theirs) < 1e-4
+    assert rel_err(net(images), theirs) < 1e-4  # float32 resize vs float64 reference: round-off only
 
 
 def test_network_rejects_bad_images(weights):
@@ -203,7 +241,11 @@ class FakeResponse(io.BytesIO):
     def __init__(self, data, fail_after=None):
         super().__init__(data)
         self.fail_after = fail_after
-        self.headers = {"Content-Length": str(len(data))}
+        self.headers = email.message.Message()
+        self.headers["Content-Length"] = str(len(data))
+
+    def info(self):
+        return self.headers
 
     def read(self, n=-1):
         if self.fail_after is not None and self.tell() >= self.fail_after:
@@ -211,7 +253,7 @@ class FakeResponse(io.BytesIO):
         return super().read(n if self.fail_after is None else min(n, self.fail_after))
 
 
-def test_download_is_atomic_and_cached(tmp_path, monkeypatch, weights):
+def test_download_is_atomic_hash_checked_and_cached(tmp_path, monkeypatch, weights):
     buffer = io.BytesIO()
     torch.save(weights, buffer)
     data = buffer.getvalue()
@@ -220,12 +262,17 @@ def test_download_is_atomic_and_cached(tmp_path, monkeypatch, weights):
         load_inception(cache_dir=str(tmp_path))
     assert os.listdir(tmp_path) == []  # the interrupted download left nothing behind
     calls = []
-    monkeypatch.setattr(dmd2.urllib.request, "urlopen", lambda *a, **k: calls.append(a) or FakeResponse(data))
-    net = load_inception(cache_dir=str(tmp_path))
-    assert os.listdir(tmp_path) == [os.path.basename(INCEPTION_URL)] and calls == [(INCEPTION_URL,)]
-    load_inception(cache_dir=str(tmp_path))  # now from the cache
-    assert len(calls) == 1
-    assert torch.equal(net.Mixed_7c.branch_pool.conv.weight, weights["Mixed_7c.branch_pool.conv.weight"])
+    monkeypatch.setattr(dmd2.urllib.request, "urlopen", lambda *a, **k: calls.append(a[0]) or FakeResponse(data))
+    digest = hashlib.sha256(data).hexdigest()
+    with pytest.raises(dmd2.DownloadError, match=f"SHA-256 {digest} does not start with 6726825d"):
+        load_inception(cache_dir=str(tmp_path))  # random weights are not pytorch-fid's file: refused
+    assert os.listdir(tmp_path) == [] and calls == [INCEPTION_URL]
+    path = dmd2.download_cached(INCEPTION_URL, str(tmp_path), hash_prefix=digest[:8])  # the right hash: kept
+    assert os.listdir(tmp_path) == [os.path.basename(INCEPTION_URL)] and len(calls) == 2
+    net = load_inception(cache_dir=str(tmp_path))  # now from the cache
+    assert len(calls) == 2 and open(path, "rb").read() == data
+    assert torch.equal(loaded_weights(net)["Mixed_7c.branch_pool.conv.weight"],
+                       weights["Mixed_7c.branch_pool.conv.weight"])
 
 
 # --- statistics and the Frechet distance -------------------------------------------------------------------------
