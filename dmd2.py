@@ -2454,7 +2454,7 @@ class InMemoryBatches:
     def __next__(self):
         idx = torch.randint(0, len(self.labels), (self.global_batch,), generator=self.rng)
         idx = idx.chunk(self.world_size)[self.rank]
-        images = torch.as_tensor(self.images[idx.numpy()])  # a memory-mapped array reads only these rows
+        images = torch.as_tensor(self.images[idx.numpy()])  # of a memory-mapped array (t2i latents), only these rows
         images = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()  # official: x/255*2-1
         return images, take(self.labels, idx)
 
@@ -2478,11 +2478,8 @@ class ToyDenoiser(nn.Module):
         super().__init__()
         self.num_classes, self.sigma_data = num_classes, 0.5
         self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(emb // 2) / (emb // 2)))
-        layers, width = [], 2 + emb + num_classes
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        self.trunk = nn.Sequential(*layers)
+        widths = [2 + emb + num_classes] + [hidden] * (depth - 1)  # the inputs of depth Linear + SiLU layers
+        self.trunk = nn.Sequential(*[m for width in widths for m in (nn.Linear(width, hidden), nn.SiLU())])
         self.out = nn.Linear(hidden, 2)
 
     def forward(self, x, sigma, class_labels, return_bottleneck=False):
@@ -2693,12 +2690,12 @@ def run_embedded(cfg):
 
 
 def teacher_ode_pairs(cfg, teacher, conditions, sample_shape):
-    """(noise, labels or prompts, teacher output) pairs from the teacher's deterministic Heun sampler, cached like the
-    teacher: the regression loss of the original DMD (its Sec. 3.3) on the embedded rungs, and the SDXL 1-step
-    pretraining (official: generate_noise_image_pairs_laion_sdxl.py, 10k pairs, CFG 8 with zero unconditional
-    embeddings). Labels are uniform classes, or prompts drawn from the captions. A DDPM teacher starts from pure noise
-    x_t = z at t = 999 and runs with CFG --guidance_scale; deviation: our Heun sampler (teacher_eval_steps steps
-    snapped to the DDPM table), not diffusers' 50-step Euler."""
+    """(noise, labels or prompts, teacher output) pairs from the teacher's Heun sampler, cached: the original DMD's
+    regression loss (its Sec. 3.3) on the embedded rungs and the SDXL 1-step pretraining (official:
+    generate_noise_image_pairs_laion_sdxl.py, 10k pairs, CFG 8 with zero unconditional embeddings). Labels: uniform
+    classes or prompts from the captions. A DDPM teacher starts from pure noise x_t = z at t = 999 with CFG
+    --guidance_scale; deviation: our Heun sampler (teacher_eval_steps steps snapped to the DDPM table), not diffusers'
+    50-step Euler."""
     captions = getattr(conditions, "captions", None)
     settings = dict(n=cfg.regression_pairs, steps=cfg.teacher_eval_steps, seed=cfg.seed,
                     teacher=teacher_fingerprint(teacher))
