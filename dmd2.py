@@ -2245,7 +2245,7 @@ SHAPE_NAMES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond",
 
 
 def _shape_masks(label, u, v):
-    """Inside-masks of the 10 embedded shape classes on normalised coordinates u, v (radius ~1)."""
+    """Inside-mask of shape class `label` (SHAPE_NAMES) on normalised coordinates u, v (radius ~1)."""
     r2, au, av = u * u + v * v, np.abs(u), np.abs(v)
     box = np.maximum(au, av)
     a, b = np.abs(u + v) / math.sqrt(2), np.abs(u - v) / math.sqrt(2)  # the plus sign turned 45 degrees
@@ -2256,11 +2256,13 @@ def _shape_masks(label, u, v):
 
 
 def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
-    """The embedded image set: uint8 [N, 3, R, R] class-conditional shapes and int64 labels [N].
+    """The embedded image set: uint8 [N, 3, R, R] images of the ten SHAPE_NAMES and int64 labels [N]. Random position,
+    size and small rotation, a random bright colour on a random dark background (colour carries no class, so a model
+    has to get the geometry right), anti-aliased by rendering at supersample x R and averaging."""
+    def hsv_to_rgb(h, s, v):
+        k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
+        return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
 
-    Ten shape classes (SHAPE_NAMES) with random position, size, a small rotation, a random bright colour on a
-    random dark background, anti-aliased by rendering at supersample x R and averaging. Colour carries no class
-    information, so a class-conditional model has to get the geometry right."""
     rs = np.random.RandomState(seed)
     labels = rs.randint(0, len(SHAPE_NAMES), num_images)
     s = resolution * supersample
@@ -2268,28 +2270,22 @@ def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
     ys, xs = np.meshgrid(grid, grid, indexing="ij")
     images = np.empty((num_images, 3, resolution, resolution), np.uint8)
     for i, label in enumerate(labels):
-        cx, cy, size, angle = rs.uniform(-0.25, 0.25), rs.uniform(-0.25, 0.25), rs.uniform(0.45, 0.7), rs.uniform(-0.25, 0.25)
+        cx, cy = rs.uniform(-0.25, 0.25), rs.uniform(-0.25, 0.25)
+        size, angle = rs.uniform(0.45, 0.7), rs.uniform(-0.25, 0.25)
         dx, dy = (xs - cx) / size, (ys - cy) / size
         u, v = math.cos(angle) * dx + math.sin(angle) * dy, -math.sin(angle) * dx + math.cos(angle) * dy
         mask = _shape_masks(label, u, -v).astype(np.float32)  # -v: "up" is up in the image
         mask = mask.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
-        fg = _hsv_to_rgb(rs.uniform(), rs.uniform(0.6, 1.0), rs.uniform(0.75, 1.0))
-        bg = _hsv_to_rgb(rs.uniform(), rs.uniform(0.2, 0.8), rs.uniform(0.0, 0.35))
+        fg = hsv_to_rgb(rs.uniform(), rs.uniform(0.6, 1.0), rs.uniform(0.75, 1.0))
+        bg = hsv_to_rgb(rs.uniform(), rs.uniform(0.2, 0.8), rs.uniform(0.0, 0.35))
         rgb = mask[None] * fg[:, None, None] + (1 - mask[None]) * bg[:, None, None]
         images[i] = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
-def _hsv_to_rgb(h, s, v):
-    k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
-    return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
-
-
 class InMemoryBatches:
-    """Seeded random batches (with replacement) from tensors in memory or a memory-mapped array, with their labels
-    (or captions), split over ranks.
-
-    Every rank draws the same global index batch and keeps its slice, so a run on W processes sees exactly the
+    """Seeded random batches (with replacement) of tensors or a memory-mapped array, with their labels (or captions),
+    split over ranks: every rank draws the same global index batch and keeps its slice, so W processes see exactly the
     batches of one process with W times the batch. The state is one torch.Generator (saved in checkpoints)."""
 
     def __init__(self, images, labels, global_batch, seed, rank=0, world_size=1):
@@ -2306,8 +2302,7 @@ class InMemoryBatches:
     def __next__(self):
         idx = torch.randint(0, len(self.labels), (self.global_batch,), generator=self.rng)
         idx = idx.chunk(self.world_size)[self.rank]
-        images = self.images[idx.numpy()] if isinstance(self.images, np.ndarray) else self.images[idx]
-        images = torch.as_tensor(images)  # a memory-mapped array (text-to-image latents) reads only these rows
+        images = torch.as_tensor(self.images[idx.numpy()])  # of a memory-mapped array (t2i latents), only these rows
         images = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()  # official: x/255*2-1
         return images, take(self.labels, idx)
 
@@ -2331,11 +2326,8 @@ class ToyDenoiser(nn.Module):
         super().__init__()
         self.num_classes, self.sigma_data = num_classes, 0.5
         self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(emb // 2) / (emb // 2)))
-        layers, width = [], 2 + emb + num_classes
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        self.trunk = nn.Sequential(*layers)
+        widths = [2 + emb + num_classes] + [hidden] * (depth - 1)  # the inputs of depth Linear + SiLU layers
+        self.trunk = nn.Sequential(*[m for width in widths for m in (nn.Linear(width, hidden), nn.SiLU())])
         self.out = nn.Linear(hidden, 2)
 
     def forward(self, x, sigma, class_labels, return_bottleneck=False):
@@ -2344,15 +2336,12 @@ class ToyDenoiser(nn.Module):
         c_skip, c_out, c_in, c_noise = edm_net.edm_precondition(sigma, self.sigma_data)
         angles = c_noise * self.freqs * 100
         h = self.trunk(torch.cat([c_in * x, angles.cos(), angles.sin(), class_labels.float()], dim=1))
-        if return_bottleneck:
-            return h
-        return c_skip * x + c_out * self.out(h)
+        return h if return_bottleneck else c_skip * x + c_out * self.out(h)
 
 
 class ShapesClassifier(nn.Module):
-    """Small CNN trained on the embedded image set. Its 128-d pooled features define the image metric
-    "FD-cls" (Frechet distance in these features: NOT Inception FID) and it scores the class accuracy of samples,
-    the analogue of the paper's CLIP score."""
+    """Small CNN trained on the embedded image set: its 128-d pooled features define "FD-cls" (Frechet distance in
+    them, NOT Inception FID) and it scores the class accuracy of samples, the analogue of the paper's CLIP score."""
 
     def __init__(self, num_classes=10, width=32):
         super().__init__()
@@ -2367,30 +2356,28 @@ class ShapesClassifier(nn.Module):
 
 
 def embedded_teacher(cfg, batches, sample_shape, device):
-    """Train (or load from the cache) the teacher of an embedded rung with the EDM loss: Adam (EDM's optimiser),
-    lr warm-up over 100 iterations, ln sigma ~ N(-1.2, 1.2^2), and EDM's EMA: half-life min(500 kimg, 5% of the images
-    seen so far) (EDM: --ema 0.5 Mimg, ema_rampup_ratio 0.05). A partial state every 500 iterations survives a kill."""
-    if cfg.dataset == "toy2d":
-        spec = dict(kind="toy", kwargs=dict(num_classes=cfg.num_classes))
-    else:
-        spec = dict(kind="edm", kwargs=dict(img_resolution=cfg.resolution, img_channels=sample_shape[0],
-                                            label_dim=cfg.num_classes, **cfg.teacher_arch))
+    """Train (or load from the cache) an embedded rung's teacher with the EDM loss: Adam (EDM's optimiser), lr warm-up
+    over 100 iterations, ln sigma ~ N(-1.2, 1.2^2), and EDM's EMA: half-life min(500 kimg, 5% of the images seen so
+    far) (EDM: --ema 0.5 Mimg, ema_rampup_ratio 0.05). A partial state every 500 iterations survives a kill."""
+    spec = (dict(kind="toy", kwargs=dict(num_classes=cfg.num_classes)) if cfg.dataset == "toy2d" else
+            dict(kind="edm", kwargs=dict(img_resolution=cfg.resolution, img_channels=sample_shape[0],
+                                         label_dim=cfg.num_classes, **cfg.teacher_arch)))
     settings = dict(spec=spec, iters=cfg.teacher_iters, batch=cfg.teacher_batch, lr=cfg.teacher_lr, seed=cfg.seed,
                     dataset=cfg.dataset, resolution=cfg.resolution, ema="edm")
     path = cache_path(cfg, f"teacher-{cfg.dataset}", settings)
+    partial = path + ".partial"
     net = prepare_network(build_network(spec), cfg, device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    cached = read_checkpoint(path) if os.path.exists(path) else {}
-    if cached.get("done"):
-        ema.load_state_dict(cached["ema"])
+    if os.path.exists(path):
+        ema.load_state_dict(read_checkpoint(path)["ema"])
         return ema
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr)
     scheduler = warmup_scheduler(optimizer, 100)
     rng, start = torch.Generator(device).manual_seed(cfg.seed), 0
-    partial = path + ".partial"
+    resumable = dict(net=net, ema=ema, opt=optimizer, sched=scheduler, data=batches)
     if os.path.exists(partial):
         state = read_checkpoint(partial)
-        for obj, key in ((net, "net"), (ema, "ema"), (optimizer, "opt"), (scheduler, "sched"), (batches, "data")):
+        for key, obj in resumable.items():
             obj.load_state_dict(state[key])
         rng.set_state(state["rng"])
         start = state["step"]
@@ -2412,8 +2399,8 @@ def embedded_teacher(cfg, batches, sample_shape, device):
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.lerp_(p, 1 - decay)
         if (step + 1) % 500 == 0 and step + 1 < cfg.teacher_iters:
-            atomic_save(dict(step=step + 1, net=net.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(),
-                             sched=scheduler.state_dict(), data=batches.state_dict(), rng=rng.get_state()), partial)
+            states = {key: obj.state_dict() for key, obj in resumable.items()}
+            atomic_save(dict(step=step + 1, rng=rng.get_state(), **states), partial)
     atomic_save(dict(done=True, ema=ema.state_dict(), spec=spec), path)
     if os.path.exists(partial):
         os.remove(partial)
@@ -2423,8 +2410,7 @@ def embedded_teacher(cfg, batches, sample_shape, device):
 def shapes_classifier(cfg, images, labels, device):
     """Train (or load from the cache) the classifier behind FD-cls and class accuracy: AdamW 2e-3, 3 epochs. Seeded
     with 0 whatever --seed is: the metric is one fixed yardstick for every run and seed."""
-    settings = dict(n=len(labels), resolution=cfg.resolution, seed=0, epochs=3)
-    path = cache_path(cfg, "classifier-shapes", settings)
+    path = cache_path(cfg, "classifier-shapes", dict(n=len(labels), resolution=cfg.resolution, seed=0, epochs=3))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = ShapesClassifier(cfg.num_classes)
@@ -2433,7 +2419,7 @@ def shapes_classifier(cfg, images, labels, device):
         return net.eval()
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
     rng = torch.Generator().manual_seed(0)
-    for epoch in range(3):
+    for _ in range(3):
         for idx in torch.randperm(len(labels), generator=rng).split(128):
             loss = F.cross_entropy(net(images[idx].float() / 127.5 - 1), labels[idx])
             optimizer.zero_grad()
@@ -2445,40 +2431,36 @@ def shapes_classifier(cfg, images, labels, device):
 
 def embedded_rung(cfg):
     """What every run of an embedded rung shares: device, data, the (cached) teacher, evaluation noise and labels
-    (class-balanced, as the official ImageNet evaluation), the metric and the floor's real data. Notebooks build it
-    once per rung."""
+    (class-balanced, as the official ImageNet evaluation), the metric and the floor's real data."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg)
     n = cfg.eval_samples
     eval_labels = torch.arange(n) % cfg.num_classes
     if cfg.dataset == "toy2d":
-        sample_shape = (2,)
-        teacher_data = Toy2DBatches(cfg.teacher_batch, cfg.seed)
-        real_batches = lambda batch_size: Toy2DBatches(batch_size, cfg.seed + 3)
+        sample_shape, batches = (2,), Toy2DBatches  # batches(global_batch, seed)
         metrics = lambda x, labels=eval_labels: toy2d_metrics(x, labels)
         floor_data = toy2d_sample(n, torch.Generator().manual_seed(cfg.seed + 5))
     else:
         images, labels = shapes_dataset(20_000, cfg.resolution, seed=0)
-        sample_shape = tuple(images.shape[1:])
-        teacher_data = InMemoryBatches(images, labels, cfg.teacher_batch, cfg.seed)
-        real_batches = lambda batch_size: InMemoryBatches(images, labels, batch_size, cfg.seed + 3)
+        sample_shape, batches = tuple(images.shape[1:]), functools.partial(InMemoryBatches, images, labels)
         classifier = shapes_classifier(cfg, images, labels, device="cpu")
-        ref_features, _ = classifier_features(classifier, shapes_dataset(n, cfg.resolution, seed=1)[0].float() / 127.5 - 1)
+        reference = shapes_dataset(n, cfg.resolution, seed=1)[0].float() / 127.5 - 1
+        ref_features, _ = classifier_features(classifier, reference)
         metrics = lambda x, labels=eval_labels: image_metrics(x, labels, classifier, ref_features)
         floor_images, floor_labels = shapes_dataset(n, cfg.resolution, seed=2)
         floor_data = (floor_images.float() / 127.5 - 1, floor_labels)
     eval_noise = torch.randn((n, *sample_shape), generator=torch.Generator().manual_seed(cfg.seed + 2))
     t0, cpu0 = time.time(), time.process_time()
-    teacher = embedded_teacher(cfg, teacher_data, sample_shape, device)
+    teacher = embedded_teacher(cfg, batches(cfg.teacher_batch, cfg.seed), sample_shape, device)
     print(f"teacher ready ({time.time() - t0:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU)")
-    return types.SimpleNamespace(cfg=cfg, device=device, sample_shape=sample_shape, teacher=teacher,
-                                 real_batches=real_batches, metrics=metrics, eval_noise=eval_noise,
-                                 eval_labels=eval_labels, floor_data=floor_data)
+    return types.SimpleNamespace(cfg=cfg, device=device, sample_shape=sample_shape, teacher=teacher, metrics=metrics,
+                                 real_batches=lambda batch_size: batches(batch_size, cfg.seed + 3),
+                                 eval_noise=eval_noise, eval_labels=eval_labels, floor_data=floor_data)
 
 
 def floor_row(rung):
     """The floor of every table: the metric of real data, a set of the evaluation's size disjoint from the metric's
-    reference set and from the training set. Two finite samples of the same distribution are this far apart, so no
+    reference set and from the training set. Two finite samples of one distribution are this far apart, so no
     generator is expected below it; the teacher's distance above it is the error a student can correct."""
     return dict(model="real data (second set: the floor)", NFE="", **rung.metrics(*rung.floor_data), images_per_s="")
 
@@ -2489,22 +2471,19 @@ def teacher_fingerprint(teacher):
 
 
 def evaluate_teacher(rung):
-    """The teacher's row of the results table (EDM Heun, cfg.teacher_eval_steps steps) and its samples. Cached with
-    the teacher (the sampler is deterministic), so a run with a cached teacher skips the slow sampling; the cached
-    images_per_s is the speed measured when the cache was written."""
-    cfg = rung.cfg
-    settings = dict(teacher=teacher_fingerprint(rung.teacher), steps=cfg.teacher_eval_steps, n=cfg.eval_samples,
-                    seed=cfg.seed)
+    """The teacher's row of the results table (EDM Heun, cfg.teacher_eval_steps steps) and its samples, cached with
+    the teacher (the sampler is deterministic): the cached images_per_s is the speed measured when it was written."""
+    cfg, steps = rung.cfg, rung.cfg.teacher_eval_steps
+    settings = dict(teacher=teacher_fingerprint(rung.teacher), steps=steps, n=cfg.eval_samples, seed=cfg.seed)
     path = cache_path(cfg, f"teacher-eval-{cfg.dataset}", settings)
     if os.path.exists(path):
         state = read_checkpoint(path)
         return state["row"], state["samples"]
     start = time.time()
-    labels = ClassLabels(cfg.num_classes, rung.device)
-    samples = sample_teacher(rung.teacher, rung.eval_noise, rung.eval_labels, labels, cfg.teacher_eval_steps,
-                             cfg.eval_batch)
-    row = dict(model=f"teacher (EDM Heun, {cfg.teacher_eval_steps} steps)", NFE=2 * cfg.teacher_eval_steps - 1,
-               **rung.metrics(samples), images_per_s=len(samples) / (time.time() - start))
+    samples = sample_teacher(rung.teacher, rung.eval_noise, rung.eval_labels, ClassLabels(cfg.num_classes, rung.device),
+                             steps, cfg.eval_batch)
+    row = dict(model=f"teacher (EDM Heun, {steps} steps)", NFE=2 * steps - 1, **rung.metrics(samples),
+               images_per_s=len(samples) / (time.time() - start))
     atomic_save(dict(row=row, samples=samples), path)
     return row, samples
 
@@ -2512,16 +2491,15 @@ def evaluate_teacher(rung):
 def distil(cfg, rung, run_dir, name=None, show=None):
     """Train (or resume, or reload when finished) one student of an embedded rung with cfg, then evaluate it on the
     rung's evaluation noise. Returns (results row, its samples, the Distiller)."""
-    regression_pairs = teacher_ode_pairs(cfg, rung.teacher, ClassLabels(cfg.num_classes, rung.device),
-                                         rung.sample_shape) if cfg.regression_loss_weight > 0 else None
+    pairs = teacher_ode_pairs(cfg, rung.teacher, ClassLabels(cfg.num_classes, rung.device),
+                              rung.sample_shape) if cfg.regression_loss_weight > 0 else None
     distiller = run_training(cfg, copy.deepcopy(rung.teacher), rung.real_batches(cfg.batch_size), rung.sample_shape,
-                             run_dir, rung.device, regression_pairs=regression_pairs,
-                             perceptual=perceptual_loss(cfg.regression_loss, rung.device) if regression_pairs else None,
+                             run_dir, rung.device, regression_pairs=pairs,
+                             perceptual=perceptual_loss(cfg.regression_loss, rung.device) if pairs else None,
                              show=show)  # a copy of the teacher: the Distiller owns the one it gets
-    generator, start = distiller.ema or distiller.generator, time.time()
-    samples = sample_student(generator, rung.eval_noise, rung.eval_labels, distiller.step_sigmas, distiller.conditions,
-                             cfg.eval_batch)
-    steps = cfg.generator_steps
+    start, steps = time.time(), cfg.generator_steps
+    samples = sample_student(distiller.ema or distiller.generator, rung.eval_noise, rung.eval_labels,
+                             distiller.step_sigmas, distiller.conditions, cfg.eval_batch)
     row = dict(model=name or f"DMD2 student, {steps} step{'s' * (steps > 1)}", NFE=steps, **rung.metrics(samples),
                images_per_s=len(samples) / (time.time() - start))
     return row, samples, distiller
@@ -2553,20 +2531,19 @@ def run_embedded(cfg):
     rows.append(floor_row(rung))
     table = results_table(rows)
     print(table)
-    with open(os.path.join(root, "results.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(root, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    for name, text in (("results.md", table + "\n"), ("results.json", json.dumps(rows, indent=1))):
+        with open(os.path.join(root, name), "w") as f:
+            f.write(text)
     return rows
 
 
 def teacher_ode_pairs(cfg, teacher, conditions, sample_shape):
-    """(noise, labels or prompts, teacher output) pairs from the teacher's deterministic Heun sampler, cached like the
-    teacher: the regression loss of the original DMD (its Sec. 3.3) on the embedded rungs, and the SDXL 1-step
-    pretraining (official: generate_noise_image_pairs_laion_sdxl.py, 10k pairs, CFG 8 with zero unconditional
-    embeddings). Labels are uniform classes, or prompts drawn from the captions. A DDPM teacher starts from pure noise
-    x_t = z at t = 999 and runs with CFG --guidance_scale; deviation: our Heun sampler (teacher_eval_steps steps
-    snapped to the DDPM table), not diffusers' 50-step Euler."""
+    """(noise, labels or prompts, teacher output) pairs from the teacher's Heun sampler, cached: the original DMD's
+    regression loss (its Sec. 3.3) on the embedded rungs and the SDXL 1-step pretraining (official:
+    generate_noise_image_pairs_laion_sdxl.py, 10k pairs, CFG 8 with zero unconditional embeddings). Labels: uniform
+    classes or prompts from the captions. A DDPM teacher starts from pure noise x_t = z at t = 999 with CFG
+    --guidance_scale; deviation: our Heun sampler (teacher_eval_steps steps snapped to the DDPM table), not diffusers'
+    50-step Euler."""
     captions = getattr(conditions, "captions", None)
     settings = dict(n=cfg.regression_pairs, steps=cfg.teacher_eval_steps, seed=cfg.seed,
                     teacher=teacher_fingerprint(teacher))
@@ -2594,11 +2571,9 @@ def teacher_ode_pairs(cfg, teacher, conditions, sample_shape):
 
 def seed_summary(name, rows, keys):
     """One table row from the rows of several seeds: "mean ± std" (population std over the seeds) of every key."""
-    summary = dict(model=f"{name} ({len(rows)} seeds)")
-    for k in keys:
-        values = np.array([r[k] for r in rows], dtype=float)
-        summary[k] = f"{values.mean():.4g} ± {values.std():.2g}"
-    return summary
+    values = {k: np.array([r[k] for r in rows], dtype=float) for k in keys}
+    return dict(model=f"{name} ({len(rows)} seeds)",
+                **{k: f"{v.mean():.4g} ± {v.std():.2g}" for k, v in values.items()})
 
 
 def separated(rows_a, rows_b, key, lower_is_better=True):
@@ -2611,6 +2586,7 @@ def separated(rows_a, rows_b, key, lower_is_better=True):
 
 
 def results_table(rows):
+    """A markdown table of result rows (one column per key; floats to 4 significant digits)."""
     keys = [k for k in rows[0] if k != "model"]
     lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in rows:
