@@ -3139,20 +3139,10 @@ def start_run(cfg):
     return run_dir, device
 
 
-def load_teacher(cfg, local_rank=0):
-    """The official EDM teacher (--teacher path or URL; default NVIDIA's pickle for the dataset, fetched once per
-    node), rebuilt with dropout 0 as DMD2 does (official: get_edm_network, dropout 0.0)."""
-    path = once_per_node(local_rank, resolve_teacher, cfg.teacher or None, cfg.dataset, cfg.cache_dir or None)
-    teacher = edm_net.load_edm_pickle(path, dropout=0.0, expect=dict(img_resolution=cfg.resolution,
-                                                                      label_dim=cfg.num_classes))
-    teacher.spec = dict(kind="edm", kwargs=edm_net.init_kwargs(teacher))
-    return teacher
-
-
 def run_edm(cfg):
-    """Distil an official EDM teacher on real data (--dataset imagenet64: the paper's ImageNet-64 recipe) in one
-    process or in each of torchrun's (rank 0 logs and writes checkpoints); at the end rank 0 writes the generator as
-    pytorch_model.bin (a plain state dict, keys model.*: the released DMD2 layout)."""
+    """Distil the official EDM teacher (--teacher path or URL, default NVIDIA's pickle for the dataset) on real data
+    (--dataset imagenet64: the paper's ImageNet-64 recipe) in one process or all of torchrun's; rank 0 logs, writes
+    checkpoints and at the end the generator, pytorch_model.bin (a state dict, keys model.*: the released layout)."""
     run_dir, device = start_run(cfg)
     needs_real = cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)
     if needs_real and not cfg.data_path:
@@ -3163,7 +3153,11 @@ def run_edm(cfg):
         torch.backends.cudnn.benchmark = True  # official: cuDNN picks its fastest kernels
     with distributed(device, cfg.dist_timeout) as (rank, world_size, local_rank):
         torch.manual_seed(cfg.seed)
-        teacher = prepare_network(load_teacher(cfg, local_rank), cfg, device)
+        path = once_per_node(local_rank, resolve_teacher, cfg.teacher or None, cfg.dataset, cfg.cache_dir or None)
+        teacher = edm_net.load_edm_pickle(path, dropout=0.0,  # official: get_edm_network, dropout 0.0
+                                          expect=dict(img_resolution=cfg.resolution, label_dim=cfg.num_classes))
+        teacher.spec = dict(kind="edm", kwargs=edm_net.init_kwargs(teacher))
+        teacher = prepare_network(teacher, cfg, device)
         real = FileBatches(dataset, cfg.batch_size, cfg.seed, rank, world_size, cfg.num_workers) if needs_real else None
         distiller = run_training(cfg, teacher, real, (3, cfg.resolution, cfg.resolution), run_dir, device, rank,
                                  world_size)
@@ -3201,10 +3195,8 @@ def _hf():
 
 
 class Prompts:
-    """Text conditions: captions -> (prompt embeddings, pooled) by the teacher's frozen text encoders. SD v1.5: the
-    last hidden state [B, 77, 768], no pooled part. SDXL (official sdxl_text_encoder.py): the penultimate hidden states
-    of CLIP-L (768) and OpenCLIP-bigG (1280) concatenated to [B, 77, 2048], and encoder 2's pooled projection [B, 1280].
-    Generated batches take the training captions (official: the real dataset's captions in denoising mode)."""
+    """Text conditions: captions -> (prompt embeddings, pooled) by the teacher's frozen text encoders. Generated
+    batches take the training captions (official: the real dataset's captions in denoising mode)."""
 
     def __init__(self, captions, tokenizers, text_encoders):
         self.captions, self.tokenizers, self.text_encoders = captions, tokenizers, text_encoders
@@ -3216,9 +3208,9 @@ class Prompts:
             ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids.to(encoder.device)
             out = encoder(ids, output_hidden_states=sdxl)
-            hidden.append(out.hidden_states[-2] if sdxl else out[0])
-        pooled = out[0] if sdxl else hidden[0].new_zeros(len(ids), 0)
-        return torch.cat(hidden, dim=-1).float(), pooled.float()
+            hidden.append(out.hidden_states[-2] if sdxl else out[0])  # SDXL: penultimate (official sdxl_text_encoder)
+        pooled = out[0] if sdxl else hidden[0].new_zeros(len(ids), 0)  # SDXL: encoder 2's projection [B, 1280]
+        return torch.cat(hidden, dim=-1).float(), pooled.float()  # [B, 77, 768]; SDXL [B, 77, 768 (CLIP-L) + 1280]
 
     def sample(self, n, noise):
         return self.encode([self.captions[i] for i in noise.randint(0, len(self.captions), n).tolist()])
@@ -3276,10 +3268,9 @@ def load_t2i(model_id, sdxl=True):
 
 
 def tiny_t2i_parts(sdxl=True, seed=0):
-    """Random SD-shaped networks for a CPU (tests, --tiny true; nothing downloaded) keeping the conditioning layout:
-    SDXL 77 tokens of 768 (CLIP-L) + 1280 (bigG), a 1280-d pooled projection, 6 x 256 + 1280 = 2816 added-embedding
-    inputs; SD v1.5 77 x 768; a factor-8 VAE with 4 latent channels. Shrunk: a 2-level 32/64-channel UNet (128 px ->
-    16x16 latents), 2-layer text encoders, character-level CLIP tokenizers (SDXL's tokenizer 2 pads with "!")."""
+    """Random SD-shaped networks for a CPU (tests, --tiny true; nothing downloaded): the conditioning layout and a
+    factor-8 VAE with 4 latent channels kept, the rest shrunk (128 px -> 16x16 latents); character-level tokenizers,
+    the second padding with "!" as SDXL's does."""
     diffusers, transformers = _hf()
     torch.manual_seed(seed)
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
@@ -3295,7 +3286,7 @@ def tiny_t2i_parts(sdxl=True, seed=0):
         encoders += (transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
             hidden_size=1280, projection_dim=1280, hidden_act="gelu", pad_token_id=vocab["!"], **text)),)
     added = dict(addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816) if sdxl else {}
+                 projection_class_embeddings_input_dim=2816) if sdxl else {}  # 6 x 256 time ids + 1280 pooled
     unet = diffusers.UNet2DConditionModel(
         sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -3464,9 +3455,8 @@ def run_t2i(cfg):
 
 def export_generator(weights, unet_config, cfg, run_dir, sdxl=True):
     """The trained generator as the text-to-image ecosystem loads it: unet.bin (the released dmd2_sdxl_*_unet layout;
-    load_unet_weights, `evaluate --model student:PATH`) and unet/ (UNet2DConditionModel.from_pretrained(run_dir,
-    subfolder="unet")); a LoRA run writes its adapters instead: pytorch_lora_weights.safetensors, which a pipeline's
-    load_lora_weights(run_dir) reads."""
+    load_unet_weights, `evaluate --model student:PATH`) and unet/ (from_pretrained(run_dir, subfolder="unet")); a LoRA
+    run writes its adapters instead, pytorch_lora_weights.safetensors (a pipeline's load_lora_weights(run_dir))."""
     diffusers, _ = _hf()
     unet = diffusers.UNet2DConditionModel.from_config(unet_config)
     if cfg.lora_rank:
