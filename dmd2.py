@@ -3210,7 +3210,7 @@ class Prompts:
             out = encoder(ids, output_hidden_states=sdxl)
             hidden.append(out.hidden_states[-2] if sdxl else out[0])  # SDXL: penultimate (official sdxl_text_encoder)
         pooled = out[0] if sdxl else hidden[0].new_zeros(len(ids), 0)  # SDXL: encoder 2's projection [B, 1280]
-        return torch.cat(hidden, dim=-1).float(), pooled.float()  # [B, 77, 768]; SDXL [B, 77, 768 (CLIP-L) + 1280]
+        return torch.cat(hidden, dim=-1).float(), pooled.float()  # [B, 77, 768]; SDXL: 768 (CLIP-L) + 1280 (bigG)
 
     def sample(self, n, noise):
         return self.encode([self.captions[i] for i in noise.randint(0, len(self.captions), n).tolist()])
