@@ -2853,78 +2853,67 @@ def download_dmd2_checkpoint(run_name, cache_dir=None):
 # 15. The EDM rungs (cifar10, imagenet64): official teacher, real data on disk, one or many processes
 
 
-def load_teacher(cfg, local_rank=0):
-    """The official EDM teacher (--teacher path or URL; default NVIDIA's pickle for the dataset), rebuilt with dropout
-    0 as DMD2 does (official: get_edm_network, dropout 0.0). Fetched once per node, by its local rank 0, while the
-    node's other processes wait (within --dist_timeout) and then read the cached file."""
+def once_per_node(local_rank, fn, *args):
+    """fn(*args) on every process: first on the node's local rank 0 while the node's others wait, then on all."""
     if local_rank == 0:
-        resolve_teacher(cfg.teacher or None, cfg.dataset, cfg.cache_dir or None)
+        fn(*args)
     if dist.is_initialized():
         dist.barrier()
-    path = resolve_teacher(cfg.teacher or None, cfg.dataset, cfg.cache_dir or None)
-    teacher = edm_net.load_edm_pickle(path, dropout=0.0, expect=dict(img_resolution=cfg.resolution,
-                                                                      label_dim=cfg.num_classes))
-    teacher.spec = dict(kind="edm", kwargs=edm_net.init_kwargs(teacher))
-    return teacher
+    return fn(*args)
 
 
-def check_run(cfg, run_dir):
-    """Cheap checks before any process group, download or network: the files to start from, and a run folder's
-    checkpoint (readable, same config)."""
+def start_run(cfg):
+    """(run folder, device) of a rung on real data, after the checks that come before any process group, download
+    or network: the files to start from, the launch, a run folder's checkpoint (readable, same config)."""
+    run_dir = os.path.join(cfg.out_dir, cfg.dataset, cfg.run_name or f"student_{cfg.generator_steps}step")
     for flag, path in (("--generator_init", cfg.generator_init), ("--guidance_init", cfg.guidance_init)):
         if path and not os.path.exists(path):
             raise SystemExit(f"{flag} {path}: no such file (a state dict: the released pytorch_model.bin layout)")
     if cfg.engine != "ddp" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise SystemExit(f"--engine {cfg.engine} shards the networks over processes: launch with torchrun "
                          "--nproc_per_node N (N >= 2), or use --engine ddp")
-    saved = saved_config(run_dir)
-    if saved is not None:
+    if (saved := saved_config(run_dir)) is not None:
         check_resumable(saved, cfg, run_dir)
-
-
-def check_edm_run(cfg, run_dir):
-    """check_run, and the real data (path, format, resolution, labels). Returns the dataset."""
-    check_run(cfg, run_dir)
-    if not (cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)):
-        return None
-    if not cfg.data_path:
-        raise SystemExit(f"--dataset {cfg.dataset} trains its GAN on real images: pass --data_path (an EDM "
-                         f"dataset_tool zip or folder, or the official DMD2 LMDB), or --gan false. {PREPARE_HINT}")
-    return open_image_dataset(cfg.data_path, cfg.resolution, 3, cfg.num_classes)
+    device = resolve_device(cfg)
+    if device.type == "cuda":  # official: TF32 matmul and cuDNN for training
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return run_dir, device
 
 
 def run_edm(cfg):
-    """Distil an official EDM teacher on real data (the paper's ImageNet-64 recipe with --dataset imagenet64).
-    Under torchrun every process runs this (DistributedDataParallel); rank 0 logs and writes checkpoints. At the end
-    rank 0 also writes the generator as a plain state dict (keys model.*, the released DMD2 pytorch_model.bin
-    layout)."""
-    run_dir = os.path.join(cfg.out_dir, cfg.dataset, cfg.run_name or f"student_{cfg.generator_steps}step")
-    dataset = check_edm_run(cfg, run_dir)
-    device = resolve_device(cfg)
-    if device.type == "cuda":  # official: TF32 matmul and cuDNN for training; cuDNN picks its fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    """Distil the official EDM teacher (--teacher path or URL, default NVIDIA's pickle for the dataset) on real data
+    (--dataset imagenet64: the paper's ImageNet-64 recipe) in one process or all of torchrun's; rank 0 logs, writes
+    checkpoints and at the end the generator, pytorch_model.bin (a state dict, keys model.*: the released layout)."""
+    run_dir, device = start_run(cfg)
+    needs_real = cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)
+    if needs_real and not cfg.data_path:
+        raise SystemExit(f"--dataset {cfg.dataset} trains its GAN on real images: pass --data_path (an EDM "
+                         f"dataset_tool zip or folder, or the official DMD2 LMDB), or --gan false. {PREPARE_HINT}")
+    dataset = open_image_dataset(cfg.data_path, cfg.resolution, 3, cfg.num_classes) if needs_real else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # official: cuDNN picks its fastest kernels
     with distributed(device, cfg.dist_timeout) as (rank, world_size, local_rank):
         torch.manual_seed(cfg.seed)
-        teacher = prepare_network(load_teacher(cfg, local_rank), cfg, device)
-        real = None if dataset is None else FileBatches(dataset, cfg.batch_size, cfg.seed, rank, world_size,
-                                                        cfg.num_workers)
+        path = once_per_node(local_rank, resolve_teacher, cfg.teacher or None, cfg.dataset, cfg.cache_dir or None)
+        teacher = edm_net.load_edm_pickle(path, dropout=0.0,  # official: get_edm_network, dropout 0.0
+                                          expect=dict(img_resolution=cfg.resolution, label_dim=cfg.num_classes))
+        teacher.spec = dict(kind="edm", kwargs=edm_net.init_kwargs(teacher))
+        teacher = prepare_network(teacher, cfg, device)
+        real = FileBatches(dataset, cfg.batch_size, cfg.seed, rank, world_size, cfg.num_workers) if needs_real else None
         distiller = run_training(cfg, teacher, real, (3, cfg.resolution, cfg.resolution), run_dir, device, rank,
                                  world_size)
         weights = generator_weights(distiller)
         if rank == 0:
-            path = os.path.join(run_dir, "pytorch_model.bin")
-            atomic_save(weights, path)
-            print(f"generator written to {path}; evaluate it with: python dmd2.py evaluate --generator {path} "
-                  f"--dataset {cfg.dataset}")
+            atomic_save(weights, os.path.join(run_dir, "pytorch_model.bin"))
+            print(f"generator written to {run_dir}/pytorch_model.bin; evaluate it with: python dmd2.py evaluate "
+                  f"--generator {run_dir}/pytorch_model.bin --dataset {cfg.dataset}")
     return distiller
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 16. The text-to-image rungs (sdxl, sdxl-1step, sdxl-ode, sd15, sd15-gan): diffusers models, captioned images
-# encoded once into memory-mapped latents, released DMD2 weights (pip install -r requirements-sdxl.txt).
-# diffusers / transformers / peft are imported inside the functions, so the rest of dmd2.py runs without them;
-# tiny_t2i_parts() builds SD-shaped random networks for a CPU.
+# encoded once into memory-mapped latents, released DMD2 weights. diffusers, transformers and peft (pip install -r
+# requirements-sdxl.txt) are imported inside the functions: the rest of dmd2.py runs without them.
 
 
 SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # official: --model_id
@@ -2935,9 +2924,10 @@ SDXL_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", 
 
 
 def _hf():
-    """diffusers and transformers, imported on first use."""
+    """diffusers and transformers, imported on first use (with peft, for LoRA)."""
     try:
         import diffusers
+        import peft  # noqa: F401
         import transformers
     except ImportError as e:
         raise ImportError(f"the text-to-image path needs diffusers, transformers, peft and safetensors ({e}): "
@@ -2946,11 +2936,8 @@ def _hf():
 
 
 class Prompts:
-    """Text conditions: captions -> (prompt embeddings, pooled) with the teacher's frozen text encoders. SD v1.5:
-    CLIPTextModel(...)[0], the last hidden state [B, 77, 768], no pooled part. SDXL (official sdxl_text_encoder.py):
-    the penultimate hidden states of CLIP-L (768) and OpenCLIP-bigG (1280) concatenated to [B, 77, 2048], and the
-    pooled projection (text_embeds) of encoder 2 [B, 1280]. Generated batches take their prompts from the training
-    captions (official: the real-image dataset's captions in denoising mode)."""
+    """Text conditions: captions -> (prompt embeddings, pooled) by the teacher's frozen text encoders. Generated
+    batches take the training captions (official: the real dataset's captions in denoising mode)."""
 
     def __init__(self, captions, tokenizers, text_encoders):
         self.captions, self.tokenizers, self.text_encoders = captions, tokenizers, text_encoders
@@ -2962,9 +2949,9 @@ class Prompts:
             ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids.to(encoder.device)
             out = encoder(ids, output_hidden_states=sdxl)
-            hidden.append(out.hidden_states[-2] if sdxl else out[0])
-        pooled = out[0] if sdxl else hidden[0].new_zeros(len(ids), 0)
-        return torch.cat(hidden, dim=-1).float(), pooled.float()
+            hidden.append(out.hidden_states[-2] if sdxl else out[0])  # SDXL: penultimate (official sdxl_text_encoder)
+        pooled = out[0] if sdxl else hidden[0].new_zeros(len(ids), 0)  # SDXL: encoder 2's projection [B, 1280]
+        return torch.cat(hidden, dim=-1).float(), pooled.float()  # [B, 77, 768]; SDXL: 768 (CLIP-L) + 1280 (bigG)
 
     def sample(self, n, noise):
         return self.encode([self.captions[i] for i in noise.randint(0, len(self.captions), n).tolist()])
@@ -2995,10 +2982,8 @@ class T2IParts:
 
     def teacher(self):
         """The teacher UNet as a denoiser (it is not copied: the Distiller makes the real score of it)."""
-        if self.sdxl:
-            uncond = (torch.zeros(1, 77, self.unet.config.cross_attention_dim), torch.zeros(1, 1280))
-        else:
-            uncond = Prompts([], self.tokenizers, self.text_encoders).blank(1)
+        uncond = ((torch.zeros(1, 77, self.unet.config.cross_attention_dim), torch.zeros(1, 1280)) if self.sdxl
+                  else Prompts([], self.tokenizers, self.text_encoders).blank(1))
         return EpsDenoiser(self.unet, self.alphas_cumprod, uncond, self.resolution if self.sdxl else None)
 
     def to(self, device):
@@ -3007,33 +2992,26 @@ class T2IParts:
         return self
 
 
-def _frozen(*modules):
-    for module in modules:
-        module.requires_grad_(False).eval()
-
-
 def load_t2i(model_id, sdxl=True):
     """SD v1.5 or SDXL from a Hugging Face id or a local folder with the diffusers layout (unet, vae, text_encoder(_2),
     tokenizer(_2), scheduler), all fp32 (official: from_pretrained(model_id, subfolder=...).float())."""
     diffusers, transformers = _hf()
     unet = _pretrained(diffusers.UNet2DConditionModel, model_id, subfolder="unet")
     vae = _pretrained(diffusers.AutoencoderKL, model_id, subfolder="vae")
-    encoders = (_pretrained(transformers.CLIPTextModel, model_id, subfolder="text_encoder"),)
-    tokenizers = (_pretrained(transformers.CLIPTokenizer, model_id, subfolder="tokenizer"),)
-    if sdxl:
-        encoders += (_pretrained(transformers.CLIPTextModelWithProjection, model_id, subfolder="text_encoder_2"),)
-        tokenizers += (_pretrained(transformers.CLIPTokenizer, model_id, subfolder="tokenizer_2"),)
+    suffixes = ("", "_2") if sdxl else ("",)
+    encoders = tuple(_pretrained(cls, model_id, subfolder=f"text_encoder{s}") for cls, s in
+                     zip((transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection), suffixes))
+    tokenizers = tuple(_pretrained(transformers.CLIPTokenizer, model_id, subfolder=f"tokenizer{s}") for s in suffixes)
     scheduler = _pretrained(diffusers.DDIMScheduler, model_id, subfolder="scheduler")
-    _frozen(unet, vae, *encoders)
+    for module in (unet, vae, *encoders):
+        module.requires_grad_(False).eval()
     return T2IParts(unet.float(), encoders, tokenizers, vae.float(), scheduler.alphas_cumprod.double())
 
 
 def tiny_t2i_parts(sdxl=True, seed=0):
-    """Random SD-shaped networks for a CPU (tests, `--tiny true`; nothing downloaded). The conditioning layout is
-    kept: SDXL 77 tokens of 768 (CLIP-L) + 1280 (bigG) = 2048 dims, 1280-d pooled projection, 6 x 256 + 1280 = 2816
-    added-embedding inputs; SD v1.5 77 x 768; a factor-8 VAE with 4 latent channels. Shrunk: UNet 2 levels of 32/64
-    channels (128 px -> 16x16 latents -> 8x8 mid block), 2-layer text encoders, an 8/16-channel VAE;
-    character-level CLIP tokenizers built in memory (SDXL's tokenizer 2 pads with "!")."""
+    """Random SD-shaped networks for a CPU (tests, --tiny true; nothing downloaded): the conditioning layout and a
+    factor-8 VAE with 4 latent channels kept, the rest shrunk (128 px -> 16x16 latents); character-level tokenizers,
+    the second padding with "!" as SDXL's does."""
     diffusers, transformers = _hf()
     torch.manual_seed(seed)
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
@@ -3041,17 +3019,15 @@ def tiny_t2i_parts(sdxl=True, seed=0):
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     tokenizers = (transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
                   transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="!"))
-    text = dict(vocab_size=len(vocab), intermediate_size=64, num_hidden_layers=2, max_position_embeddings=77,
-                bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
-    encoders = (transformers.CLIPTextModel(transformers.CLIPTextConfig(
-                    hidden_size=768, num_attention_heads=2, hidden_act="quick_gelu", pad_token_id=text["eos_token_id"],
-                    **text)),)
+    text = dict(vocab_size=len(vocab), intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
+    encoders = (transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_size=768, hidden_act="quick_gelu",
+                                                                       pad_token_id=text["eos_token_id"], **text)),)
     if sdxl:
         encoders += (transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-            hidden_size=1280, projection_dim=1280, num_attention_heads=2, hidden_act="gelu", pad_token_id=vocab["!"],
-            **text)),)
+            hidden_size=1280, projection_dim=1280, hidden_act="gelu", pad_token_id=vocab["!"], **text)),)
     added = dict(addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816) if sdxl else {}
+                 projection_class_embeddings_input_dim=2816) if sdxl else {}  # 6 x 256 time ids + 1280 pooled
     unet = diffusers.UNet2DConditionModel(
         sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -3060,32 +3036,28 @@ def tiny_t2i_parts(sdxl=True, seed=0):
         block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=8,
         sample_size=128, scaling_factor=0.13025 if sdxl else 0.18215)  # the SDXL / SD v1.5 VAE scaling factors
-    _frozen(unet, vae, *encoders)
+    for module in (unet, vae, *encoders):
+        module.requires_grad_(False).eval()
     return T2IParts(unet, encoders, tokenizers[:len(encoders)], vae, ddpm_alphas_cumprod())
 
 
 def t2i_parts(spec):
-    """The pieces of the model a run was made with: spec = {"model_id", "sdxl", "tiny", "seed"} (checkpoints keep it)."""
-    if spec["tiny"]:
-        return tiny_t2i_parts(spec["sdxl"], spec["seed"])
-    return load_t2i(spec["model_id"], spec["sdxl"])
+    """The model a run was made with, from its spec {"model_id", "sdxl", "tiny", "seed"} (checkpoints keep it)."""
+    return tiny_t2i_parts(spec["sdxl"], spec["seed"]) if spec["tiny"] else load_t2i(spec["model_id"], spec["sdxl"])
 
 
 def load_unet_weights(unet, path):
-    """Load a diffusers UNet state dict (.bin torch pickle, read weights-only, or .safetensors), e.g. the released
-    dmd2_sdxl_4step_unet_fp16.bin, strictly into `unet`, keeping the UNet's dtype."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    """Strictly load a diffusers UNet state dict (.safetensors, or .bin read weights-only: the released
+    dmd2_sdxl_4step_unet_fp16.bin) into `unet`, keeping its dtype."""
+    from safetensors.torch import load_file
+    state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                              weights_only=True)
     unet.load_state_dict(state, strict=True)
     return unet
 
 
 def lora_generator(teacher, cfg):
-    """The generator of a LoRA run (--lora_rank): a trainable copy of the teacher with adapters (Distiller's
-    `generator`)."""
+    """The generator of a LoRA run (--lora_rank): a trainable copy of the teacher with adapters."""
     generator = trainable_copy(teacher)
     add_generator_lora(generator.unet, cfg.lora_rank, cfg.lora_alpha)
     return generator
@@ -3094,10 +3066,8 @@ def lora_generator(teacher, cfg):
 def add_generator_lora(unet, rank=64, alpha=8):
     """LoRA on the generator only (official: --generator_lora, LoraConfig(r=64, lora_alpha=8, lora_dropout=0) on
     SDXL_LORA_TARGETS); the base weights freeze, only the adapters train."""
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        raise ImportError("LoRA needs peft: pip install -r requirements-sdxl.txt") from None
+    _hf()
+    from peft import LoraConfig
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=SDXL_LORA_TARGETS))
     return unet
@@ -3106,21 +3076,19 @@ def add_generator_lora(unet, rank=64, alpha=8):
 def t2i_pipe(parts, scheduler):
     """A diffusers pipeline (SD v1.5 or SDXL) around the parts, for generation with other schedulers."""
     diffusers, _ = _hf()
+    common = dict(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=parts.unet,
+                  scheduler=scheduler)
     if parts.sdxl:
-        return diffusers.StableDiffusionXLPipeline(
-            vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
-            tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], unet=parts.unet, scheduler=scheduler)
-    return diffusers.StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoders[0],
-                                             tokenizer=parts.tokenizers[0], unet=parts.unet, scheduler=scheduler,
-                                             safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+        return diffusers.StableDiffusionXLPipeline(text_encoder_2=parts.text_encoders[1],
+                                                   tokenizer_2=parts.tokenizers[1], **common)
+    return diffusers.StableDiffusionPipeline(safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False, **common)
 
 
 def fuse_lora(parts, path):
     """Fuse a LoRA file into parts.unet the way the official README does: pipeline.load_lora_weights(path), then
     fuse_lora(lora_scale=1.0) (diffusers converts the released kohya-style dmd2_sdxl_4step_lora file)."""
-    diffusers, _ = _hf()
-    pipe = t2i_pipe(parts, diffusers.LCMScheduler())
+    pipe = t2i_pipe(parts, _hf()[0].LCMScheduler())
     pipe.load_lora_weights(path)
     pipe.fuse_lora(lora_scale=1.0)
     return parts.unet
@@ -3151,19 +3119,17 @@ def load_image(path, resolution):
 
 @torch.no_grad()
 def encode_latents(folder, vae, resolution, batch_size=8):
-    """(latents, captions) of a captioned folder. The images are encoded ONCE, in batches on the VAE's device, with
-    vae.encode(x).latent_dist.sample() * scaling_factor (official: generate_vae_latents.py), and stored as fp16 in
-    folder/.dmd2_latents_<res>/latents.npy; the returned array is memory-mapped, so a run reads only the rows of its
-    batches and host RAM holds none of it. Re-encoded when file names, sizes or captions change."""
+    """(latents, captions) of a captioned folder, encoded ONCE on the VAE's device (official generate_vae_latents.py:
+    vae.encode(x).latent_dist.sample() * scaling_factor) into fp16 folder/.dmd2_latents_<res>/latents.npy, returned
+    memory-mapped (a run reads only its batches' rows). Re-encoded when file names, sizes or captions change."""
     items = read_captioned_folder(folder)
     key = dict(files=[f"{os.path.basename(p)}:{os.path.getsize(p)}" for p, _ in items],
                captions=[c for _, c in items], resolution=resolution)
     store = os.path.join(folder, f".dmd2_latents_{resolution}")
     index_path, array_path = os.path.join(store, "index.json"), os.path.join(store, "latents.npy")
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            if json.load(f) == key:
-                return np.load(array_path, mmap_mode="r"), key["captions"]
+    with contextlib.suppress(FileNotFoundError), open(index_path) as f:  # a store made from the same files
+        if json.load(f) == key:
+            return np.load(array_path, mmap_mode="r"), key["captions"]
     os.makedirs(store, exist_ok=True)
     device, side = next(vae.parameters()).device, resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     fd, tmp = tempfile.mkstemp(dir=store, suffix=".part")  # a name of its own: nodes sharing the folder encode at once
@@ -3177,10 +3143,9 @@ def encode_latents(folder, vae, resolution, batch_size=8):
     array.flush()
     del array
     os.replace(tmp, array_path)  # renames: a reader maps a complete file, never one being written
-    fd, tmp = tempfile.mkstemp(dir=store, suffix=".part")
-    with os.fdopen(fd, "w") as f:
+    with open(tmp + ".json", "w") as f:
         json.dump(key, f)
-    os.replace(tmp, index_path)  # last: an interrupted encoding is never taken for a complete one
+    os.replace(tmp + ".json", index_path)  # last: an interrupted encoding is never taken for a complete one
     return np.load(array_path, mmap_mode="r"), key["captions"]
 
 
@@ -3192,43 +3157,27 @@ def decode_latents(vae, latents):
 
 
 def lpips_decoder(parts, cfg, device):
-    """Latents -> images, with gradient, for the ODE pretraining's LPIPS (official: the tiny autoencoder
+    """decode_latents with gradient, for the ODE pretraining's LPIPS (official: the tiny autoencoder
     madebyollin/taesdxl; taesd for SD v1.5). --tiny: the tiny model's own VAE."""
-    if cfg.tiny:
-        vae = parts.vae
-    else:
-        diffusers, _ = _hf()
-        vae = _pretrained(diffusers.AutoencoderTiny, "madebyollin/taesdxl" if parts.sdxl else "madebyollin/taesd")
-        _frozen(vae)
-    vae.to(device)
+    vae = parts.vae if cfg.tiny else _pretrained(_hf()[0].AutoencoderTiny,
+                                                 "madebyollin/taesdxl" if parts.sdxl else "madebyollin/taesd")
+    vae.to(device).requires_grad_(False).eval()
     return lambda z: vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()
 
 
 def run_t2i(cfg):
-    """Distil SD v1.5 or SDXL (presets sdxl, sdxl-1step, sdxl-ode, sd15, sd15-gan) with the method of sections 3-7 on
-    the captioned images of --data_path: the same Distiller, train() loop, run folder, resume, log, curves and sample
-    grids as the EDM rungs, one or many processes. At the end rank 0 writes the generator's UNet as a diffusers state
-    dict, run_dir/unet.bin (the released dmd2_sdxl_*_unet layout)."""
+    """Distil SD v1.5 or SDXL (presets sdxl, sdxl-1step, sdxl-ode, sd15, sd15-gan) on the captioned images of
+    --data_path, run as the EDM rungs are; at the end rank 0 exports the generator (export_generator)."""
     sdxl = cfg.dataset.startswith("sdxl")
     spec = dict(model_id=cfg.model_id or (SDXL_MODEL_ID if sdxl else SD15_MODEL_ID), sdxl=sdxl, tiny=cfg.tiny,
                 seed=cfg.seed)
-    run_dir = os.path.join(cfg.out_dir, cfg.dataset, cfg.run_name or f"student_{cfg.generator_steps}step")
-    check_run(cfg, run_dir)
-    items = read_captioned_folder(cfg.data_path)  # cheap checks before any model is loaded
-    device = resolve_device(cfg)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    run_dir, device = start_run(cfg)
+    read_captioned_folder(cfg.data_path)  # checked before any model is loaded
     with distributed(device, cfg.dist_timeout) as (rank, world_size, local_rank):
-        parts = t2i_parts(spec)
-        for module in (parts.vae, *parts.text_encoders):
-            module.to(device)
-        if local_rank == 0:  # encoded once per node; the others wait, then map the file
-            encode_latents(cfg.data_path, parts.vae, parts.resolution)
-        if dist.is_initialized():
-            dist.barrier()
-        latents, captions = encode_latents(cfg.data_path, parts.vae, parts.resolution)
+        parts = t2i_parts(spec).to(device)
+        latents, captions = once_per_node(local_rank, encode_latents, cfg.data_path, parts.vae, parts.resolution)
         if rank == 0:
-            print(f"{len(items)} captioned images -> latents {tuple(latents.shape)}")
+            print(f"{len(captions)} captioned images -> latents {tuple(latents.shape)}")
         conditions = Prompts(captions, parts.tokenizers, parts.text_encoders)
         teacher = prepare_network(parts.teacher(), cfg, device)
         teacher.spec = dict(kind="t2i", kwargs=spec)
@@ -3246,10 +3195,9 @@ def run_t2i(cfg):
 
 
 def export_generator(weights, unet_config, cfg, run_dir, sdxl=True):
-    """The trained generator in the forms the text-to-image ecosystem loads: unet.bin (a UNet state dict, the released
-    dmd2_sdxl_*_unet layout; load_unet_weights, `evaluate --model student:PATH`) and unet/ (diffusers save_pretrained:
-    UNet2DConditionModel.from_pretrained(run_dir, subfolder="unet")); a LoRA run writes its adapters instead,
-    pytorch_lora_weights.safetensors, which a pipeline's load_lora_weights(run_dir) reads."""
+    """The trained generator as the text-to-image ecosystem loads it: unet.bin (the released dmd2_sdxl_*_unet layout;
+    load_unet_weights, `evaluate --model student:PATH`) and unet/ (from_pretrained(run_dir, subfolder="unet")); a LoRA
+    run writes its adapters instead, pytorch_lora_weights.safetensors (a pipeline's load_lora_weights(run_dir))."""
     diffusers, _ = _hf()
     unet = diffusers.UNet2DConditionModel.from_config(unet_config)
     if cfg.lora_rank:
