@@ -165,13 +165,9 @@ PRESETS = {
                   teacher_batch=256, teacher_lr=1e-3, iters=2000, batch_size=256, generator_lr=3e-4, guidance_lr=3e-4,
                   warmup_steps=20, gen_cls_loss_weight="auto", teacher_eval_steps=18, eval_samples=4000,
                   eval_batch=4000, log_every=20, ckpt_every=200, sample_every=200, precision="fp32"),
-    # Embedded default: 16 px procedural shapes, a narrow ADM teacher (16 channels) trained here for 1,000 iterations,
-    # a quarter of the 4,000 after which it nearly draws the data (one measurement: FD-cls 2.9 vs 0.57): it
-    # draws the shapes, with mottled colours, an imperfect teacher as real ones are. The main job distils it into a
-    # 1-step DMD2 student and the same student without the GAN, 2,000 critic iterations each. Deviations, for a CPU
-    # budget: learning rates 2e-4 (official 2e-6), and so a generator EMA (0.98 per generator update; official: none)
-    # that averages out the high rate's noise (raw students' FD-cls swung by +-1.5 between checkpoints, README). GAN
-    # weight: the official 3e-3 (`auto` measured 0.24 here and gave a worse student, README).
+    # Embedded default: 16 px shapes, a 16-channel ADM teacher trained 1,000 iterations (an imperfect teacher: it
+    # nearly draws the data after 4,000), a 1-step DMD2 student and one without GAN, 2,000 iterations each. For a CPU
+    # budget (deviations, README): lr 2e-4 (official 2e-6), hence a generator EMA 0.98; GAN weight the official 3e-3.
     "shapes": dict(students=[1], no_gan_student=True, resolution=16, num_classes=10, teacher_iters=1000,
                    teacher_batch=64, teacher_lr=1e-3,
                    teacher_arch=dict(model_type="DhariwalUNet", model_channels=16, channel_mult=[1, 2, 2],
@@ -492,12 +488,9 @@ def noised_real_inputs(generator, real, step_sigmas, k, noise):
 # ----------------------------------------------------------------------------------------------------------------
 # 6. Text-to-image teachers as denoisers: an epsilon-prediction UNet (SD v1.5, SDXL) behind the EDM interface
 #
-# The method takes a denoiser D(x, sigma, cond) -> x0 with a bottleneck output (return_bottleneck=True). EDM networks
-# are one (edm_net.EDMPrecond). EpsDenoiser makes a diffusers UNet2DConditionModel one and owns everything that
-# differs, as attributes and methods the method looks up on any teacher (EDM networks take the defaults): its noise
-# grid (`sigmas`), its pure-noise convention (`pure_noise`), how it reads clean data (`clean_input`), which frozen
-# weights it stores in bf16 (`store_frozen_in_bf16`), CFG (`guidance_scale`) and the bottleneck. Text conditions
-# (Prompts), loading the models and their data are harness (section 16).
+# The method takes a denoiser D(x, sigma, cond) -> x0 with a bottleneck (return_bottleneck=True): edm_net.EDMPrecond
+# is one. EpsDenoiser makes a diffusers UNet one and owns what differs, looked up on any teacher (EDM networks take
+# the defaults): `sigmas`, `pure_noise`, `clean_input`, `store_frozen_in_bf16`, `guidance_scale`, the bottleneck.
 
 
 def ddpm_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
@@ -613,10 +606,9 @@ def warmup_scheduler(optimizer, warmup_steps):
 
 
 class SharedNoise:
-    """Random numbers for the GLOBAL batch, drawn identically on every rank; each rank keeps its slice.
-
-    So W processes with batch B draw exactly the noise of one process with batch W*B, and results do not depend
-    on the GPU count (deviation: the official code seeds rank r with seed + r). Its state is saved in checkpoints."""
+    """Random numbers for the GLOBAL batch, drawn identically on every rank; each rank keeps its slice, so W processes
+    with batch B draw the noise of one process with batch W*B (deviation: the official code seeds rank r with seed
+    + r). Its state is saved in checkpoints."""
 
     def __init__(self, seed, rank=0, world_size=1, device="cpu"):
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
@@ -642,10 +634,9 @@ def micro_batches(batch_size, micro_batch):
 
 
 def accumulate(losses, part, batch_size, logs, trained):
-    """Backward of one micro-batch's weighted losses {key: (weight, mean loss over the micro-batch)}, scaled by the
-    micro-batch's share of the batch; logs get the whole-batch means (as tensors: no host sync here). The networks
-    in `trained` reduce their gradients over the processes on the batch's last micro-batch only: before it, their
-    no_sync() (which an engine gives every network it wraps; one process has nothing to reduce)."""
+    """Backward of one micro-batch's weighted losses {key: (weight, mean loss over the micro-batch)}, scaled by its
+    share of the batch; logs get the whole-batch means (tensors: no host sync). Before the last micro-batch the
+    networks in `trained` skip the gradient reduction (no_sync(), which an engine gives every network it wraps)."""
     share, last = (part.stop - part.start) / batch_size, part.stop >= batch_size
     with contextlib.ExitStack() as stack:
         for module in trained if not last else ():
@@ -686,16 +677,11 @@ AUTO_GAN_UPDATES = 10  # generator updates measured by --gen_cls_loss_weight aut
 class Distiller:
     """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step).
 
-    real_score = the frozen teacher; fake_score = a trainable copy of it (plus the GAN head on its bottleneck);
-    generator = another copy, or the network passed in (e.g. the copy with LoRA adapters). The trainable networks and
-    their AdamW states are float32; only the frozen real score may hold bf16 weights. Every teacher is a denoiser
-    D(x, sigma, cond) -> x0 with a bottleneck output (section 6); `conditions` draws the generated batches'
-    conditions and encodes the real ones: class labels (default) or Prompts.
-
-    From outside: `wrap` (an engine: network -> the module that runs it with gradient, e.g. DistributedDataParallel;
-    default: the network itself), `regression_pairs` (noise, conditions, teacher outputs) for the regression loss
-    and `perceptual` (generated, target) -> loss for it (default: mean squared error). The Distiller owns the
-    teacher it is given (it may store its frozen weights in bf16 in place); pass a copy to reuse it."""
+    real_score = the frozen teacher (a denoiser, section 6; the Distiller owns it: pass a copy to reuse it);
+    fake_score = a trainable copy (plus the GAN head on its bottleneck); generator = another copy, or the network
+    passed in (e.g. with LoRA adapters). Trainable networks and AdamW states are float32. `conditions`: class labels
+    (default) or Prompts. From outside: `wrap` (an engine: network -> the module that runs it with gradient),
+    `regression_pairs` (noise, conditions, teacher outputs) and `perceptual` (default: mean squared error)."""
 
     def __init__(self, cfg, teacher, sample_shape, conditions=None, generator=None, wrap=None, regression_pairs=None,
                  perceptual=None, device="cpu", rank=0, world_size=1):
@@ -790,8 +776,7 @@ class Distiller:
         return x, sigma, labels
 
     def gan_noise(self, shape):
-        """Diffusion-GAN noising of a batch: per-sample sigma = sigmas[randint(0, 1000)] and its noise; without the
-        diffusion GAN, sigmas[0] and no noise (official: compute_cls_logits)."""
+        """Diffusion-GAN noise: sigma = sigmas[randint(0, 1000)] per sample; without it sigmas[0], none (official)."""
         cfg = self.cfg
         t = self.noise.randint(0, cfg.diffusion_gan_max_timestep if cfg.diffusion_gan else 1, shape[0])
         return self.sigmas[t], self.noise.randn(shape) * (1.0 if cfg.diffusion_gan else 0.0)
@@ -803,9 +788,8 @@ class Distiller:
         return gan_logits(fake_score, head, images, labels, sigma, noise)
 
     def generator_turn(self, inputs):
-        """The generator's update with the critic frozen (official: guidance_model.requires_grad_(False)): the DM
-        loss (Sec. 3), the GAN generator loss (Sec. 4.3) and the original DMD's regression loss, as configured.
-        Returns (the detached generated batch, logs)."""
+        """The generator's update with the critic frozen (official: guidance_model.requires_grad_(False)): DM loss
+        (Sec. 3), GAN loss (Sec. 4.3), the original DMD's regression loss. Returns (detached generated batch, logs)."""
         cfg, n = self.cfg, self.cfg.batch_size
         shape = (n, *self.sample_shape)
         self.critic.requires_grad_(False)
@@ -874,11 +858,9 @@ class Distiller:
                     p_ema.lerp_(p, 1 - self.cfg.ema_decay)
 
     def measuring_gan_weight(self):
-        """--gen_cls_loss_weight auto, the official maintainer's rule (tianweiy/DMD2#73): the GAN weight at which the
-        GAN term's gradient norm on the generated images equals the DM term's. Both norms are measured on generator
-        updates 1..AUTO_GAN_UPDATES (update 0 is skipped: the fake score still equals the teacher there, so the DM
-        gradient is exactly zero) with the GAN term at weight 0; the weight is then fixed, printed, logged and saved
-        with the checkpoint. The maintainer starts a grid search there; here it is the value used."""
+        """--gen_cls_loss_weight auto (the maintainer's rule, tianweiy/DMD2#73): the GAN weight at which the GAN
+        term's gradient norm on the generated images equals the DM term's, measured on generator updates
+        1..AUTO_GAN_UPDATES at GAN weight 0 (update 0: the fake score equals the teacher, the DM gradient is 0)."""
         return self.cfg.gan and self.auto_norms is not None and len(self.auto_norms) < AUTO_GAN_UPDATES and \
             self.step >= self.cfg.dfake_gen_update_ratio
 
@@ -987,10 +969,9 @@ def check_resumable(saved, cfg, path):
 
 
 def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on_sample=None, rank=0):
-    """Train `distiller` to cfg.iters iterations, writing into run_dir the checkpoint every ckpt_every iterations
-    (networks, optimisers, schedulers, step, noise and data RNG) and log.jsonl. A run folder with a checkpoint resumes
-    from it exactly: re-running a command after a kill continues by itself. Otherwise start(distiller), if given,
-    loads earlier weights. on_sample(distiller, iteration) runs every sample_every iterations, on every rank.
+    """Train `distiller` to cfg.iters iterations, writing the checkpoint (every ckpt_every) and log.jsonl into
+    run_dir. With a checkpoint there the run resumes exactly (a killed command re-run continues), else
+    start(distiller) may load earlier weights. on_sample(distiller, iteration) every sample_every, on every rank.
     real_batches: an iterator with state_dict / load_state_dict, or None when no loss needs real data."""
     os.makedirs(run_dir, exist_ok=True)
     checkpoint = checkpoint or Checkpoint(os.path.join(run_dir, "checkpoint.pt"), rank)
@@ -2601,8 +2582,6 @@ def results_table(rows):
 # (official lmdb_dataset.py); there is no augmentation, as in the official pipeline.
 
 
-IMAGE_EXTENSIONS, PREPARE_HINT = edm_net.IMAGE_EXTENSIONS, edm_net.PREPARE_HINT  # for sections 15-16
-
 _LMDB_ENVS = {}  # real path -> (lmdb environment, pid that opened it)
 
 
@@ -2888,7 +2867,7 @@ def run_edm(cfg):
     needs_real = cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)
     if needs_real and not cfg.data_path:
         raise SystemExit(f"--dataset {cfg.dataset} trains its GAN on real images: pass --data_path (an EDM "
-                         f"dataset_tool zip or folder, or the official DMD2 LMDB), or --gan false. {PREPARE_HINT}")
+                         f"dataset_tool zip or folder, or the official DMD2 LMDB), or --gan false. {edm_net.PREPARE_HINT}")
     dataset = open_image_dataset(cfg.data_path, cfg.resolution, 3, cfg.num_classes) if needs_real else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # official: cuDNN picks its fastest kernels
@@ -3098,9 +3077,9 @@ def read_captioned_folder(folder):
     """[(image path, caption)]: every png/jpg/jpeg/webp/bmp in `folder` with its caption in a same-named .txt."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such folder (--data_path wants a folder of images with .txt captions)")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(edm_net.IMAGE_EXTENSIONS))
     if not names:
-        raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}); the GAN needs real images")
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(edm_net.IMAGE_EXTENSIONS)}); the GAN needs real images")
     items = []
     for name in names:
         caption_file = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
@@ -3380,10 +3359,10 @@ def evaluate_main(argv):
     per-sample seeds, EDM's uint8 mapping and Inception preprocessing), sharded under torchrun:
         python dmd2.py evaluate --released imagenet_gan_classifier_genloss3e-3_diffusion1000_lr5e-7_resume_fid1.28_checkpoint_model_548000
         python dmd2.py evaluate --generator runs/imagenet64/student_1step/pytorch_model.bin --num 50000
-    With --model, a text-to-image model on COCO-2014 instead (FID, patch FID, CLIP score; section 8b2):
+    With --model, a text-to-image model on COCO-2014 instead (FID, patch FID, CLIP score; section 10):
         python dmd2.py evaluate --model dmd2-sdxl --coco coco --protocol sdxl"""
     if any(a == "--model" or a.startswith("--model=") for a in argv):
-        return t2i_evaluate_main(argv)  # text-to-image models: section 8b2
+        return t2i_evaluate_main(argv)  # text-to-image models: section 10
     parser = argparse.ArgumentParser(description=evaluate_main.__doc__, formatter_class=argparse.RawTextHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--generator", help="our checkpoint.pt or a plain generator state dict (keys model.*)")
