@@ -216,7 +216,7 @@ def field_help():
         declared = re.match(r"    (\w+): [^#]*(?:#\s*(.*))?$", line)
         if declared:
             name, helps[declared[1]] = declared[1], declared[2] or ""
-        elif re.match(r"     +#", line) and name:  # a continuation (deeper than the section headings)
+        elif re.match(r"    #\s\s", line) and name:  # a continuation (a section heading has one space after #)
             helps[name] += " " + line.strip(" #")
     return helps
 
@@ -1399,11 +1399,11 @@ def fid_main(argv=None):
                                      "folder / zip against reference statistics, or reference statistics of a dataset")
     parser.add_argument("--images", help="folder or zip of generated PNG/JPG images")
     parser.add_argument("--ref", help="reference statistics .npz (mu, sigma), e.g. EDM's imagenet-64x64.npz")
-    parser.add_argument("--ref-from", help="dataset (EDM dataset_tool zip or image folder) to compute statistics of")
-    parser.add_argument("--out", help="where --ref-from writes its .npz")
+    parser.add_argument("--ref_from", "--ref-from", help="dataset (EDM dataset_tool zip or image folder) to compute statistics of")
+    parser.add_argument("--out", help="where --ref_from writes its .npz")
     parser.add_argument("--inception", help=f"path of pt_inception-2015-12-05-6726825d.pth (default: the cache, "
                         f"else downloaded from {INCEPTION_URL})")
-    parser.add_argument("--cache-dir", help="weights cache (default $DMD2_CACHE or ~/.cache/dmd2)")
+    parser.add_argument("--cache_dir", "--cache-dir", help="weights cache (default $DMD2_CACHE or ~/.cache/dmd2)")
     parser.add_argument("--mode", default="edm", choices=["edm", "pytorch-fid"], help="preprocessing (default edm)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -1719,37 +1719,12 @@ def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None,
             os.replace(tmp, f"{out_dir}/{i:05d}.png")
 
 
-def t2i_evaluate_main(argv):
-    """python dmd2.py evaluate --model MODEL --coco DIR [--protocol sdxl|sd15] [--num N] [--out DIR] ...
-    Text-to-image evaluation (section 10): `evaluate` dispatches here when --model is given. Writes the images and
+def t2i_evaluate_main(args):
+    """`python dmd2.py evaluate --model MODEL --coco DIR ...` (parsed by evaluate_main): writes the images and
     out/metrics.json and prints FID, patch FID (SDXL) and CLIP score, each with its N. --model images evaluates the
     images already in --out."""
-    parser = argparse.ArgumentParser(prog="dmd2.py evaluate", description=t2i_evaluate_main.__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", required=True, help="student:PATH, dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15, teacher, "
-                        "hf:ID, sdxl-lightning, lcm-sdxl (dmd2.t2i_pipeline),\nor images: no generation, evaluate "
-                        "the PNGs already in --out")
-    parser.add_argument("--coco", required=True, help="folder with val2014/ and annotations/captions_val2014.json")
-    parser.add_argument("--protocol", choices=sorted(T2I_PROTOCOLS), help="default sd15 for dmd2-sd15, else sdxl")
-    parser.add_argument("--num", type=int, help="images (default: 10k for sdxl, 30k for sd15); a prefix of the list")
-    parser.add_argument("--prompts", default="", help="sd15 only: a caption file, one per line (the official list: "
-                        "main/coco_eval/captions_coco14_test.txt)")
-    parser.add_argument("--out", default="", help="image folder (default runs/eval/<model>)")
-    parser.add_argument("--refs", default="", help="reference statistics cache (default <cache>/coco_refs)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default 4; teacher 100 as in the paper)")
-    parser.add_argument("--guidance", type=float, help="CFG scale (default 0; teacher 6, official --guidance_scale)")
-    parser.add_argument("--model_id", default="", help="base model id or folder (default SDXL / SD v1.5 base)")
-    parser.add_argument("--resolution", type=int, help="generated image size (default: the pipeline's)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="official: fp32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=4, help="generation batch")  # official --eval_batch_size 4
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-loading processes")
-    parser.add_argument("--inception", help="clean-fid's inception-2015-12-05.pt or pytorch-fid's .pth")
-    parser.add_argument("--clip_model", default="ViT-g-14")
-    parser.add_argument("--clip_weights", default="laion2b_s12b_b42k", help=f"a tag or a file ({CLIP_URL})")
-    parser.add_argument("--no_clip", action="store_true", help="skip the CLIP score")
-    parser.add_argument("--cache_dir", default=None)
-    args = parser.parse_args(argv)
+    if not args.coco:
+        raise SystemExit("evaluate --model needs --coco DIR (val2014/ and annotations/captions_val2014.json)")
     args.protocol = args.protocol or ("sd15" if args.model.startswith("dmd2-sd15") else "sdxl")
     protocol = T2I_PROTOCOLS[args.protocol]
     num, teacher = args.num or protocol["num"], args.model == "teacher"
@@ -1758,7 +1733,6 @@ def t2i_evaluate_main(argv):
     out = args.out or os.path.join("runs", "eval", args.model.replace(":", "_").replace("/", "_"))
     refs = args.refs or os.path.join(args.cache_dir or default_cache_dir(), "coco_refs")
     device = resolve_device(Config(device="auto"))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # metrics in exact float32
     with distributed(device) as (rank, world_size, _):
         return t2i_evaluate(args, protocol, num, steps, guidance, out, refs, device, rank, world_size)
 
@@ -3355,29 +3329,61 @@ def load_generator(path, dataset):
 
 
 def evaluate_main(argv):
-    """Sample a grid and compute FID of a one-step generator with the ImageNet-64 protocol (50 per class, fixed
-    per-sample seeds, EDM's uint8 mapping and Inception preprocessing), sharded under torchrun:
-        python dmd2.py evaluate --released imagenet_gan_classifier_genloss3e-3_diffusion1000_lr5e-7_resume_fid1.28_checkpoint_model_548000
-        python dmd2.py evaluate --generator runs/imagenet64/student_1step/pytorch_model.bin --num 50000
-    With --model, a text-to-image model on COCO-2014 instead (FID, patch FID, CLIP score; section 10):
-        python dmd2.py evaluate --model dmd2-sdxl --coco coco --protocol sdxl"""
-    if any(a == "--model" or a.startswith("--model=") for a in argv):
-        return t2i_evaluate_main(argv)  # text-to-image models: section 10
-    parser = argparse.ArgumentParser(description=evaluate_main.__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    """python dmd2.py evaluate --released RUN | --generator PATH [--dataset imagenet64|cifar10] [--num 50000] ...
+    python dmd2.py evaluate --model MODEL --coco DIR [--protocol sdxl|sd15] [--num N] [--out DIR] ...
+    --released / --generator: a one-step EDM generator's sample grid and FID under the ImageNet-64 protocol (50 per
+    class, per-sample seeds, EDM's uint8 mapping and Inception preprocessing), sharded under torchrun. --model: a
+    text-to-image model on COCO-2014 (FID, patch FID, CLIP score; section 10)."""
+    parser = argparse.ArgumentParser(prog="dmd2.py evaluate", description=evaluate_main.__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--generator", help="our checkpoint.pt or a plain generator state dict (keys model.*)")
     source.add_argument("--released", choices=sorted(DMD2_IMAGENET_RUNS), help="a released DMD2 ImageNet run")
-    parser.add_argument("--dataset", default="imagenet64", choices=["imagenet64", "cifar10"])
-    parser.add_argument("--ref", help="reference statistics .npz (default: EDM's for the dataset, downloaded)")
-    parser.add_argument("--num", type=int, default=50_000, help="samples (a multiple of the class count)")
-    parser.add_argument("--batch", type=int, default=128)  # official: --eval_batch_size 128
+    source.add_argument("--generator", help="our checkpoint.pt or a plain generator state dict (keys model.*)")
+    source.add_argument("--model", help="student:PATH, dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15, teacher, hf:ID, "
+                        "sdxl-lightning, lcm-sdxl (dmd2.t2i_pipeline),\nor images: evaluate the PNGs already in --out")
+    parser.add_argument("--num", type=int, help="samples (default 50,000, a multiple of the class count; --model: "
+                        "10k for sdxl, 30k for sd15, a prefix of the list)")
+    parser.add_argument("--batch", type=int, help="batch (default 128, official --eval_batch_size; --model: 4)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", default="generator_grid.png")
-    parser.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: cache)")
-    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: cache); "
+                        "--model: also clean-fid's inception-2015-12-05.pt")
+    parser.add_argument("--cache_dir", default=None, help="downloads (default $DMD2_CACHE or ~/.cache/dmd2)")
+    edm = parser.add_argument_group("--released / --generator only")
+    edm.add_argument("--dataset", choices=["imagenet64", "cifar10"], help="default imagenet64")
+    edm.add_argument("--ref", help="reference statistics .npz (default: EDM's for the dataset, downloaded)")
+    edm.add_argument("--grid", help="sample grid PNG (default generator_grid.png)")
+    t2i = parser.add_argument_group("--model only")
+    t2i.add_argument("--coco", help="folder with val2014/ and annotations/captions_val2014.json")
+    t2i.add_argument("--protocol", choices=sorted(T2I_PROTOCOLS), help="default sd15 for dmd2-sd15, else sdxl")
+    t2i.add_argument("--prompts", help="sd15 only: a caption file, one per line (the official list: "
+                     "main/coco_eval/captions_coco14_test.txt)")
+    t2i.add_argument("--out", help="image folder (default runs/eval/<model>)")
+    t2i.add_argument("--refs", help="reference statistics cache (default <cache>/coco_refs)")
+    t2i.add_argument("--steps", type=int, help="sampling steps (default 4; teacher 100 as in the paper)")
+    t2i.add_argument("--guidance", type=float, help="CFG scale (default 0; teacher 6, official --guidance_scale)")
+    t2i.add_argument("--model_id", help="base model id or folder (default SDXL / SD v1.5 base)")
+    t2i.add_argument("--resolution", type=int, help="generated image size (default: the pipeline's)")
+    t2i.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp32 (official)")
+    t2i.add_argument("--workers", type=int, help="image-loading processes (default min(8, CPUs))")
+    t2i.add_argument("--clip_model", help="default ViT-g-14")
+    t2i.add_argument("--clip_weights", help=f"a tag or a file (default laion2b_s12b_b42k, {CLIP_URL})")
+    t2i.add_argument("--no_clip", action="store_true", help="skip the CLIP score")
     args = parser.parse_args(argv)
+    other = t2i if args.model is None else edm
+    given = [a.option_strings[0] for a in other._group_actions if getattr(args, a.dest) not in (None, False)]
+    if given:
+        raise SystemExit(f"{', '.join(given)}: not with {'--model' if args.model else '--released / --generator'} "
+                         f"(see python dmd2.py evaluate --help)")
     device = resolve_device(Config(device="auto"))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # FID in exact float32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # metrics in exact float32
+    if args.model is not None:
+        defaults = dict(batch=4, prompts="", out="", refs="", model_id="", dtype="fp32", clip_model="ViT-g-14",
+                        workers=min(8, os.cpu_count() or 1), clip_weights="laion2b_s12b_b42k")  # official --eval_batch_size 4
+        for key, value in defaults.items():
+            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+        return t2i_evaluate_main(args)
+    args.num, args.batch = args.num or 50_000, args.batch or 128
+    args.dataset, args.grid = args.dataset or "imagenet64", args.grid or "generator_grid.png"
     with distributed(device) as (rank, _, local_rank):
         return evaluate_generator(args, device, rank, local_rank)
 

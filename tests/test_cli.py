@@ -67,3 +67,28 @@ def test_script_exit_status_and_stderr():
                           timeout=300)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == "dmd2.py: error: config error: --batch_size 0 must be a positive integer"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["evaluate", "--model", "dmd2-sdxl", "--grid", "g.png"], "--grid: not with --model"),
+    (["evaluate", "--released", sorted(dmd2.DMD2_IMAGENET_RUNS)[0], "--coco", "c", "--steps", "2"],
+     "--coco, --steps: not with --released / --generator"),
+    (["evaluate", "--model", "dmd2-sdxl"], "evaluate --model needs --coco DIR"),
+    (["evaluate", "--model", "dmd2-sdxl", "--generator", "g.pt"], "not allowed with argument"),
+    (["fid", "--ref_from", "/nonexistent/data", "--cache_dir", "/nonexistent/cache"], "use either --images"),
+])
+def test_subcommands_have_one_parser_each_and_refuse_flags_of_the_other_protocol(argv, expected, capsys):
+    """`evaluate` is one parser (no argv sniffing): the flags of the other protocol are refused, not ignored; `fid`
+    spells its flags with underscores like the rest (the hyphen spellings remain aliases)."""
+    assert expected in error_line(argv, capsys)
+
+
+def test_every_flag_has_its_config_comment_as_help(capsys):
+    with pytest.raises(SystemExit):
+        dmd2.parse_config(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    help_text = dmd2.field_help()
+    assert set(help_text) == {f.name for f in dmd2.dataclasses.fields(dmd2.Config)}
+    assert "critic iterations per generator update; 1 = no TTUR" in out
+    assert "SDXL 1-step: 399 (official)" in help_text["conditioning_timestep"]  # a continuation line joins its field
+    assert sum(not text for text in help_text.values()) <= 1  # max_step_percent shares min_step_percent's comment
