@@ -1,67 +1,38 @@
 """DMD2: Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024, arXiv 2405.14867), in one file.
 
-A diffusion teacher (the "real score") is distilled into a one-step or few-step generator G. The ingredients,
-in the paper's order:
-  * distribution matching (Sec. 3): G follows the difference between the real score and a "fake score" that is
-    trained online, by denoising, on G's own samples;
-  * two time-scale update rule (Sec. 4.2): the fake score takes several steps per generator step, which replaces
-    the regression loss of the original DMD;
-  * a GAN on real data (Sec. 4.3): a classifier head on the fake score's bottleneck, so G can beat its teacher;
-  * backward simulation (Sec. 4.5): few-step generators train on inputs made by their own rollout.
+A diffusion teacher (the "real score") is distilled into a one-step or few-step generator G: distribution matching
+(Sec. 3) against a "fake score" trained online on G's samples, the two time-scale update rule (Sec. 4.2) in place
+of the original DMD's regression loss, a GAN on real data (Sec. 4.3) so G can beat its teacher, and backward
+simulation (Sec. 4.5) for few-step generators.
 
     python dmd2.py                       # embedded default: train a small teacher, distil it, print the table
     python dmd2.py --dataset toy2d       # 2-D class-conditional mixture, seconds
     python dmd2.py --dataset imagenet64 --data_path imagenet-64x64.zip    # the paper's recipe (GPUs, torchrun)
     python dmd2.py --dataset sdxl --data_path captioned_images/           # SDXL 4-step (also sd15, sdxl-1step, ...)
     python dmd2.py sample --checkpoint runs/shapes/student_1step/checkpoint.pt --out grid.png
-    python dmd2.py sample --model dmd2-sdxl --prompt "a photo of a cat"  # a released text-to-image generator
-    python dmd2.py fid --images DIR --ref imagenet-64x64.npz
     python dmd2.py evaluate --model dmd2-sdxl --coco coco                 # COCO FID, patch FID, CLIP score
 
-Part I is the method (sections 1-7) and lifts out on its own: cut the file at the PART II banner and it imports
-and trains (torch, numpy, scipy, tqdm, edm_net). Part II is evaluation (8-10), Part III the harness (11-17).
-Facts about the official code are cited as "official: <option or function>" (github.com/tianweiy/DMD2).
+Part I (sections 1-7) is the method and lifts out on its own: cut at the PART II banner, it needs torch, numpy, tqdm
+and edm_net. Part II is evaluation (8-10), Part III the harness (11-17). "official: X" cites github.com/tianweiy/DMD2.
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
-import datetime
-import functools
-import hashlib
 import inspect
-import http.client
 import json
 import math
 import os
 import re
-import sys
-import tempfile
 import time
-import types
-import urllib.parse
-import urllib.request
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
-import PIL.Image
-import scipy.linalg
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-
-try:  # optional: only the official DMD2 LMDB needs it
-    import lmdb
-except ImportError:
-    lmdb = None
-try:  # optional: only the released DMD2 checkpoints need it
-    import huggingface_hub
-except ImportError:
-    huggingface_hub = None
 
 import edm_net
 
@@ -1019,6 +990,12 @@ def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on
 # ================================================================================================================
 # PART II. EVALUATION: sampling, metrics, FID (ImageNet-64 protocol), text-to-image protocol
 # ================================================================================================================
+import functools  # Part II's and Part III's imports
+import warnings
+import zipfile
+
+import PIL.Image
+import scipy.linalg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1812,6 +1789,23 @@ def t2i_evaluate(args, protocol, num, steps, guidance, out, refs, device, rank=0
 # ================================================================================================================
 # PART III. THE HARNESS: devices, embedded rungs, real data, downloads, EDM and text-to-image runs, command line
 # ================================================================================================================
+import datetime  # Part III's imports
+import hashlib
+import http.client
+import sys
+import tempfile
+import types
+import urllib.parse
+import urllib.request
+
+try:  # optional: only the official DMD2 LMDB needs it
+    import lmdb
+except ImportError:
+    lmdb = None
+try:  # optional: only the released DMD2 checkpoints need it
+    import huggingface_hub
+except ImportError:
+    huggingface_hub = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
