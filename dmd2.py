@@ -125,20 +125,18 @@ class Config:
     eval_batch: int = 250  # embedded rungs: sampling batch
 
 
-# What every text-to-image preset shares: the fake score's loss is the official unweighted epsilon MSE, i.e.
-# denoising_loss at sigma_data = inf; GAN weight for the classifier 1e-2 (official --guidance_cls_loss_weight).
+# Every text-to-image preset: the official unweighted epsilon MSE (denoising_loss at sigma_data = inf) for the fake
+# score, classifier GAN weight 1e-2 (official --guidance_cls_loss_weight).
 T2I = dict(sigma_data=float("inf"), cls_loss_weight=1e-2, log_every=10, ckpt_every=500, sample_every=500)
 PRESETS = {
-    # 2-D class-conditional mixture; MLP teacher trained in seconds, and deliberately briefly (300 of the ~4,000
-    # iterations it takes to converge): like a real, capacity- and time-limited teacher it is not the data
-    # distribution (modes too wide, accuracy ~0.8), which leaves the GAN on real data something to correct.
+    # 2-D class-conditional mixture; MLP teacher trained deliberately briefly (300 of the ~4,000 iterations it takes
+    # to converge), so, like a real teacher, it misses the data (modes too wide) and leaves the GAN work to do.
     "toy2d": dict(students=[1, 4], no_gan_student=True, resolution=0, num_classes=4, teacher_iters=300,
                   teacher_batch=256, teacher_lr=1e-3, iters=2000, batch_size=256, generator_lr=3e-4, guidance_lr=3e-4,
                   warmup_steps=20, gen_cls_loss_weight="auto", teacher_eval_steps=18, eval_samples=4000,
                   eval_batch=4000, log_every=20, ckpt_every=200, sample_every=200, precision="fp32"),
-    # Embedded default: 16 px shapes, a 16-channel ADM teacher trained 1,000 iterations (an imperfect teacher: it
-    # nearly draws the data after 4,000), a 1-step DMD2 student and one without GAN, 2,000 iterations each. For a CPU
-    # budget (deviations, README): lr 2e-4 (official 2e-6), hence a generator EMA 0.98; GAN weight the official 3e-3.
+    # Embedded default: 16 px shapes, a 16-channel ADM teacher trained 1,000 iterations (imperfect on purpose), a
+    # 1-step student with and one without GAN. CPU budget (deviations, README): lr 2e-4 (official 2e-6), EMA 0.98.
     "shapes": dict(students=[1], no_gan_student=True, resolution=16, num_classes=10, teacher_iters=1000,
                    teacher_batch=64, teacher_lr=1e-3,
                    teacher_arch=dict(model_type="DhariwalUNet", model_channels=16, channel_mult=[1, 2, 2],
@@ -159,9 +157,8 @@ PRESETS = {
     # (official: --generator_ckpt_path of its step-2000 checkpoint; pass ours with --generator_init), 24k its.
     "sdxl-1step": dict(T2I, conditioning_timestep=399, guidance_scale=8.0, gen_cls_loss_weight=5e-3,
                        generator_lr=5e-7, guidance_lr=5e-7, batch_size=2, iters=24_000),
-    # The 1-step model's initialisation (official main/train_sd_ode.py): the generator at t = 399 regresses the
-    # teacher's ODE outputs (CFG 8) from their noise, LPIPS on decoded images; AdamW 1e-5, no clipping (the official
-    # flag is unused), batch 4, 2k iterations; no DM loss, no GAN, so no critic is trained.
+    # The 1-step model's initialisation (official main/train_sd_ode.py): G at t = 399 regresses the teacher's ODE
+    # outputs (CFG 8), LPIPS on decoded images; AdamW 1e-5, no clipping (official flag unused), batch 4, 2k its.
     "sdxl-ode": dict(T2I, conditioning_timestep=399, guidance_scale=8.0, dm_loss_weight=0.0, gan=False,
                      regression_loss_weight=1.0, regression_pairs=10_000, regression_loss="lpips",
                      dfake_gen_update_ratio=1, generator_lr=1e-5, max_grad_norm=float("inf"), batch_size=4,
@@ -279,8 +276,7 @@ class ClassLabels:
 
 
 def take(cond, index):
-    """Rows `index` (slice or index tensor) of a condition: a tensor, a tuple of tensors (text embeddings) or a list
-    (captions)."""
+    """Rows `index` (slice or index tensor) of a condition: a tensor, a tuple of tensors or a list of captions."""
     if isinstance(cond, tuple):
         return tuple(c[index] for c in cond)
     if isinstance(cond, list):
@@ -295,15 +291,10 @@ def take(cond, index):
 def dm_loss(x, pred_real, pred_fake):
     """Distribution matching loss from x0-predictions (official: compute_distribution_matching_loss).
 
-    The paper's generator gradient (Sec. 3, eq. 2) is  grad_theta KL = -E[(s_real(x_t) - s_fake(x_t)) dG/dtheta].
-    With denoisers D, the score is s(x_t) = (D(x_t) - x_t) / sigma^2, so s_real - s_fake = (pred_real - pred_fake)
-    / sigma^2: the gradient on x points along p_real - p_fake = pred_fake - pred_real, where p = x - pred.
-    DMD normalises it per sample by mean|p_real| (original DMD, eq. 8) instead of the sigma-dependent factor.
-
-    To hand autograd exactly that gradient, regress x onto a detached target shifted by it:
-        L = 0.5 * mean((x - (x - grad).detach())^2)   =>   dL/dx = (x - (x - grad)) / N = grad / N,
-    with N = x.numel() (mean reduction). The loss value itself is 0.5 * mean(grad^2) and carries no meaning.
-    """
+    Sec. 3, eq. 2: grad_theta KL = -E[(s_real - s_fake) dG/dtheta] with scores s(x_t) = (D(x_t) - x_t) / sigma^2, so
+    the gradient on x points along p_real - p_fake (p = x - pred), normalised per sample by mean|p_real| (original
+    DMD, eq. 8). L = 0.5 * mean((x - (x - grad).detach())^2) hands autograd exactly dL/dx = grad / x.numel(); the
+    value of L carries no meaning."""
     with torch.no_grad():
         p_real = x - pred_real
         p_fake = x - pred_fake
@@ -320,11 +311,9 @@ def dm_index_range(cfg):
 
 
 def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
-    """DM loss of a generated batch x (with grad) under conditions `labels`, at per-sample sigma [B] with noise like x.
-
-    The caller draws sigma = sigmas[t], t uniform in [20, 980] (dm_index_range). Both scores run without gradient;
-    CFG only inside the real score. The loss is computed in the scores' output dtype: float32 for EDM networks,
-    float64 for EpsDenoiser (official SD path: dm loss on .double() predictions), and returned in float32."""
+    """DM loss of a generated batch x (with grad) under `labels` at per-sample sigma [B] = sigmas[t], t uniform in
+    dm_index_range, with noise like x. Both scores run without gradient, CFG only in the real score; computed in their
+    output dtype (float64 for EpsDenoiser; official SD path: .double() predictions), returned in float32."""
     with torch.no_grad():
         sigma = _per_sample(sigma, x)
         noisy = x + sigma * noise
@@ -334,15 +323,11 @@ def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
 
 
 def denoising_loss(net, x, labels, sigma, noise, sigma_data=0.5):
-    """EDM's weighted denoising loss at per-sample sigma [B]: lambda(sigma) |D(x + sigma n) - x|^2 averaged, with
-    lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM Table 1).
-
-    It trains the embedded teachers (sigma log-normal: ln sigma ~ N(-1.2, 1.2^2), EDM's P_mean/P_std) and the
-    fake score, on DETACHED generator output with sigma index-uniform over the whole grid (official:
-    compute_loss_fake, randint(0, 1000), "snr + 1/sigma_data^2"; not EDM's log-normal). For epsilon-prediction
-    teachers the official loss is the unweighted |eps_hat - eps|^2, which is this loss at sigma_data = inf: with
-    x0_hat = x - sigma eps_hat, (x0_hat - x0)^2 / sigma^2 = (eps_hat - eps)^2. Computed in the network's output
-    dtype (float64 for EpsDenoiser), returned in float32."""
+    """EDM's weighted denoising loss lambda(sigma) |D(x + sigma n) - x|^2 at per-sample sigma [B], lambda(sigma) =
+    1/sigma^2 + 1/sigma_data^2 (EDM Table 1). It trains the embedded teachers (EDM's log-normal sigma) and the fake
+    score on DETACHED generator output at sigma index-uniform on the grid (official: compute_loss_fake, randint(0,
+    1000), "snr + 1/sigma_data^2"). At sigma_data = inf it is the official epsilon-prediction loss |eps_hat - eps|^2,
+    as (x0_hat - x0)^2 / sigma^2 = (eps_hat - eps)^2. Computed in the network's output dtype, returned in float32."""
     sigma = _per_sample(sigma, x)
     weight = 1 / sigma ** 2 + 1 / sigma_data ** 2
     return (weight * (net(x + sigma * noise, sigma, labels) - x) ** 2).mean().float()
@@ -363,11 +348,9 @@ def gan_discriminator_loss(logits_real, logits_fake):
 
 
 class GANHead(nn.Sequential):
-    """One logit per image from the fake score's bottleneck features (official: EDMGuidance.cls_pred_branch).
-
-    ImageNet-64 (8x8x768 encoder output): Conv k4 s2 p1 -> GN32 -> SiLU -> Conv k4 s4 -> GN32 -> SiLU -> Conv 1x1,
-    so state-dict indices are {0,1,3,4,6} as in the official checkpoint. A larger map gets more k4 s2 stages first
-    (SDXL's 32x32 mid-block: three, official sd_guidance); a 4x4 map none; vector features (toy2d) use 1x1 convs."""
+    """One logit per image from the fake score's bottleneck (official: EDMGuidance.cls_pred_branch). ImageNet-64's
+    8x8x768: Conv k4 s2 p1, GN32, SiLU, Conv k4 s4, GN32, SiLU, Conv 1x1 (state-dict indices {0,1,3,4,6}, official);
+    larger maps get more k4 s2 stages (SDXL's 32x32 mid-block: three, official sd_guidance), vectors 1x1 convs."""
 
     def __init__(self, channels, in_res):
         groups = math.gcd(min(32, max(1, channels // 4)), channels)  # >= 4 channels a group (EDM's GroupNorm)
@@ -388,13 +371,13 @@ class GANHead(nn.Sequential):
         return super().forward(features.float()).flatten(1)  # official: head runs in fp32 on .float() features
 
 
-def gan_logits(fake_score, head, images, labels, sigma, noise):
-    """Classifier logits [B, 1] of images noised at per-sample sigma (official: compute_cls_logits).
-
-    Diffusion GAN (official: --diffusion_gan --diffusion_gan_max_timestep 1000): real and fake images each get
-    their own sigma = sigmas[randint(0, 1000)] and the fake score runs at that sigma. Without it the official
-    code shows the clean images at the grid's first level: sigma = sigmas[0], noise = zeros, and images as the
-    denoiser reads clean data (Distiller.gan_logits)."""
+def gan_logits(fake_score, head, images, labels, sigma, noise, clean_input=None):
+    """Classifier logits [B, 1] of images noised at per-sample sigma (official: compute_cls_logits). Diffusion GAN
+    (official: --diffusion_gan --diffusion_gan_max_timestep 1000): sigma = sigmas[randint(0, 1000)], drawn apart for
+    real and fake images. Without it the official code shows clean images at sigmas[0] with zero noise, given as the
+    denoiser reads clean data (clean_input: EpsDenoiser's)."""
+    if clean_input is not None:
+        images = clean_input(images)
     sigma = _per_sample(sigma, images)
     return head(fake_score(images + sigma * noise, sigma, labels, return_bottleneck=True))
 
@@ -421,31 +404,27 @@ def pure_noise(denoiser, noise, sigma):
     return own(noise, sigma) if own is not None else noise * sigma
 
 
-def generate(generator, noise, cond, step_sigmas, randn=torch.randn):
-    """Sample with a K-step generator: x = pure noise, then x0 = G(x, sigma_k, cond) and re-noise x0 to sigma_{k+1}
-    with FRESH noise (official: SDXL sample loop); returns the last x0. K=1: G(80 z, 80, y) (official demo)."""
+def rollout(generator, noise, cond, step_sigmas, k, randn=torch.randn):
+    """(x_k, sigma_k) of a K-step generator: x = pure noise, then k times x0 = G(x, sigma_j, cond) re-noised to
+    sigma_{j+1} with FRESH noise (official: SDXL sample loop; issue #9: correlated noise gave artifacts)."""
     x = pure_noise(generator, noise, step_sigmas[0])
-    for k, sigma in enumerate(step_sigmas):
-        x0 = generator(x, sigma.expand(x.shape[0]), cond)
-        if k + 1 < len(step_sigmas):
-            x = x0.float() + step_sigmas[k + 1] * randn(x.shape, device=x.device)
-    return x0
+    for j in range(k):
+        x0 = generator(x, step_sigmas[j].expand(x.shape[0]), cond)
+        x = x0.float() + step_sigmas[j + 1] * randn(x.shape, device=x.device)
+    return x, step_sigmas[k].expand(x.shape[0])
+
+
+def generate(generator, noise, cond, step_sigmas, randn=torch.randn):
+    """Sample with a K-step generator: the last x0 of the rollout. K=1: G(80 z, 80, y) (official demo)."""
+    return generator(*rollout(generator, noise, cond, step_sigmas, len(step_sigmas) - 1, randn), cond)
 
 
 @torch.no_grad()
 def backward_simulation(generator, cond, step_sigmas, k, shape, randn=torch.randn):
-    """Training input of a few-step generator by backward simulation (Sec. 4.5; official: sample_backward).
-
-    The caller draws ONE step index k for the whole batch (official: broadcast from rank 0). The CURRENT generator
-    is rolled out without gradient for k steps from fresh noise, re-noising each x0 with new independent noise
-    (official issue #9: correlated noise gave artifacts). Returns (x_k, sigma_k); the generator then runs once
-    with gradient on them, so only that last step is trained. k = 0: pure noise."""
-    device = step_sigmas.device
-    x = pure_noise(generator, randn(shape, device=device), step_sigmas[0])
-    for j in range(k):
-        x0 = generator(x, step_sigmas[j].expand(shape[0]), cond)
-        x = x0.float() + step_sigmas[j + 1] * randn(shape, device=device)
-    return x, step_sigmas[k].expand(shape[0])
+    """Training input (x_k, sigma_k) of a few-step generator (Sec. 4.5; official: sample_backward): the CURRENT
+    generator rolled out without gradient for k steps from fresh noise, k drawn once for the whole batch (official:
+    broadcast from rank 0); the generator then runs once with gradient on it, so only that step is trained."""
+    return rollout(generator, randn(shape, device=step_sigmas.device), cond, step_sigmas, k, randn)
 
 
 def noised_real_inputs(generator, real, step_sigmas, k, noise):
@@ -458,16 +437,13 @@ def noised_real_inputs(generator, real, step_sigmas, k, noise):
 
 # ----------------------------------------------------------------------------------------------------------------
 # 6. Text-to-image teachers as denoisers: an epsilon-prediction UNet (SD v1.5, SDXL) behind the EDM interface
-#
-# The method takes a denoiser D(x, sigma, cond) -> x0 with a bottleneck (return_bottleneck=True): edm_net.EDMPrecond
-# is one. EpsDenoiser makes a diffusers UNet one and owns what differs, looked up on any teacher (EDM networks take
-# the defaults): `sigmas`, `pure_noise`, `clean_input`, `store_frozen_in_bf16`, `guidance_scale`, the bottleneck.
+# The method takes a denoiser D(x, sigma, cond) -> x0 with a bottleneck (return_bottleneck=True), as EDMPrecond.
+# EpsDenoiser owns what differs, looked up on any teacher (EDM's take defaults): sigmas, pure_noise, clean_input, ...
 
 
 def ddpm_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
-    """alphas_cumprod of the SD v1.5 / SDXL scheduler ("scaled_linear" betas 0.00085..0.012, T = 1000), computed in
-    float32 exactly as diffusers does, returned as float64 (official: alphas_cumprod.double()). alpha_bar(999) =
-    0.00466: not zero-terminal SNR, which is why the first timestep takes pure noise (pure_noise)."""
+    """alphas_cumprod of the SD v1.5 / SDXL scheduler ("scaled_linear" betas 0.00085..0.012, T = 1000) in float32 as
+    diffusers computes it, as float64 (official: alphas_cumprod.double()). abar(999) = 0.00466: not zero SNR."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, dim=0).double()
 
@@ -478,18 +454,14 @@ class _MidBlockReached(Exception):
 
 
 class EpsDenoiser(nn.Module):
-    """A diffusers UNet2DConditionModel that predicts epsilon, as an EDM denoiser D(x, sigma, cond) -> x0 (in the
-    manner of k-diffusion's DiscreteEpsDDPMDenoiser).
-
-    EDM scaling x = x0 + sigma n with sigma_t = sqrt((1 - abar_t) / abar_t): the UNet sees DDPM's x_t = sqrt(abar_t) x
-    at the integer timestep t of the nearest table entry (k-diffusion: quantised sigmas). Official numerics
-    (main/sd_guidance.py, main/utils.py): epsilon -> x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) in float64;
-    classifier-free guidance eps_u + s (eps_c - eps_u) only when guidance_scale > 1 (the Distiller sets it on the
-    real score only), the unconditional input being all zeros for SDXL and the encoding of "" for SD v1.5; bf16
-    autocast (use_fp16, EDMPrecond's name for it) only where gradients are taken, since the official code runs the DM
-    loss's fake pass and the backward-simulation rollout in fp32. return_bottleneck gives the mid-block output, the
-    GAN head's input (official: classify_forward). cond = (prompt embeddings [B, 77, D], pooled [B, P]), P = 0 for
-    SD v1.5; SDXL's micro-conditioning [res, res, 0, 0, res, res] (official: build_condition_input) is added here."""
+    """A diffusers UNet2DConditionModel predicting epsilon as an EDM denoiser D(x, sigma, cond) -> x0 (as k-diffusion's
+    DiscreteEpsDDPMDenoiser): x = x0 + sigma n with sigma_t = sqrt((1 - abar_t) / abar_t); the UNet sees DDPM's x_t =
+    sqrt(abar_t) x at the timestep t of the nearest table entry. Official numerics (main/sd_guidance.py, utils.py):
+    x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) in float64; CFG eps_u + s (eps_c - eps_u) only when
+    guidance_scale > 1, eps_u from zeros (SDXL) or the encoding of "" (SD v1.5); bf16 autocast (use_fp16) only where
+    gradients are taken (official: the DM loss's fake pass and the rollout run in fp32). return_bottleneck: the
+    mid-block output (official: classify_forward). cond = (embeddings [B, 77, D], pooled [B, P]), P = 0 for SD v1.5;
+    SDXL's micro-conditioning [res, res, 0, 0, res, res] is added here (official: build_condition_input)."""
 
     def __init__(self, unet, alphas_cumprod, uncond, resolution=None):
         super().__init__()
@@ -685,7 +657,7 @@ class Distiller:
             self.head = GANHead(features.shape[1], features.shape[-1] if features.ndim == 4 else 1).to(self.device)
         self.head.requires_grad_(cfg.gan)
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
-        self.clean_input = getattr(self.real_score, "clean_input", None)  # how the GAN sees clean data (gan_logits)
+        self.clean_input = None if cfg.diffusion_gan else getattr(self.real_score, "clean_input", None)  # gan_logits
         wrap = wrap or (lambda net: net)
         self.wrapped_generator, self.wrapped_fake_score = wrap(self.generator), wrap(self.fake_score)
         self.wrapped_head = wrap(self.head) if cfg.gan else self.head
@@ -752,12 +724,6 @@ class Distiller:
         t = self.noise.randint(0, cfg.diffusion_gan_max_timestep if cfg.diffusion_gan else 1, shape[0])
         return self.sigmas[t], self.noise.randn(shape) * (1.0 if cfg.diffusion_gan else 0.0)
 
-    def gan_logits(self, fake_score, head, images, labels, sigma, noise):
-        """gan_logits; without the diffusion GAN on the images as the denoiser reads clean data (clean_input)."""
-        if not self.cfg.diffusion_gan and self.clean_input is not None:
-            images = self.clean_input(images)
-        return gan_logits(fake_score, head, images, labels, sigma, noise)
-
     def generator_turn(self, inputs):
         """The generator's update with the critic frozen (official: guidance_model.requires_grad_(False)): DM loss
         (Sec. 3), GAN loss (Sec. 4.3), the original DMD's regression loss. Returns (detached generated batch, logs)."""
@@ -783,8 +749,8 @@ class Distiller:
                     losses["loss_dm"] = (cfg.dm_loss_weight, distribution_matching_loss(
                         fake, labels, self.real_score, self.fake_score, *(v[part] for v in draws["dm"])))
                 if cfg.gan:
-                    losses["loss_gan_g"] = (self.gan_weight, gan_generator_loss(self.gan_logits(
-                        self.fake_score, self.head, fake, labels, *(v[part] for v in draws["gan"]))))
+                    losses["loss_gan_g"] = (self.gan_weight, gan_generator_loss(gan_logits(
+                        self.fake_score, self.head, fake, labels, *(v[part] for v in draws["gan"]), self.clean_input)))
                 if measure:
                     norms_sq += self.gradient_norms_sq(losses, fake, (part.stop - part.start) / n)
             if cfg.regression_loss_weight > 0:
@@ -813,9 +779,10 @@ class Distiller:
             losses = {"loss_fake": (1.0, denoising_loss(critic, fake[part], take(labels, part), self.sigmas[t[part]],
                                                          noise[part], cfg.sigma_data))}
             if cfg.gan:
-                logits_real = self.gan_logits(critic, head, real[0][part], take(real[1], part),
-                                              *(v[part] for v in gan_real))
-                logits_fake = self.gan_logits(critic, head, fake[part], take(labels, part), *(v[part] for v in gan_fake))
+                logits_real = gan_logits(critic, head, real[0][part], take(real[1], part), *(v[part] for v in gan_real),
+                                         self.clean_input)
+                logits_fake = gan_logits(critic, head, fake[part], take(labels, part), *(v[part] for v in gan_fake),
+                                         self.clean_input)
                 losses["loss_gan_d"] = (cfg.cls_loss_weight, gan_discriminator_loss(logits_real, logits_fake))
             accumulate(losses, part, n, logs, [critic, head])
         logs, logs["grad_norm_d"] = optimizer_step(self.critic_params, self.opt_d, cfg, logs, "the critic loss",
