@@ -212,8 +212,8 @@ def parse_config(argv):
     parser = argparse.ArgumentParser(prog="dmd2.py", description="DMD2 distillation (python dmd2.py [--dataset NAME] "
                                      "[--flag value ...]; subcommands: sample, evaluate, fid)")
     kinds = {"bool": dict(type=parse_bool, metavar="true|false"), "list": dict(type=int, nargs="+"),
-             "dict": dict(type=json.loads, metavar="JSON"), "float | str": dict(type=float_or_auto, metavar="FLOAT|auto"),
-             "int": dict(type=int), "float": dict(type=float), "str": dict(type=str)}
+             "dict": dict(type=json.loads, metavar="JSON"), "int": dict(type=int), "float": dict(type=float),
+             "float | str": dict(type=float_or_auto, metavar="FLOAT|auto"), "str": dict(type=str)}
     helps = field_help()
     for f in dataclasses.fields(Config):
         kind = getattr(f.type, "__name__", str(f.type))  # bool, int, ..., or "float | str"
@@ -543,15 +543,14 @@ def make_optimizer(params, lr):
 
 
 def warmup_scheduler(optimizer, warmup_steps):
-    """Constant LR after a linear warm-up: factor step/warmup, so 0 at step 0 (diffusers "constant_with_warmup",
-    official)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step >= warmup_steps else step / warmup_steps)
+    """Constant LR after a linear warm-up from 0 (official: diffusers "constant_with_warmup")."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                             lambda step: 1.0 if step >= warmup_steps else step / warmup_steps)
 
 
 class SharedNoise:
-    """Random numbers for the GLOBAL batch, drawn identically on every rank; each rank keeps its slice, so W processes
-    with batch B draw the noise of one process with batch W*B (deviation: the official code seeds rank r with seed
-    + r). Its state is saved in checkpoints."""
+    """Random numbers for the GLOBAL batch, drawn alike on every rank, each keeping its slice: W processes of batch B
+    draw the noise of one process of batch W*B (deviation: the official code seeds rank r with seed + r)."""
 
     def __init__(self, seed, rank=0, world_size=1, device="cpu"):
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
@@ -577,9 +576,8 @@ def micro_batches(batch_size, micro_batch):
 
 
 def accumulate(losses, part, batch_size, logs, trained):
-    """Backward of one micro-batch's weighted losses {key: (weight, mean loss over the micro-batch)}, scaled by its
-    share of the batch; logs get the whole-batch means (tensors: no host sync). Before the last micro-batch the
-    networks in `trained` skip the gradient reduction (no_sync(), which an engine gives every network it wraps)."""
+    """Backward of one micro-batch's {key: (weight, mean loss)} scaled by its share of the batch; logs get the batch
+    means (tensors: no host sync). Before the last micro-batch the networks in `trained` skip reduction (no_sync())."""
     share, last = (part.stop - part.start) / batch_size, part.stop >= batch_size
     with contextlib.ExitStack() as stack:
         for module in trained if not last else ():
@@ -590,9 +588,8 @@ def accumulate(losses, part, batch_size, logs, trained):
 
 
 def optimizer_step(params, optimizer, cfg, logs, name, step):
-    """After the last micro-batch: clip to max_grad_norm (official 10), AdamW step, clear the gradients. The losses
-    and the gradient norm reach the host in one transfer; anything non-finite stops training with a clear message
-    before a parameter is updated or anything saved. Returns (logs as floats, gradient norm before clipping)."""
+    """Clip to max_grad_norm (official 10), step, clear the gradients; losses and norm reach the host in one transfer
+    and anything non-finite stops training before an update. Returns (logs as floats, gradient norm before clipping)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded: a DTensor
     values = torch.stack([*logs.values(), grad_norm.to(torch.float32)]).tolist()  # the one sync of this turn
@@ -606,8 +603,8 @@ def optimizer_step(params, optimizer, cfg, logs, name, step):
 
 
 def trainable_copy(denoiser):
-    """A trainable float32 copy of the teacher (official: --initialie_generator, and the fake score likewise), never
-    with classifier-free guidance (official: CFG on the real score only), whatever the teacher was handed in with."""
+    """A trainable copy of the teacher (official: --initialie_generator, and the fake score likewise), without CFG
+    (official: CFG on the real score only)."""
     net = copy.deepcopy(denoiser).train().requires_grad_(True)
     if hasattr(net, "guidance_scale"):
         net.guidance_scale = 1.0
@@ -620,11 +617,10 @@ AUTO_GAN_UPDATES = 10  # generator updates measured by --gen_cls_loss_weight aut
 class Distiller:
     """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step).
 
-    real_score = the frozen teacher (a denoiser, section 6; the Distiller owns it: pass a copy to reuse it);
-    fake_score = a trainable copy (plus the GAN head on its bottleneck); generator = another copy, or the network
-    passed in (e.g. with LoRA adapters). Trainable networks and AdamW states are float32. `conditions`: class labels
-    (default) or Prompts. From outside: `wrap` (an engine: network -> the module that runs it with gradient),
-    `regression_pairs` (noise, conditions, teacher outputs) and `perceptual` (default: mean squared error)."""
+    real_score = the frozen teacher (owned: pass a copy to reuse it); fake_score = a trainable float32 copy with the
+    GAN head on its bottleneck; generator = another copy or the network passed in (e.g. LoRA). `conditions`: class
+    labels or Prompts; `wrap`: an engine (network -> module run with gradient); `regression_pairs`: (noise,
+    conditions, teacher outputs); `perceptual`: the regression distance (default: mean squared error)."""
 
     def __init__(self, cfg, teacher, sample_shape, conditions=None, generator=None, wrap=None, regression_pairs=None,
                  perceptual=None, device="cpu", rank=0, world_size=1):
@@ -649,9 +645,8 @@ class Distiller:
             else:  # bf16 compute: the teacher's casts made once, bit-identical
                 edm_net.store_frozen_in_bf16(self.real_score)
         with torch.no_grad():  # the bottleneck's shape decides the GAN head's layers
-            probe = torch.zeros(1, *sample_shape, device=self.device)
-            features = self.fake_score(probe, torch.ones(1, device=self.device), self.conditions.blank(1),
-                                       return_bottleneck=True)
+            probe = torch.zeros(1, *sample_shape, device=self.device), torch.ones(1, device=self.device)
+            features = self.fake_score(*probe, self.conditions.blank(1), return_bottleneck=True)
         with torch.random.fork_rng(devices=[]):  # head initialised from cfg.seed: the same on every rank, and
             torch.manual_seed(cfg.seed)           # independent of whatever drew from the global RNG before
             self.head = GANHead(features.shape[1], features.shape[-1] if features.ndim == 4 else 1).to(self.device)
@@ -679,9 +674,8 @@ class Distiller:
 
     def train_step(self, real=None):
         """One iteration: a generator turn every dfake_gen_update_ratio iterations, then a critic turn on the same
-        generated batch (official: COMPUTE_GENERATOR_GRADIENT). Every random number is drawn for the whole batch
-        first; the networks then run in micro-batches (--micro_batch) whose losses are weighted by their share of the
-        batch, so the accumulated gradient is the whole batch's (every loss is a batch mean)."""
+        generated batch (official: COMPUTE_GENERATOR_GRADIENT). Random numbers are drawn for the whole batch, then
+        micro-batches (--micro_batch) run with losses weighted by their share, accumulating the batch's gradient."""
         if real is not None:
             real = (real[0].to(self.device), self.conditions.encode(real[1]))
             if self.cfg.channels_last and real[0].ndim == 4:
@@ -817,14 +811,12 @@ class Distiller:
             dm, gan = np.mean(self.auto_norms, axis=0)
             self.gan_weight = float(dm / gan)
             if self.rank == 0:
-                print(f"--gen_cls_loss_weight auto: gradient norms on the generated images over generator updates "
-                      f"1-{AUTO_GAN_UPDATES}: DM {dm:.3g}, GAN {gan:.3g} (weight 1) -> GAN weight "
-                      f"{self.gan_weight:.3g}")
+                print(f"--gen_cls_loss_weight auto: gradient norms on the generated images over generator updates 1-"
+                      f"{AUTO_GAN_UPDATES}: DM {dm:.3g}, GAN {gan:.3g} (weight 1) -> GAN weight {self.gan_weight:.3g}")
 
     def regression_loss(self, pairs):
-        """Original DMD's regression loss (DMD Sec. 3.3) on the teacher ODE pairs with indices `pairs`: the one-step
-        generator maps the teacher's ODE noise to the teacher's ODE output (also the SDXL 1-step model's pretraining,
-        official main/train_sd_ode.py), measured by `perceptual` (LPIPS) or mean squared error."""
+        """Original DMD's regression loss (DMD Sec. 3.3) on teacher ODE pairs `pairs`: G maps their noise to their
+        output (also the SDXL 1-step pretraining, official main/train_sd_ode.py), by `perceptual` (LPIPS) or MSE."""
         noise, labels, target = (take(v, pairs) for v in self.regression_pairs)
         noise, target, labels = noise.to(self.device), target.to(self.device), self.conditions.encode(labels)
         sigma = self.step_sigmas[0]
@@ -832,11 +824,11 @@ class Distiller:
         return (self.perceptual or F.mse_loss)(x, target)
 
     def state_dict(self):
-        """Everything to resume exactly, through torch.distributed.checkpoint's state-dict API for every engine
-        (networks and optimiser states named by parameter; a sharded network gives this process's shards)."""
+        """Everything to resume exactly, by torch.distributed.checkpoint's state-dict API for every engine (a sharded
+        network gives this process's shards)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
-        (generator, opt_g), (critic, opt_d) = get_state_dict(self.generator, self.opt_g), get_state_dict(
-            self.critic, self.opt_d)
+        generator, opt_g = get_state_dict(self.generator, self.opt_g)
+        critic, opt_d = get_state_dict(self.critic, self.opt_d)
         return dict(step=self.step, generator=generator, critic=critic, opt_g=opt_g, opt_d=opt_d,
                     ema=None if self.ema is None else self.ema.state_dict(), sched_g=self.sched_g.state_dict(),
                     sched_d=self.sched_d.state_dict(), noise=self.noise.gen.get_state(), gan_weight=self.gan_weight,
@@ -907,10 +899,9 @@ def check_resumable(saved, cfg, path):
 
 
 def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on_sample=None, rank=0):
-    """Train `distiller` to cfg.iters iterations, writing the checkpoint (every ckpt_every) and log.jsonl into
-    run_dir. With a checkpoint there the run resumes exactly (a killed command re-run continues), else
-    start(distiller) may load earlier weights. on_sample(distiller, iteration) every sample_every, on every rank.
-    real_batches: an iterator with state_dict / load_state_dict, or None when no loss needs real data."""
+    """Train `distiller` to cfg.iters iterations, writing checkpoint and log.jsonl into run_dir; a checkpoint there is
+    resumed exactly, else start(distiller) may load earlier weights. on_sample(distiller, iteration) every
+    sample_every, on every rank. real_batches: an iterator with state_dict / load_state_dict, or None."""
     os.makedirs(run_dir, exist_ok=True)
     checkpoint = checkpoint or Checkpoint(os.path.join(run_dir, "checkpoint.pt"), rank)
     log_path = os.path.join(run_dir, "log.jsonl")
@@ -943,9 +934,9 @@ def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on
         logs = distiller.train_step(next(real_batches) if distiller.needs_real_data else None)
         done = step + 1 == cfg.iters
         if rank == 0 and (step % cfg.log_every == 0 or done):
-            record = dict(step=step, seconds=round(time.time() - t0, 3), lr_g=distiller.sched_g.get_last_lr()[0], **logs)
+            record = dict(step=step, seconds=round(time.time() - t0, 3), lr_g=distiller.sched_g.get_last_lr()[0])
             with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, **logs}) + "\n")
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
         if on_sample is not None and ((step + 1) % cfg.sample_every == 0 or done):
             on_sample(distiller, step + 1)
