@@ -125,8 +125,8 @@ class Config:
     eval_batch: int = 250  # embedded rungs: sampling batch
 
 
-# Every text-to-image preset: the official unweighted epsilon MSE (denoising_loss at sigma_data = inf) for the fake
-# score, classifier GAN weight 1e-2 (official --guidance_cls_loss_weight).
+# Text-to-image (sections 6, 16), the official experiments/ scripts per process (official: x 64 GPUs), bf16: the fake
+# score's unweighted epsilon MSE (sigma_data = inf), classifier GAN weight 1e-2 (official --guidance_cls_loss_weight).
 T2I = dict(sigma_data=float("inf"), cls_loss_weight=1e-2, log_every=10, ckpt_every=500, sample_every=500)
 PRESETS = {
     # 2-D class-conditional mixture; MLP teacher trained deliberately briefly (300 of the ~4,000 iterations it takes
@@ -148,7 +148,6 @@ PRESETS = {
     "imagenet64": dict(resolution=64, num_classes=1000, iters=400_000, batch_size=40, generator_lr=2e-6,
                        guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
                        eval_samples=50_000, eval_batch=128),
-    # Text-to-image (sections 6, 16): the official experiments/ scripts, per process (official: x 64 GPUs), bf16.
     # SDXL 4-step (sdxl_cond999_8node_lr5e-7_denoising4step_diffusion1000_gan5e-3_guidance8_noinit_noode_backsim_
     # scratch.sh): backward simulation on [999, 749, 499, 249], CFG 8, GAN 5e-3 / 1e-2, lr 5e-7, ratio 5, 19k its.
     "sdxl": dict(T2I, generator_steps=4, guidance_scale=8.0, gen_cls_loss_weight=5e-3, generator_lr=5e-7,
@@ -163,9 +162,8 @@ PRESETS = {
                      regression_loss_weight=1.0, regression_pairs=10_000, regression_loss="lpips",
                      dfake_gen_update_ratio=1, generator_lr=1e-5, max_grad_norm=float("inf"), batch_size=4,
                      iters=2_000),
-    # SD v1.5, two stages (official experiments/sdv1.5/*.sh, issue #30): 1-step at t = 999, CFG 1.75, ratio 10;
-    # stage 1 without GAN at lr 1e-5 (39k iterations), stage 2 adds the GAN (1e-3 / 1e-2) at lr 5e-7 (+5k), started
-    # from stage 1 (--generator_init and --guidance_init RUN/checkpoint.pt). Batch 32 per process.
+    # SD v1.5 in two stages (official experiments/sdv1.5/*.sh, issue #30): 1-step at t = 999, CFG 1.75, ratio 10, batch
+    # 32; no GAN at lr 1e-5 (39k its), then GAN 1e-3 / 1e-2 at lr 5e-7 (+5k) from --generator_init/--guidance_init.
     "sd15": dict(T2I, guidance_scale=1.75, dfake_gen_update_ratio=10, gan=False, generator_lr=1e-5, guidance_lr=1e-5,
                  batch_size=32, iters=40_000),
     "sd15-gan": dict(T2I, guidance_scale=1.75, dfake_gen_update_ratio=10, gen_cls_loss_weight=1e-3,
@@ -190,18 +188,14 @@ def field_help():
 
 
 def parse_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 def float_or_auto(text):
-    if text == "auto":
-        return text
     try:
-        return float(text)
+        return text if text == "auto" else float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
@@ -239,8 +233,7 @@ def karras_sigmas(num_levels=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
 
 
 def noise_grid(cfg, teacher):
-    """The 1000 noise levels every loss draws from: a denoiser's own grid (EpsDenoiser.sigmas, the DDPM table),
-    else the Karras grid of cfg (EDM teachers)."""
+    """The 1000 levels every loss draws from: the denoiser's own (EpsDenoiser's DDPM table), else cfg's Karras grid."""
     own = getattr(teacher, "sigmas", None)
     return own if own is not None else karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
 
@@ -296,8 +289,7 @@ def dm_loss(x, pred_real, pred_fake):
     DMD, eq. 8). L = 0.5 * mean((x - (x - grad).detach())^2) hands autograd exactly dL/dx = grad / x.numel(); the
     value of L carries no meaning."""
     with torch.no_grad():
-        p_real = x - pred_real
-        p_fake = x - pred_fake
+        p_real, p_fake = x - pred_real, x - pred_fake
         weight = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)  # mean over C,H,W per sample
         grad = torch.nan_to_num((p_real - p_fake) / weight)  # official: torch.nan_to_num(grad)
     return 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
@@ -387,10 +379,9 @@ def gan_logits(fake_score, head, images, labels, sigma, noise, clean_input=None)
 
 
 def generator_sigmas(num_steps, sigmas, conditioning_timestep=999):
-    """Input sigmas of a K-step generator on the 1000-level grid. K=1: [sigmas[conditioning_timestep]]: 80 on the
-    Karras grid (official EDM: --conditioning_sigma 80), t = 399 for the SDXL 1-step model. K>1: levels 999,
-    999-1000/K, ...: the paper's SDXL timesteps [999, 749, 499, 249] (official: denoising_step_list), on the Karras
-    grid [80, 17.5, 2.50, 0.168] for K=4 (the EDM code is 1-step only)."""
+    """Input sigmas of a K-step generator. K=1: [sigmas[conditioning_timestep]] (80 on the Karras grid, official EDM:
+    --conditioning_sigma 80; t = 399 for SDXL 1-step). K>1: levels 999, 999-1000/K, ...: the paper's SDXL [999, 749,
+    499, 249] (official: denoising_step_list), Karras [80, 17.5, 2.50, 0.168] (the EDM code is 1-step only)."""
     if num_steps == 1:
         return sigmas[[conditioning_timestep]]
     levels = torch.arange(len(sigmas) - 1, 0, -(len(sigmas) // num_steps))[:num_steps]
@@ -701,8 +692,7 @@ class Distiller:
         noised_real = cfg.generator_steps > 1 and not cfg.backward_simulation
         labels = real[1] if noised_real else self.conditions.sample(shape[0], self.noise)
         if cfg.generator_steps == 1:
-            sigma = self.step_sigmas[0]
-            return pure_noise(self.generator, self.noise.randn(shape), sigma), sigma.expand(shape[0]), labels
+            return (*rollout(self.generator, self.noise.randn(shape), labels, self.step_sigmas, 0), labels)
         if noised_real:
             k = self.noise.randint(0, cfg.generator_steps, shape[0])
             return (*noised_real_inputs(self.generator, real[0], self.step_sigmas, k, self.noise.randn(shape)), labels)
@@ -761,9 +751,8 @@ class Distiller:
         return (torch.cat(fakes) if fakes else None), logs
 
     def critic_turn(self, fake, labels, real):
-        """The critic's update (fake score + GAN head, one optimiser; official: guidance_model): the denoising loss
-        on the detached generated batch at sigma index-uniform over all 1000 levels (official: compute_loss_fake),
-        and the GAN classifier loss on real against generated images (Sec. 4.3)."""
+        """The critic's update (fake score + GAN head, one optimiser; official: guidance_model): the denoising loss on
+        the detached batch, sigma index-uniform (official: compute_loss_fake); the GAN loss, real vs fake (Sec. 4.3)."""
         cfg, n = self.cfg, self.cfg.batch_size
         t, noise = self.noise.randint(0, cfg.num_train_timesteps, n), self.noise.randn(fake.shape)
         if cfg.gan:
