@@ -446,13 +446,12 @@ class _MidBlockReached(Exception):
 
 class EpsDenoiser(nn.Module):
     """A diffusers UNet2DConditionModel predicting epsilon as an EDM denoiser D(x, sigma, cond) -> x0 (as k-diffusion's
-    DiscreteEpsDDPMDenoiser): x = x0 + sigma n with sigma_t = sqrt((1 - abar_t) / abar_t); the UNet sees DDPM's x_t =
-    sqrt(abar_t) x at the timestep t of the nearest table entry. Official numerics (main/sd_guidance.py, utils.py):
-    x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) in float64; CFG eps_u + s (eps_c - eps_u) only when
-    guidance_scale > 1, eps_u from zeros (SDXL) or the encoding of "" (SD v1.5); bf16 autocast (use_fp16) only where
-    gradients are taken (official: the DM loss's fake pass and the rollout run in fp32). return_bottleneck: the
-    mid-block output (official: classify_forward). cond = (embeddings [B, 77, D], pooled [B, P]), P = 0 for SD v1.5;
-    SDXL's micro-conditioning [res, res, 0, 0, res, res] is added here (official: build_condition_input)."""
+    DiscreteEpsDDPMDenoiser): sigma_t = sqrt((1 - abar_t) / abar_t), the UNet sees x_t = sqrt(abar_t) x at the nearest
+    table timestep. Official numerics (main/sd_guidance.py, utils.py): x0 from eps in float64; CFG only when
+    guidance_scale > 1, eps_u from zeros (SDXL) or "" (SD v1.5); bf16 autocast (use_fp16) only where gradients are
+    taken (official: fp32 DM fake pass and rollout). return_bottleneck: the mid-block output (official:
+    classify_forward). cond = (embeddings [B, 77, D], pooled [B, P]); SDXL's micro-conditioning [res, res, 0, 0, res,
+    res] is added here (official: build_condition_input)."""
 
     def __init__(self, unet, alphas_cumprod, uncond, resolution=None):
         super().__init__()
