@@ -2199,17 +2199,6 @@ def toy2d_sample(n, rng=None, device="cpu"):
 SHAPE_NAMES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond", "bars", "half-disk", "frame"]
 
 
-def _shape_masks(label, u, v):
-    """Inside-mask of shape class `label` (SHAPE_NAMES) on normalised coordinates u, v (radius ~1)."""
-    r2, au, av = u * u + v * v, np.abs(u), np.abs(v)
-    box = np.maximum(au, av)
-    a, b = np.abs(u + v) / math.sqrt(2), np.abs(u - v) / math.sqrt(2)  # the plus sign turned 45 degrees
-    return [r2 < 1, box < 0.8, (v > -0.7) & (v < 0.9 - 1.8 * au), (r2 < 1) & (r2 > 0.36),
-            ((au < 0.3) & (av < 1)) | ((av < 0.3) & (au < 1)), ((a < 0.3) & (b < 1)) | ((b < 0.3) & (a < 1)),
-            au + av < 1, (av > 0.25) & (av < 0.7) & (au < 0.9), (r2 < 1) & (v > 0), (box < 0.9) & (box > 0.55),
-            ][label]
-
-
 def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
     """uint8 images [N, 3, R, R] of the SHAPE_NAMES, int64 labels [N]: random position, size, small rotation, bright
     colour on a dark background (colour carries no class), anti-aliased by rendering at supersample x R."""
@@ -2227,8 +2216,14 @@ def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
         cx, cy = rs.uniform(-0.25, 0.25), rs.uniform(-0.25, 0.25)
         size, angle = rs.uniform(0.45, 0.7), rs.uniform(-0.25, 0.25)
         dx, dy = (xs - cx) / size, (ys - cy) / size
-        u, v = math.cos(angle) * dx + math.sin(angle) * dy, -math.sin(angle) * dx + math.cos(angle) * dy
-        mask = _shape_masks(label, u, -v).astype(np.float32)  # -v: "up" is up in the image
+        u, v = math.cos(angle) * dx + math.sin(angle) * dy, math.sin(angle) * dx - math.cos(angle) * dy  # v: up
+        r2, au, av = u * u + v * v, np.abs(u), np.abs(v)
+        box = np.maximum(au, av)
+        a, b = np.abs(u + v) / math.sqrt(2), np.abs(u - v) / math.sqrt(2)  # the plus sign turned 45 degrees
+        mask = [r2 < 1, box < 0.8, (v > -0.7) & (v < 0.9 - 1.8 * au), (r2 < 1) & (r2 > 0.36),  # SHAPE_NAMES
+                ((au < 0.3) & (av < 1)) | ((av < 0.3) & (au < 1)), ((a < 0.3) & (b < 1)) | ((b < 0.3) & (a < 1)),
+                au + av < 1, (av > 0.25) & (av < 0.7) & (au < 0.9), (r2 < 1) & (v > 0), (box < 0.9) & (box > 0.55),
+                ][label].astype(np.float32)
         mask = mask.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
         fg = hsv_to_rgb(rs.uniform(), rs.uniform(0.6, 1.0), rs.uniform(0.75, 1.0))
         bg = hsv_to_rgb(rs.uniform(), rs.uniform(0.2, 0.8), rs.uniform(0.0, 0.35))
