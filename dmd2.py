@@ -2318,7 +2318,8 @@ def embedded_teacher(cfg, batches, sample_shape, device):
         ema.load_state_dict(read_checkpoint(path)["ema"])
         return ema
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr)
-    scheduler, rng, start = warmup_scheduler(optimizer, 100), torch.Generator(device).manual_seed(cfg.seed), 0
+    scheduler = warmup_scheduler(optimizer, 100)
+    rng, start = torch.Generator(device).manual_seed(cfg.seed), 0
     resumable = dict(net=net, ema=ema, opt=optimizer, sched=scheduler, data=batches)
     if os.path.exists(partial):
         state = read_checkpoint(partial)
@@ -2633,8 +2634,9 @@ def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
 def real_batches(dataset, batch_size, seed, rank=0, world_size=1, num_workers=0, start_batch=0):
     """Infinite (images float32 in [-1,1], labels int64) of this rank: epoch e is a permutation seeded seed + e, cut
     into global batches of world_size x batch_size (the last incomplete one dropped), rank r keeps slice r (W processes
-    read the batches of one process with batch W*B). Official: DataLoader(shuffle=True, drop_last=True) sharded by
-    accelerate. Batch k depends only on (seed, k, rank, world_size, len(dataset)): resume skips without decoding."""
+    read the batches of one process with batch W*B). Official: DataLoader(shuffle=True, drop_last=True, num_workers=12)
+    sharded by accelerate. Batch k depends only on (seed, k, rank, world_size, len(dataset)): resume skips without
+    decoding."""
     global_batch = batch_size * world_size
     batches_per_epoch = len(dataset) // global_batch
     if batches_per_epoch == 0:
