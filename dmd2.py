@@ -2120,8 +2120,8 @@ def cache_path(cfg, kind, settings):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 12. The embedded rungs: data made in code (deterministic from a seed, nothing to download), a teacher and a
-# classifier trained here (and cached), then students, then the table
+# 12. The embedded rungs: data made in code (seeded, nothing to download), a teacher and a classifier trained here
+# (and cached), then students, then the table
 
 
 TOY2D_MODES = torch.stack([torch.cos(torch.arange(8) * 2 * math.pi / 8),
@@ -2129,8 +2129,8 @@ TOY2D_MODES = torch.stack([torch.cos(torch.arange(8) * 2 * math.pi / 8),
 
 
 def toy2d_sample(n, rng=None, device="cpu"):
-    """The 2-D class-conditional mixture: 8 Gaussian modes (std 0.08) on the unit circle (TOY2D_MODES); class c owns
-    the two opposite modes c and c+4, so a generator that drops one of them shows up as mode collapse."""
+    """8 Gaussian modes (std 0.08) on the unit circle; class c owns the opposite modes c and c+4 (dropping one is
+    mode collapse)."""
     labels = torch.randint(0, 4, (n,), generator=rng, device=device)
     mode = labels + 4 * torch.randint(0, 2, (n,), generator=rng, device=device)
     return TOY2D_MODES.to(device)[mode] + 0.08 * torch.randn(n, 2, generator=rng, device=device), labels
@@ -2139,21 +2139,9 @@ def toy2d_sample(n, rng=None, device="cpu"):
 SHAPE_NAMES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond", "bars", "half-disk", "frame"]
 
 
-def _shape_masks(label, u, v):
-    """Inside-mask of shape class `label` (SHAPE_NAMES) on normalised coordinates u, v (radius ~1)."""
-    r2, au, av = u * u + v * v, np.abs(u), np.abs(v)
-    box = np.maximum(au, av)
-    a, b = np.abs(u + v) / math.sqrt(2), np.abs(u - v) / math.sqrt(2)  # the plus sign turned 45 degrees
-    return [r2 < 1, box < 0.8, (v > -0.7) & (v < 0.9 - 1.8 * au), (r2 < 1) & (r2 > 0.36),
-            ((au < 0.3) & (av < 1)) | ((av < 0.3) & (au < 1)), ((a < 0.3) & (b < 1)) | ((b < 0.3) & (a < 1)),
-            au + av < 1, (av > 0.25) & (av < 0.7) & (au < 0.9), (r2 < 1) & (v > 0), (box < 0.9) & (box > 0.55),
-            ][label]
-
-
 def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
-    """The embedded image set: uint8 [N, 3, R, R] images of the ten SHAPE_NAMES and int64 labels [N]. Random position,
-    size and small rotation, a random bright colour on a random dark background (colour carries no class, so a model
-    has to get the geometry right), anti-aliased by rendering at supersample x R and averaging."""
+    """uint8 images [N, 3, R, R] of the SHAPE_NAMES, int64 labels [N]: random position, size, small rotation, bright
+    colour on a dark background (colour carries no class), anti-aliased by rendering at supersample x R."""
     def hsv_to_rgb(h, s, v):
         k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
         return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
@@ -2168,8 +2156,14 @@ def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
         cx, cy = rs.uniform(-0.25, 0.25), rs.uniform(-0.25, 0.25)
         size, angle = rs.uniform(0.45, 0.7), rs.uniform(-0.25, 0.25)
         dx, dy = (xs - cx) / size, (ys - cy) / size
-        u, v = math.cos(angle) * dx + math.sin(angle) * dy, -math.sin(angle) * dx + math.cos(angle) * dy
-        mask = _shape_masks(label, u, -v).astype(np.float32)  # -v: "up" is up in the image
+        u, v = math.cos(angle) * dx + math.sin(angle) * dy, math.sin(angle) * dx - math.cos(angle) * dy  # v: up
+        r2, au, av = u * u + v * v, np.abs(u), np.abs(v)
+        box = np.maximum(au, av)
+        a, b = np.abs(u + v) / math.sqrt(2), np.abs(u - v) / math.sqrt(2)  # the plus sign turned 45 degrees
+        mask = [r2 < 1, box < 0.8, (v > -0.7) & (v < 0.9 - 1.8 * au), (r2 < 1) & (r2 > 0.36),  # SHAPE_NAMES
+                ((au < 0.3) & (av < 1)) | ((av < 0.3) & (au < 1)), ((a < 0.3) & (b < 1)) | ((b < 0.3) & (a < 1)),
+                au + av < 1, (av > 0.25) & (av < 0.7) & (au < 0.9), (r2 < 1) & (v > 0), (box < 0.9) & (box > 0.55),
+                ][label].astype(np.float32)
         mask = mask.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
         fg = hsv_to_rgb(rs.uniform(), rs.uniform(0.6, 1.0), rs.uniform(0.75, 1.0))
         bg = hsv_to_rgb(rs.uniform(), rs.uniform(0.2, 0.8), rs.uniform(0.0, 0.35))
@@ -2179,9 +2173,8 @@ def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
 
 
 class InMemoryBatches:
-    """Seeded random batches (with replacement) of tensors or a memory-mapped array, with their labels (or captions),
-    split over ranks: every rank draws the same global index batch and keeps its slice, so W processes see exactly the
-    batches of one process with W times the batch. The state is one torch.Generator (saved in checkpoints)."""
+    """Seeded batches with replacement of tensors or a memory-mapped array with labels (or captions); every rank draws
+    the global index batch and keeps its slice (W processes = one with W times the batch). State: one Generator."""
 
     def __init__(self, images, labels, global_batch, seed, rank=0, world_size=1):
         self.images, self.labels = images, labels
@@ -2214,8 +2207,7 @@ class Toy2DBatches(InMemoryBatches):
 
 
 class ToyDenoiser(nn.Module):
-    """MLP denoiser for 2-D points with EDM preconditioning (edm_net.edm_precondition): D = c_skip x + c_out F.
-    return_bottleneck=True gives the last hidden layer [B, hidden] for the GAN head."""
+    """MLP denoiser of 2-D points, EDM-preconditioned; return_bottleneck=True: the last hidden layer (GAN head)."""
 
     def __init__(self, num_classes=4, hidden=256, depth=4, emb=32):
         super().__init__()
@@ -2235,8 +2227,8 @@ class ToyDenoiser(nn.Module):
 
 
 class ShapesClassifier(nn.Module):
-    """Small CNN trained on the embedded image set: its 128-d pooled features define "FD-cls" (Frechet distance in
-    them, NOT Inception FID) and it scores the class accuracy of samples, the analogue of the paper's CLIP score."""
+    """Small CNN: its pooled features define "FD-cls" (NOT Inception FID); its class accuracy is the analogue of the
+    paper's CLIP score."""
 
     def __init__(self, num_classes=10, width=32):
         super().__init__()
@@ -2251,9 +2243,8 @@ class ShapesClassifier(nn.Module):
 
 
 def embedded_teacher(cfg, batches, sample_shape, device):
-    """Train (or load from the cache) an embedded rung's teacher with the EDM loss: Adam (EDM's optimiser), lr warm-up
-    over 100 iterations, ln sigma ~ N(-1.2, 1.2^2), and EDM's EMA: half-life min(500 kimg, 5% of the images seen so
-    far) (EDM: --ema 0.5 Mimg, ema_rampup_ratio 0.05). A partial state every 500 iterations survives a kill."""
+    """Train (or load from the cache) the teacher with the EDM loss: Adam, 100 warm-up iterations, EMA half-life
+    min(500 kimg, 5% of the images seen) (EDM: --ema 0.5 Mimg, ema_rampup_ratio 0.05); a partial state every 500."""
     spec = (dict(kind="toy", kwargs=dict(num_classes=cfg.num_classes)) if cfg.dataset == "toy2d" else
             dict(kind="edm", kwargs=dict(img_resolution=cfg.resolution, img_channels=sample_shape[0],
                                          label_dim=cfg.num_classes, **cfg.teacher_arch)))
@@ -2303,8 +2294,8 @@ def embedded_teacher(cfg, batches, sample_shape, device):
 
 
 def shapes_classifier(cfg, images, labels, device):
-    """Train (or load from the cache) the classifier behind FD-cls and class accuracy: AdamW 2e-3, 3 epochs. Seeded
-    with 0 whatever --seed is: the metric is one fixed yardstick for every run and seed."""
+    """Train (or load from the cache) the metric's classifier: AdamW 2e-3, 3 epochs, seed 0 whatever --seed is (one
+    fixed yardstick for every run)."""
     path = cache_path(cfg, "classifier-shapes", dict(n=len(labels), resolution=cfg.resolution, seed=0, epochs=3))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -2354,9 +2345,8 @@ def embedded_rung(cfg):
 
 
 def floor_row(rung):
-    """The floor of every table: the metric of real data, a set of the evaluation's size disjoint from the metric's
-    reference set and from the training set. Two finite samples of one distribution are this far apart, so no
-    generator is expected below it; the teacher's distance above it is the error a student can correct."""
+    """The floor of every table: the metric of a real set disjoint from the reference and training sets (no generator
+    is expected below it; the teacher's distance above it is the error a student can correct)."""
     return dict(model="real data (second set: the floor)", NFE="", **rung.metrics(*rung.floor_data), images_per_s="")
 
 
@@ -2366,8 +2356,8 @@ def teacher_fingerprint(teacher):
 
 
 def evaluate_teacher(rung):
-    """The teacher's row of the results table (EDM Heun, cfg.teacher_eval_steps steps) and its samples, cached with
-    the teacher (the sampler is deterministic): the cached images_per_s is the speed measured when it was written."""
+    """The teacher's row (EDM Heun, cfg.teacher_eval_steps steps) and samples, cached (images_per_s as first
+    measured)."""
     cfg, steps = rung.cfg, rung.cfg.teacher_eval_steps
     settings = dict(teacher=teacher_fingerprint(rung.teacher), steps=steps, n=cfg.eval_samples, seed=cfg.seed)
     path = cache_path(cfg, f"teacher-eval-{cfg.dataset}", settings)
@@ -2384,8 +2374,7 @@ def evaluate_teacher(rung):
 
 
 def distil(cfg, rung, run_dir, name=None, show=None):
-    """Train (or resume, or reload when finished) one student of an embedded rung with cfg, then evaluate it on the
-    rung's evaluation noise. Returns (results row, its samples, the Distiller)."""
+    """Train (or resume, or reload) one student with cfg and evaluate it: (results row, its samples, the Distiller)."""
     pairs = teacher_ode_pairs(cfg, rung.teacher, ClassLabels(cfg.num_classes, rung.device),
                               rung.sample_shape) if cfg.regression_loss_weight > 0 else None
     distiller = run_training(cfg, copy.deepcopy(rung.teacher), rung.real_batches(cfg.batch_size), rung.sample_shape,
@@ -2401,8 +2390,7 @@ def distil(cfg, rung, run_dir, name=None, show=None):
 
 
 def run_embedded(cfg):
-    """The main job of the embedded rungs: teacher, one student per entry of cfg.students, and the results table
-    (written to out_dir/<dataset>/results.md and results.json)."""
+    """Teacher, one student per cfg.students, the table (out_dir/<dataset>/results.md and results.json)."""
     root = os.path.join(cfg.out_dir, cfg.dataset)
     os.makedirs(root, exist_ok=True)
     rung = embedded_rung(cfg)
@@ -2433,12 +2421,10 @@ def run_embedded(cfg):
 
 
 def teacher_ode_pairs(cfg, teacher, conditions, sample_shape):
-    """(noise, labels or prompts, teacher output) pairs from the teacher's Heun sampler, cached: the original DMD's
-    regression loss (its Sec. 3.3) on the embedded rungs and the SDXL 1-step pretraining (official:
-    generate_noise_image_pairs_laion_sdxl.py, 10k pairs, CFG 8 with zero unconditional embeddings). Labels: uniform
-    classes or prompts from the captions. A DDPM teacher starts from pure noise x_t = z at t = 999 with CFG
-    --guidance_scale; deviation: our Heun sampler (teacher_eval_steps steps snapped to the DDPM table), not diffusers'
-    50-step Euler."""
+    """Cached (noise, labels or prompts, teacher output) pairs of the teacher's Heun sampler for the original DMD's
+    regression loss (its Sec. 3.3) and the SDXL 1-step pretraining (official: generate_noise_image_pairs_laion_sdxl.py,
+    10k pairs, CFG 8, zero unconditional embeddings). A DDPM teacher starts from x_t = z at t = 999 with CFG
+    --guidance_scale; deviation: our Heun sampler (snapped to the DDPM table), not diffusers' 50-step Euler."""
     captions = getattr(conditions, "captions", None)
     settings = dict(n=cfg.regression_pairs, steps=cfg.teacher_eval_steps, seed=cfg.seed,
                     teacher=teacher_fingerprint(teacher))
@@ -2472,8 +2458,7 @@ def seed_summary(name, rows, keys):
 
 
 def separated(rows_a, rows_b, key, lower_is_better=True):
-    """"better" / "worse" when every seed of a is better / worse than every seed of b in key (the seed ranges do not
-    overlap), otherwise "not separated": an ordering is only stated where the spread over seeds separates it."""
+    """"better" / "worse" when the seed ranges of a and b in key do not overlap, else "not separated"."""
     a, b = [r[key] for r in rows_a], [r[key] for r in rows_b]
     if max(a) < min(b) or min(a) > max(b):
         return "better" if (max(a) < min(b)) == lower_is_better else "worse"
@@ -2516,22 +2501,20 @@ class LMDBImageDataset(torch.utils.data.Dataset):
             if shape is None:
                 raise ValueError(f"{path}: no 'images_shape' key, so not the official DMD2 LMDB layout "
                                  "(main/data/create_imagenet_lmdb.py); or pass the dataset_tool zip instead")
-            shape = tuple(int(s) for s in shape.decode().split())
-            count, self.image_shape = shape[0], shape[1:]
+            count, *shape = (int(s) for s in shape.decode().split())
+            self.image_shape = tuple(shape)
             if count == 0:
                 raise ValueError(f"{path}: LMDB declares 0 images; {edm_net.PREPARE_HINT}")
             first = txn.get(b"images_0_data")
-            if first is None or len(first) != int(np.prod(self.image_shape)):
+            if first is None or len(first) != math.prod(self.image_shape):
                 raise ValueError(f"{path}: images_0_data holds {0 if first is None else len(first)} bytes, but "
-                                 f"images_shape declares {self.image_shape} uint8; the LMDB is corrupt, "
-                                 "re-create it")
+                                 f"images_shape declares {self.image_shape} uint8; the LMDB is corrupt, re-create it")
             labels = [txn.get(f"labels_{i}_data".encode()) for i in range(count)]
         bad = next((i for i, b in enumerate(labels) if b is None or len(b) != 8), None)
         if bad is not None:
             raise ValueError(f"{path}: labels_{bad}_data is missing or not one int64; the LMDB is corrupt, "
                              "re-create it")
         self.labels = np.frombuffer(b"".join(labels), dtype=np.int64)
-        self.count = count
 
     def _environment(self):
         # LMDB allows one open environment per path and process, and it must not be used across a fork: a
@@ -2549,13 +2532,12 @@ class LMDBImageDataset(torch.utils.data.Dataset):
         return f"{self.path} index {index} (keys images_{index}_data / labels_{index}_data)"
 
     def __len__(self):
-        return self.count
+        return len(self.labels)
 
     def __getitem__(self, index):
         with self._environment().begin() as txn:
             data = txn.get(f"images_{index}_data".encode())
-        image = np.frombuffer(data, dtype=np.uint8).reshape(self.image_shape).copy()  # copy: writable for torch
-        return image, self.labels[index]
+        return np.frombuffer(data, np.uint8).reshape(self.image_shape).copy(), self.labels[index]  # copy: writable
 
 
 def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
@@ -2574,30 +2556,27 @@ def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
     else:
         raise ValueError(f"{path} is neither a .zip, a folder of images nor an LMDB directory; "
                          f"{edm_net.PREPARE_HINT}")
-    expected = (num_channels, resolution, resolution)
-    if tuple(dataset.image_shape) != expected:
-        raise ValueError(f'{dataset.describe(0)} is {"x".join(map(str, dataset.image_shape))} (CxHxW), expected '
-                         f'{"x".join(map(str, expected))}; re-run dataset_tool with --resolution={resolution}x'
-                         f"{resolution} (and {num_channels}-channel source images) or pick the matching preset")
-    if num_classes is not None:
-        if dataset.labels is None:
-            raise ValueError(f'{path} has no labels (dataset.json missing or "labels": null) but the model is '
-                             f"conditional on {num_classes} classes; run dataset_tool on a labelled source")
-        bad = np.flatnonzero((dataset.labels < 0) | (dataset.labels >= num_classes))
-        if bad.size:
-            raise ValueError(f"{dataset.describe(bad[0])} has label {dataset.labels[bad[0]]} outside 0.."
-                             f"{num_classes - 1} ({bad.size} such images); the data does not match the preset's "
-                             f"{num_classes} classes")
+    shape, expected = "x".join(map(str, dataset.image_shape)), f"{num_channels}x{resolution}x{resolution}"
+    if shape != expected:
+        raise ValueError(f"{dataset.describe(0)} is {shape} (CxHxW), expected {expected}; re-run dataset_tool with "
+                         f"--resolution={resolution}x{resolution} (and {num_channels}-channel source images) or pick "
+                         "the matching preset")
+    if num_classes is not None and dataset.labels is None:
+        raise ValueError(f'{path} has no labels (dataset.json missing or "labels": null) but the model is '
+                         f"conditional on {num_classes} classes; run dataset_tool on a labelled source")
+    bad = np.flatnonzero((dataset.labels < 0) | (dataset.labels >= num_classes)) if num_classes is not None else []
+    if len(bad):
+        raise ValueError(f"{dataset.describe(bad[0])} has label {dataset.labels[bad[0]]} outside 0..{num_classes - 1} "
+                         f"({len(bad)} such images); the data does not match the preset's {num_classes} classes")
     return dataset
 
 
 def real_batches(dataset, batch_size, seed, rank=0, world_size=1, num_workers=0, start_batch=0):
-    """Infinite iterator of (images float32 in [-1,1], labels int64) for this rank. Epoch e is a permutation seeded
-    seed + e, cut into global batches of world_size * batch_size (incomplete ones dropped); rank r keeps the r-th
-    slice, so W processes with batch B read the batches of one process with batch W*B (as SharedNoise draws noise).
-    Official: DataLoader(shuffle=True, drop_last=True, num_workers=12) sharded by accelerate (another per-rank split,
-    also uniform without replacement). Batch k depends only on (seed, k, rank, world_size, len(dataset)): exact
-    resume is start_batch=batches consumed, and skipped batches are never decoded."""
+    """Infinite (images float32 in [-1,1], labels int64) of this rank: epoch e is a permutation seeded seed + e, cut
+    into global batches of world_size x batch_size (the last incomplete one dropped), rank r keeps slice r (W processes
+    read the batches of one process with batch W*B). Official: DataLoader(shuffle=True, drop_last=True, num_workers=12)
+    sharded by accelerate. Batch k depends only on (seed, k, rank, world_size, len(dataset)): resume skips without
+    decoding."""
     global_batch = batch_size * world_size
     batches_per_epoch = len(dataset) // global_batch
     if batches_per_epoch == 0:
@@ -2607,20 +2586,18 @@ def real_batches(dataset, batch_size, seed, rank=0, world_size=1, num_workers=0,
     while True:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
         order = order[:batches_per_epoch * global_batch].view(batches_per_epoch, world_size, batch_size)
-        indices = order[skip:, rank].flatten().tolist()
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True,
-                                             num_workers=num_workers)
+        loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=order[skip:, rank].flatten().tolist(),
+                                             drop_last=True, num_workers=num_workers)
         for images, labels in loader:
             yield images.to(torch.float32) / 127.5 - 1, labels.to(torch.int64)  # official: x/255*2-1
         epoch, skip = epoch + 1, 0
 
 
 class FileBatches:
-    """Real batches from an image dataset on disk for the GAN (wraps real_batches). Its state is the number of
-    batches consumed, so a resumed run continues with exactly the batches it would have seen."""
+    """real_batches with a state for checkpoints: the number of batches consumed (a resumed run reads on exactly)."""
 
     def __init__(self, dataset, batch_size, seed, rank=0, world_size=1, num_workers=4):
-        self.args = (dataset, batch_size, seed, rank, world_size, num_workers)
+        self.read = functools.partial(real_batches, dataset, batch_size, seed, rank, world_size, num_workers)
         self.load_state_dict({"consumed": 0})
 
     def __next__(self):
@@ -2632,7 +2609,7 @@ class FileBatches:
 
     def load_state_dict(self, state):
         self.consumed = state["consumed"]
-        self.batches = real_batches(*self.args[:5], num_workers=self.args[5], start_batch=self.consumed)
+        self.batches = self.read(start_batch=self.consumed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2661,11 +2638,9 @@ def default_cache_dir():
 
 
 def download_cached(url, cache_dir=None, filename=None, flag="--teacher", hash_prefix=None):
-    """Return the local path of url in the cache, downloading it first if absent: urllib's urlretrieve into a temp
-    file in the cache dir, renamed into place only when complete (urlretrieve raises on a body shorter than its
-    Content-Length; torch.hub's download_url_to_file keeps such a body) and, given hash_prefix, when its SHA-256
-    starts with it. Temp files of killed downloads are never taken for the file and are deleted once an hour old.
-    Offline -> DownloadError naming `flag`."""
+    """Local path of url in the cache, downloaded first if absent: urlretrieve into a temp file, renamed into place
+    only when complete (urlretrieve raises on a short body; torch.hub's download_url_to_file keeps it) and its SHA-256
+    starts with hash_prefix. Temp files of killed downloads are deleted once an hour old. Offline -> DownloadError."""
     cache_dir = cache_dir or default_cache_dir()
     filename = filename or os.path.basename(urllib.parse.urlparse(url).path)
     path = os.path.join(cache_dir, filename)
@@ -2723,8 +2698,7 @@ def resolve_fid_ref(spec, dataset, cache_dir=None):
 
 
 def download_dmd2(filename, repo=DMD2_HF_REPO, fix="pass its local path instead", cache_dir=None):
-    """Local path of a file of a Hugging Face repo (default: the released DMD2 checkpoints) in the huggingface_hub
-    cache (or cache_dir), with one clear line when it cannot be fetched."""
+    """Local path of a file of a Hugging Face repo (default: the released DMD2 checkpoints), downloaded if absent."""
     url = f"https://huggingface.co/{repo}/resolve/main/{filename}"
     if huggingface_hub is None:
         raise ImportError(f"downloading {url} needs huggingface_hub: pip install huggingface_hub")
