@@ -3288,7 +3288,8 @@ def sample_main(argv):
             raise SystemExit("sample --model needs --prompt TEXT")
         out = args.out or "samples"
         t2i_generate(*t2i_pipeline(args.model, args.steps, 0.0, args.model_id), prompts, out, args.seed)
-        return print(f"wrote {len(prompts)} images to {out}/")
+        print(f"wrote {len(prompts)} images to {out}/")
+        return
     if not os.path.exists(args.checkpoint):
         raise SystemExit(f"{args.checkpoint}: no such checkpoint (it is run_dir/checkpoint.pt of a dmd2.py run)")
     state = read_run(args.checkpoint)
