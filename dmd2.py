@@ -3324,7 +3324,8 @@ def evaluate_main(argv):
     source.add_argument("--generator", help="our checkpoint.pt or a plain generator state dict (keys model.*)")
     source.add_argument("--model", help="student:PATH, dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15, teacher, hf:ID, "
                         "sdxl-lightning, lcm-sdxl (t2i_pipeline), or images: evaluate the PNGs already in --out")
-    parser.add_argument("--num", type=int, help="samples (default 50,000; --model: 10k sdxl, 30k sd15, a prefix)")
+    parser.add_argument("--num", type=int, help="samples (default 50,000, a multiple of the class count; --model: "
+                        "10k for sdxl, 30k for sd15, a prefix of the list)")
     parser.add_argument("--batch", type=int, help="batch (default 128, official --eval_batch_size; --model: 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: cache); "
