@@ -3088,22 +3088,39 @@ def export_generator(weights, unet_config, cfg, run_dir, sdxl=True):
 
 def check_config(cfg):
     """Combinations and ranges refused before any work, all named in one line."""
-    problems = []
-    if cfg.regression_loss_weight > 0 and (cfg.generator_steps != 1 or cfg.students != [1] or cfg.regression_pairs < 1):
-        problems.append("the regression loss is for one-step students: use --students 1 and --regression_pairs N")
-    if cfg.gan and cfg.cls_loss_weight <= 0:
-        problems.append("--gan true needs --cls_loss_weight > 0")
-    if cfg.gen_cls_loss_weight == "auto" and cfg.gan and cfg.dm_loss_weight <= 0:
-        problems.append("--gen_cls_loss_weight auto matches the DM term's gradient norm: it needs --dm_loss_weight > 0")
-    if cfg.dm_loss_weight <= 0 and not cfg.gan and cfg.regression_loss_weight <= 0:
-        problems.append("the generator has no loss: enable the DM loss, the GAN or the regression loss")
-    if cfg.micro_batch < 0 or (cfg.micro_batch and cfg.batch_size % cfg.micro_batch):
-        problems.append(f"--micro_batch {cfg.micro_batch} must divide --batch_size {cfg.batch_size} (or be 0: no "
-                        "micro-batching)")
-    if min(cfg.students + [cfg.generator_steps]) < 1 or cfg.dfake_gen_update_ratio < 1:
-        problems.append("--students, --generator_steps and --dfake_gen_update_ratio must be >= 1")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        problems.append(f"--precision {cfg.precision} is not one of auto, bf16, fp32")
+    text_to_image = cfg.dataset.startswith(("sdxl", "sd15"))
+    misplaced = [flag for flag, used in (("--guidance_scale", cfg.guidance_scale != 1), ("--tiny", cfg.tiny),
+                                         ("--lora_rank", cfg.lora_rank != 0), ("--model_id", cfg.model_id)) if used]
+    one_step = cfg.generator_steps == 1 and cfg.students == [1] and cfg.regression_pairs >= 1
+    rules = [  # (refused when, why)
+        (cfg.regression_loss_weight > 0 and not one_step,
+         "the regression loss is for one-step students: use --students 1 and --regression_pairs N"),
+        (cfg.gan and cfg.cls_loss_weight <= 0, "--gan true needs --cls_loss_weight > 0"),
+        (cfg.gen_cls_loss_weight == "auto" and cfg.gan and cfg.dm_loss_weight <= 0,
+         "--gen_cls_loss_weight auto matches the DM term's gradient norm: it needs --dm_loss_weight > 0"),
+        (cfg.dm_loss_weight <= 0 and not cfg.gan and cfg.regression_loss_weight <= 0,
+         "the generator has no loss: enable the DM loss, the GAN or the regression loss"),
+        (cfg.micro_batch < 0 or (cfg.micro_batch and cfg.batch_size % cfg.micro_batch),
+         f"--micro_batch {cfg.micro_batch} must divide --batch_size {cfg.batch_size} (or be 0: no micro-batching)"),
+        (min(cfg.students + [cfg.generator_steps]) < 1 or cfg.dfake_gen_update_ratio < 1,
+         "--students, --generator_steps and --dfake_gen_update_ratio must be >= 1"),
+        (cfg.precision not in ("auto", "bf16", "fp32"), f"--precision {cfg.precision} is not one of auto, bf16, fp32"),
+        (cfg.engine not in ("ddp", "fsdp", "hsdp"), f"--engine {cfg.engine} is not one of ddp, fsdp, hsdp"),
+        (cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"),
+         f"--device {cfg.device} is not one of auto, cpu, cuda, cuda:N"),
+        (not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1,
+         "--min_step_percent and --max_step_percent must satisfy 0 <= min < max <= 1"),
+        (not 0 <= cfg.conditioning_timestep < cfg.num_train_timesteps,
+         f"--conditioning_timestep {cfg.conditioning_timestep} is not a grid level 0..{cfg.num_train_timesteps - 1}"),
+        (misplaced and not text_to_image, f"{', '.join(misplaced)}: only for text-to-image teachers (--dataset sdxl, "
+         "sdxl-1step, sdxl-ode, sd15, sd15-gan); the EDM teachers have no unconditional branch or LoRA here"),
+        (cfg.engine in ("fsdp", "hsdp") and (cfg.ema_decay > 0 or cfg.dataset in ("toy2d", "shapes")),
+         f"--engine {cfg.engine}: not with --ema_decay (the EMA copy is not sharded) nor on the embedded rungs "
+         "(one process)"),
+        (cfg.fsdp_bf16_params and (cfg.engine == "ddp" or not text_to_image),
+         "--fsdp_bf16_params is for sharded text-to-image runs: --engine fsdp or hsdp, --dataset sdxl.."),
+    ]
+    problems = [why for refused, why in rules if refused]
     counts = ("batch_size", "iters", "log_every", "ckpt_every", "sample_every", "eval_samples", "eval_batch",
               "teacher_batch", "num_train_timesteps")
     problems += [f"--{k} {getattr(cfg, k)} must be a positive integer" for k in counts if getattr(cfg, k) < 1]
@@ -3111,35 +3128,15 @@ def check_config(cfg):
                  if not getattr(cfg, k) > 0]
     problems += [f"--{k} {getattr(cfg, k)} must be >= 0" for k in ("teacher_iters", "warmup_steps", "num_workers",
                                                                      "lora_rank") if getattr(cfg, k) < 0]
-    if not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1:
-        problems.append("--min_step_percent and --max_step_percent must satisfy 0 <= min < max <= 1")
-    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        problems.append(f"--device {cfg.device} is not one of auto, cpu, cuda, cuda:N")
-    if not 0 <= cfg.conditioning_timestep < cfg.num_train_timesteps:
-        problems.append(f"--conditioning_timestep {cfg.conditioning_timestep} is not a grid level 0.."
-                        f"{cfg.num_train_timesteps - 1}")
-    text_to_image = cfg.dataset.startswith(("sdxl", "sd15"))
-    misplaced = [flag for flag, used in (("--guidance_scale", cfg.guidance_scale != 1), ("--tiny", cfg.tiny),
-                                         ("--lora_rank", cfg.lora_rank != 0), ("--model_id", bool(cfg.model_id))) if used]
-    if misplaced and not text_to_image:
-        problems.append(f"{', '.join(misplaced)}: only for text-to-image teachers (--dataset sdxl, sdxl-1step, "
-                        f"sdxl-ode, sd15, sd15-gan); the EDM teachers have no unconditional branch or LoRA here")
-    if cfg.engine not in ("ddp", "fsdp", "hsdp"):
-        problems.append(f"--engine {cfg.engine} is not one of ddp, fsdp, hsdp")
-    elif cfg.engine != "ddp" and (cfg.ema_decay > 0 or cfg.dataset in ("toy2d", "shapes")):
-        problems.append(f"--engine {cfg.engine}: not with --ema_decay (the EMA copy is not sharded) nor on the "
-                        "embedded rungs (one process)")
-    if cfg.fsdp_bf16_params and (cfg.engine == "ddp" or not text_to_image):
-        problems.append("--fsdp_bf16_params is for sharded text-to-image runs: --engine fsdp or hsdp, --dataset sdxl..")
     if problems:
         raise SystemExit("config error: " + "; ".join(problems))
 
 
 def read_run(path):
-    """A run's checkpoint for sampling: checkpoint.pt, or (sharded runs) the checkpoint/ folder's run.json, whose
-    generator load_student gathers into this one process."""
+    """A run's checkpoint.pt, or a sharded run's checkpoint/ folder (its run.json; load_student gathers the rest)."""
     if not os.path.isdir(path):
-        return read_checkpoint(path, fix="Pass the checkpoint.pt of a dmd2.py run folder (or a sharded run's checkpoint/).")
+        fix = "Pass the checkpoint.pt of a dmd2.py run folder (or a sharded run's checkpoint/)."
+        return read_checkpoint(path, fix=fix)
     if not os.path.exists(os.path.join(path, "run.json")):
         raise ValueError(f"{path} is a folder without run.json: not a (complete) sharded dmd2.py checkpoint")
     with open(os.path.join(path, "run.json")) as f:
@@ -3149,8 +3146,7 @@ def read_run(path):
 
 
 def gather_sharded(path, prefix):
-    """The whole tensors of a sharded checkpoint folder whose names start with prefix (e.g. "distiller.generator."),
-    in this one process (torch.distributed.checkpoint, no process group); prefix removed."""
+    """The whole tensors named prefix* of a sharded checkpoint folder, prefix removed, in this one process."""
     import torch.distributed.checkpoint as dcp
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
@@ -3160,78 +3156,22 @@ def gather_sharded(path, prefix):
 
 
 def load_student(state):
-    """(generator, Config, text-to-image parts or None) of a run checkpoint (read_run): the student (its EMA if kept)
-    rebuilt from the checkpoint's architecture spec; a sharded one's weights gathered by torch.distributed.checkpoint
-    without a process group."""
+    """(generator, Config, text-to-image parts or None) of read_run's checkpoint: the student (its EMA if kept)."""
     cfg, spec = Config(**state["config"]), state["arch"]
     parts = t2i_parts(spec["kwargs"]) if spec["kind"] == "t2i" else None
     generator = parts.teacher() if parts else build_network(spec)
     if parts and cfg.lora_rank:
         add_generator_lora(generator.unet, cfg.lora_rank, cfg.lora_alpha)
     if state.get("sharded"):
-        weights = gather_sharded(state["sharded"], "distiller.generator.")
+        generator.load_state_dict(gather_sharded(state["sharded"], "distiller.generator."))
     else:
-        weights = state["distiller"]["ema"] or state["distiller"]["generator"]
-    generator.load_state_dict(weights)
+        generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
     return generator.eval(), cfg, parts
 
 
-def sample_main(argv):
-    """python dmd2.py sample --checkpoint RUN/checkpoint.pt [--prompt TEXT ...] [--num 64] [--seed 0] [--out grid.png]
-    python dmd2.py sample --model dmd2-sdxl|dmd2-sdxl-lora|dmd2-sd15|student:PATH|... --prompt TEXT [--steps 4]
-    A run's student with our sampler (a grid: class-conditional samples, or --num images of each prompt), or a
-    text-to-image model through its diffusers pipeline (t2i_pipeline; released DMD2 weights from Hugging Face), one
-    PNG per image in the folder --out."""
-    parser = argparse.ArgumentParser(prog="dmd2.py sample", description=sample_main.__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint.pt of a dmd2.py run")
-    source.add_argument("--model", help="a text-to-image model, as `evaluate --model`")
-    parser.add_argument("--prompt", action="append", help="text-to-image: a prompt (repeat for more)")
-    parser.add_argument("--num", type=int, help="images (default 64), or images per prompt (default 1)")
-    parser.add_argument("--steps", type=int, default=4, help="--model: sampling steps")
-    parser.add_argument("--model_id", default="", help="--model: base model id or folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="", help="grid PNG (default samples.png), or folder for --model")
-    args = parser.parse_args(argv)
-    if args.model:
-        if not args.prompt:
-            raise SystemExit("sample --model needs --prompt TEXT")
-        pipe, call = t2i_pipeline(args.model, args.steps, 0.0, args.model_id)
-        out = args.out or "samples"
-        t2i_generate(pipe, call, [p for p in args.prompt for _ in range(args.num or 1)], out, args.seed)
-        print(f"wrote {len(args.prompt) * (args.num or 1)} images to {out}/")
-        return
-    if not os.path.exists(args.checkpoint):
-        raise SystemExit(f"{args.checkpoint}: no such checkpoint (it is run_dir/checkpoint.pt of a dmd2.py run)")
-    state = read_run(args.checkpoint)
-    if not {"config", "distiller", "arch"} <= set(state):
-        raise ValueError(f"{args.checkpoint} is a torch file but not a dmd2.py run checkpoint (it has "
-                         f"{sorted(state)[:4]}); pass run_dir/checkpoint.pt of a run")
-    generator, cfg, parts = load_student(state)
-    step_sigmas = generator_sigmas(cfg.generator_steps, noise_grid(cfg, generator), cfg.conditioning_timestep)
-    if parts:
-        if not args.prompt:
-            raise SystemExit(f"{args.checkpoint} is a text-to-image student: pass --prompt TEXT")
-        labels = [p for p in args.prompt for _ in range(args.num or 1)]
-        conditions, size = Prompts(labels, parts.tokenizers, parts.text_encoders), parts.unet.config.sample_size
-        shape = (parts.unet.config.in_channels, size, size)
-    else:
-        labels = torch.arange(args.num or 64) % cfg.num_classes
-        conditions = ClassLabels(cfg.num_classes)
-        shape = (2,) if cfg.dataset == "toy2d" else (generator.img_channels, generator.img_resolution,
-                                                     generator.img_resolution)
-    noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(args.seed))
-    samples = sample_student(generator, noise, labels, step_sigmas, conditions)
-    out = args.out or "samples.png"
-    save_samples(decode_latents(parts.vae, samples) if parts else samples, labels, out)
-    print(f"wrote {out}: {len(labels)} samples of a {cfg.generator_steps}-step student at iteration "
-          f"{state['distiller']['step']}")
-
-
 def load_generator(path, dataset):
-    """A one-step EDM generator from our checkpoint.pt, or from a plain state dict (keys model.*: the released
-    DMD2 pytorch_model.bin or the one run_edm writes) built with the dataset's official config, dropout 0."""
+    """(generator, steps) of our checkpoint.pt, or of a plain state dict (keys model.*: the released DMD2
+    pytorch_model.bin, run_edm's) in the dataset's official architecture, dropout 0."""
     state = read_run(path)
     if "distiller" in state:
         generator, cfg, _ = load_student(state)
@@ -3242,19 +3182,62 @@ def load_generator(path, dataset):
     return edm_net.load_edm_state_dict(state, config[dataset], name=path).eval(), 1
 
 
+def sample_main(argv):
+    """A run's student with our sampler (a grid PNG), or a text-to-image model through its diffusers pipeline
+    (t2i_pipeline; released DMD2 weights from Hugging Face), one PNG per image in the folder --out."""
+    parser = argparse.ArgumentParser(prog="dmd2.py sample", description=sample_main.__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint.pt of a dmd2.py run")
+    source.add_argument("--model", help="a text-to-image model, as `evaluate --model`")
+    parser.add_argument("--prompt", action="append", default=[], help="text-to-image: a prompt (repeat for more)")
+    parser.add_argument("--num", type=int, help="images (default 64), or images per prompt (default 1)")
+    parser.add_argument("--steps", type=int, default=4, help="--model: sampling steps")
+    parser.add_argument("--model_id", default="", help="--model: base model id or folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="", help="grid PNG (default samples.png), or folder for --model")
+    args = parser.parse_args(argv)
+    prompts = [p for p in args.prompt for _ in range(args.num or 1)]
+    if args.model:
+        if not prompts:
+            raise SystemExit("sample --model needs --prompt TEXT")
+        out = args.out or "samples"
+        t2i_generate(*t2i_pipeline(args.model, args.steps, 0.0, args.model_id), prompts, out, args.seed)
+        print(f"wrote {len(prompts)} images to {out}/")
+        return
+    if not os.path.exists(args.checkpoint):
+        raise SystemExit(f"{args.checkpoint}: no such checkpoint (it is run_dir/checkpoint.pt of a dmd2.py run)")
+    state = read_run(args.checkpoint)
+    if not {"config", "distiller", "arch"} <= set(state):
+        raise ValueError(f"{args.checkpoint} is a torch file but not a dmd2.py run checkpoint (it has "
+                         f"{sorted(state)[:4]}); pass run_dir/checkpoint.pt of a run")
+    generator, cfg, parts = load_student(state)
+    if parts and not prompts:
+        raise SystemExit(f"{args.checkpoint} is a text-to-image student: pass --prompt TEXT")
+    conditions = Prompts(prompts, parts.tokenizers, parts.text_encoders) if parts else ClassLabels(cfg.num_classes)
+    labels = conditions.examples(len(prompts) if parts else args.num or 64)
+    if parts:
+        shape = (parts.unet.config.in_channels, parts.unet.config.sample_size, parts.unet.config.sample_size)
+    else:
+        shape = (2,) if cfg.dataset == "toy2d" else (generator.img_channels, *[generator.img_resolution] * 2)
+    noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(args.seed))
+    step_sigmas = generator_sigmas(cfg.generator_steps, noise_grid(cfg, generator), cfg.conditioning_timestep)
+    samples = sample_student(generator, noise, labels, step_sigmas, conditions)
+    out = args.out or "samples.png"
+    save_samples(decode_latents(parts.vae, samples) if parts else samples, labels, out)
+    print(f"wrote {out}: {len(labels)} samples of a {cfg.generator_steps}-step student at iteration "
+          f"{state['distiller']['step']}")
+
+
 def evaluate_main(argv):
-    """python dmd2.py evaluate --released RUN | --generator PATH [--dataset imagenet64|cifar10] [--num 50000] ...
-    python dmd2.py evaluate --model MODEL --coco DIR [--protocol sdxl|sd15] [--num N] [--out DIR] ...
-    --released / --generator: a one-step EDM generator's sample grid and FID under the ImageNet-64 protocol (50 per
-    class, per-sample seeds, EDM's uint8 mapping and Inception preprocessing), sharded under torchrun. --model: a
-    text-to-image model on COCO-2014 (FID, patch FID, CLIP score; section 10)."""
-    parser = argparse.ArgumentParser(prog="dmd2.py evaluate", description=evaluate_main.__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    """--released / --generator: a one-step EDM generator's sample grid and FID under the ImageNet-64 protocol (50
+    per class, per-sample seeds, EDM's uint8 mapping and Inception preprocessing), sharded under torchrun.
+    --model: a text-to-image model on COCO-2014 (FID, patch FID, CLIP score; section 10)."""
+    parser = argparse.ArgumentParser(prog="dmd2.py evaluate", description=evaluate_main.__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--released", choices=sorted(DMD2_IMAGENET_RUNS), help="a released DMD2 ImageNet run")
     source.add_argument("--generator", help="our checkpoint.pt or a plain generator state dict (keys model.*)")
     source.add_argument("--model", help="student:PATH, dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15, teacher, hf:ID, "
-                        "sdxl-lightning, lcm-sdxl (dmd2.t2i_pipeline),\nor images: evaluate the PNGs already in --out")
+                        "sdxl-lightning, lcm-sdxl (t2i_pipeline), or images: evaluate the PNGs already in --out")
     parser.add_argument("--num", type=int, help="samples (default 50,000, a multiple of the class count; --model: "
                         "10k for sdxl, 30k for sd15, a prefix of the list)")
     parser.add_argument("--batch", type=int, help="batch (default 128, official --eval_batch_size; --model: 4)")
@@ -3269,7 +3252,7 @@ def evaluate_main(argv):
     t2i = parser.add_argument_group("--model only")
     t2i.add_argument("--coco", help="folder with val2014/ and annotations/captions_val2014.json")
     t2i.add_argument("--protocol", choices=sorted(T2I_PROTOCOLS), help="default sd15 for dmd2-sd15, else sdxl")
-    t2i.add_argument("--prompts", help="sd15 only: a caption file, one per line (the official list: "
+    t2i.add_argument("--prompts", help="sd15 only: a caption file, one per line (official: "
                      "main/coco_eval/captions_coco14_test.txt)")
     t2i.add_argument("--out", help="image folder (default runs/eval/<model>)")
     t2i.add_argument("--refs", help="reference statistics cache (default <cache>/coco_refs)")
@@ -3288,36 +3271,29 @@ def evaluate_main(argv):
     if given:
         raise SystemExit(f"{', '.join(given)}: not with {'--model' if args.model else '--released / --generator'} "
                          f"(see python dmd2.py evaluate --help)")
-    device = resolve_device(Config(device="auto"))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # metrics in exact float32
     if args.model is not None:
-        defaults = dict(batch=4, prompts="", out="", refs="", model_id="", dtype="fp32", clip_model="ViT-g-14",
-                        workers=min(8, os.cpu_count() or 1), clip_weights="laion2b_s12b_b42k")  # official --eval_batch_size 4
-        for key, value in defaults.items():
-            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+        defaults = dict(batch=4, prompts="", out="", refs="", model_id="", dtype="fp32",  # official --eval_batch_size 4
+                        clip_model="ViT-g-14", clip_weights="laion2b_s12b_b42k", workers=min(8, os.cpu_count() or 1))
+        vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
         return t2i_evaluate_main(args)
     args.num, args.batch = args.num or 50_000, args.batch or 128
     args.dataset, args.grid = args.dataset or "imagenet64", args.grid or "generator_grid.png"
+    device = resolve_device(Config(device="auto"))
     with distributed(device) as (rank, _, local_rank):
         return evaluate_generator(args, device, rank, local_rank)
 
 
 def evaluate_generator(args, device, rank=0, local_rank=0):
-    """The body of `python dmd2.py evaluate` on one process of the group: downloads once per node, then FID."""
-    def fetch():
-        return (args.generator or download_dmd2_checkpoint(args.released, args.cache_dir),
-                resolve_fid_ref(args.ref, args.dataset, args.cache_dir))
-    if local_rank == 0:
-        fetch()
-    if dist.is_initialized():
-        dist.barrier()
-    path, ref = fetch()
+    """`evaluate --released / --generator` on one process of the group: downloads once per node, a grid, the FID."""
+    path = args.generator or once_per_node(local_rank, download_dmd2_checkpoint, args.released, args.cache_dir)
+    ref = once_per_node(local_rank, resolve_fid_ref, args.ref, args.dataset, args.cache_dir)
     generator, steps = load_generator(path, args.dataset)
     generator = generator.to(device)
     num_classes, res = generator.label_dim, generator.img_resolution
-    sigmas = karras_sigmas().to(device)
-    step_sigmas = generator_sigmas(steps, sigmas)
+    step_sigmas = generator_sigmas(steps, karras_sigmas().to(device))
 
+    @torch.no_grad()
     def generate_fn(noise, labels):  # unit noise of shape (steps, 3, R, R) per sample: one slice per step
         noise = noise.to(device).reshape(len(labels), steps, 3, res, res)
         draws = iter(noise.unbind(1)[1:])
@@ -3325,16 +3301,13 @@ def evaluate_generator(args, device, rank=0, local_rank=0):
                         lambda shape, device=None: next(draws))
 
     if rank == 0:
-        with torch.no_grad():
-            grid_noise = torch.randn(64, steps * 3, res, res, generator=torch.Generator().manual_seed(args.seed))
-            labels = torch.arange(64) * (num_classes // 64 or 1) % num_classes
-            save_samples(generate_fn(grid_noise, labels).cpu(), labels, args.grid)
+        grid_noise = torch.randn(64, steps * 3, res, res, generator=torch.Generator().manual_seed(args.seed))
+        labels = torch.arange(64) * (num_classes // 64 or 1) % num_classes
+        save_samples(generate_fn(grid_noise, labels).cpu(), labels, args.grid)
         print(f"wrote {args.grid}")
     inception = load_inception(args.inception, args.cache_dir, device=device)
-    with torch.no_grad():
-        fid = fid_of_generator(generate_fn, ref, inception, num_samples=args.num, num_classes=num_classes,
-                               batch_size=args.batch, seed=args.seed, noise_shape=(steps * 3, res, res),
-                               device=device)
+    fid = fid_of_generator(generate_fn, ref, inception, num_samples=args.num, num_classes=num_classes,
+                           batch_size=args.batch, seed=args.seed, noise_shape=(steps * 3, res, res), device=device)
     if rank == 0:
         print(f"FID {fid:.4f} ({args.num} samples, {path} against {ref})")
     return fid
@@ -3351,13 +3324,9 @@ def main(argv):
     return run_t2i(cfg) if cfg.dataset.startswith(("sdxl", "sd15")) else run_edm(cfg)
 
 
-USER_ERRORS = (ValueError, OSError, RuntimeError, ImportError, FloatingPointError)
-
-
 def cli(argv):
-    """The command line's one error path: a user error (bad flag, missing or malformed file, offline download,
-    training stopped on a non-finite loss) is one line on stderr naming the cause and the fix, exit status 2, no
-    traceback (set DMD2_DEBUG=1 to see it)."""
+    """The one error path: a user error (bad flag, missing or malformed file, offline download, non-finite loss) is
+    one line on stderr naming cause and fix, exit status 2, no traceback (DMD2_DEBUG=1 shows it)."""
     try:
         main(argv)
     except SystemExit as e:
@@ -3365,7 +3334,7 @@ def cli(argv):
             raise  # argparse's own exits (--help: 0, usage errors: 2) and exits with a status
         print(f"dmd2.py: error: {e.code}", file=sys.stderr)
         sys.exit(2)
-    except USER_ERRORS as e:
+    except (ValueError, OSError, RuntimeError, ImportError, FloatingPointError) as e:  # user errors
         if os.environ.get("DMD2_DEBUG"):
             raise
         print(f"dmd2.py: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
