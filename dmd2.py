@@ -1858,8 +1858,8 @@ def prepare_network(net, cfg, device):
     return net
 
 
-def compile_networks(distiller, **compile_kwargs):
-    """--compile: regional compilation, each repeated block of the three networks compiled in place (EDM's UNetBlock,
+def compile_networks(*networks, **compile_kwargs):
+    """--compile: regional compilation, each repeated block of the networks compiled in place (EDM's UNetBlock,
     the blocks a diffusers model lists in _repeated_blocks; a network without them whole), fullgraph: a graph break
     raises. The blocks share one forward's code, which dynamo counts as recompiles: past the limit it would silently
     run eager, so the limit is raised and hitting it raises too. Weights and state-dict names stay as they are."""
@@ -1867,7 +1867,7 @@ def compile_networks(distiller, **compile_kwargs):
     config.recompile_limit = max(config.recompile_limit, 1024)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
     config.fail_on_recompile_limit_hit = True
-    for net in (distiller.real_score, distiller.fake_score, distiller.generator):
+    for net in networks:
         kinds = {edm_net.UNetBlock.__name__, *[b for m in net.modules() for b in getattr(m, "_repeated_blocks", ())]}
         blocks = [m for m in net.modules() if type(m).__name__ in kinds] or [net]
         for block in blocks:
@@ -2174,7 +2174,7 @@ def run_training(cfg, teacher, real, sample_shape, run_dir, device="cpu", rank=0
     distiller = Distiller(cfg, teacher, sample_shape, conditions, generator, engine(cfg, world_size, device),
                           regression_pairs, perceptual, device, rank, world_size)
     if cfg.compile:
-        compile_networks(distiller)
+        compile_networks(distiller.real_score, distiller.fake_score, distiller.generator)
     path = checkpoint_path(run_dir, cfg)
     checkpoint = (ShardedCheckpoint if sharded else GroupCheckpoint)(path, rank, world_size)
     show_noise = torch.randn((16, *sample_shape), generator=torch.Generator().manual_seed(cfg.seed + 1))

@@ -45,7 +45,7 @@ def compiled_against_eager(backend):
     torch._dynamo.reset()
     eager = iterate(tiny_distiller(), 3)  # generator turn, critic turn, generator turn: forward and backward of all
     distiller = tiny_distiller()
-    dmd2.compile_networks(distiller, backend=backend)
+    dmd2.compile_networks(distiller.real_score, distiller.fake_score, distiller.generator, backend=backend)
     compiled = iterate(distiller, 3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled graphs ran, not eager code
     assert_close(eager, compiled, 1e-5)
