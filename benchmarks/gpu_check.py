@@ -1,33 +1,32 @@
-"""One prepared check for a lent H100/H200 (issue 12): the full ImageNet-64 DMD2 setting on CUDA, before and after
-the speed changes, written to gpu_<device-name>.json (default folder benchmarks/results) after every measurement.
+"""One prepared check for a lent H100/H200 (issues 12, 14, 24): the full ImageNet-64 DMD2 setting on CUDA, variant by
+variant, the compiled training, the sharded SDXL setting and the embedded main job, written to
+gpu_<device-name>.json (default folder benchmarks/results) after every measurement.
 
-    python benchmarks/gpu_check.py [--out FOLDER_OR_FILE]   # CUDA: at most --budget_s (default 420 s) + start-up
-    python benchmarks/gpu_check.py --tiny --out /tmp/g.json # CPU smoke run at a tiny size (tests/test_gpu_check.py)
+    python benchmarks/gpu_check.py [--out FOLDER_OR_FILE] [--only train,compiled,...]  # CUDA: one 540 s call
+    python benchmarks/gpu_check.py --tiny --out /tmp/g.json   # every section at a tiny size on CPU (tests)
 
-What runs: three ADM networks of 296M parameters (edm_net.imagenet64_config with dropout 0, as DMD2 rebuilds it;
-random weights: the real score frozen, the fake score + GAN head, the generator) through dmd2.Distiller with the
-imagenet64 preset (batch 40 per GPU, bf16 compute, TTUR ratio 5) on random real batches. Per variant:
-- train: seconds per generator iteration (generator turn + critic turn) and per critic iteration, timed apart with
-  synchronisation after two warm-up iterations (warmup_s: their time, including autotuning and compilation), the
-  TTUR mean (1 generator + 4 critic iterations) / 5, and the peak memory (torch.cuda.max_memory_allocated);
-- sampling (batch 40, the teacher network): images/s of the 1-step student (one forward at sigma 80, the DMD2
-  generator's cost) and of the teacher's Heun sampler (edm_net.edm_sampler) at 35 NFE (18 steps, deterministic)
-  and 511 NFE (256 steps with EDM's ImageNet churn settings); the student's warm-up call warms up both.
-Variants (each one changes one thing; later ones keep the earlier changes):
+Sections, in this order, each with its share of --budget_s (SECTIONS; time one leaves passes on to the next):
+- train: three ADM networks of 296M parameters (edm_net.imagenet64_config with dropout 0, as DMD2 rebuilds it;
+  random weights) through dmd2.Distiller with the imagenet64 preset (batch 40 per GPU, bf16 compute, TTUR ratio 5)
+  on random real batches, per eager variant: seconds per generator iteration (generator + critic turn) and per
+  critic iteration, timed apart after two warm-up iterations (warmup_s), the TTUR mean (1 generator + 4 critic
+  iterations) / 5, and the peak memory (torch.cuda.max_memory_allocated);
+- sampling (batch 40, the teacher network): images/s of the 1-step student (one forward at sigma 80) and of the
+  teacher's Heun sampler (edm_net.edm_sampler) at 35 NFE (18 steps) and 511 NFE (256 steps, EDM's ImageNet churn);
+- compiled: the sdpa_compile variant through dmd2's --compile (dmd2.compile_networks): its compile time (warmup_s)
+  apart from its steady-state seconds per iteration, the iterations after which it pays against sdpa_nchw, its
+  sampling rates, and dynamo's counters (compiled graphs, not a silent eager fallback);
+- fsdp2: the sdxl preset (4-step backward simulation, CFG 8, GAN, bf16, batch 2) on a mid-size SDXL-shaped UNet
+  (--tiny: the tiny one), generator and fake score sharded per block as --engine fsdp does, over a one-process mesh;
+- embedded: `python dmd2.py`'s distillation (shapes preset, batch 32) on this device, iterations/s eager and compiled.
+Variants of the ImageNet-64 setting (each changes one thing; later ones keep the earlier changes):
   today        official attention (materialised float32 softmax), channels_last, eager, TF32 off
   tf32         + TF32 matmuls and cudnn.benchmark
   sdpa         + F.scaled_dot_product_attention on bf16 q/k/v (edm_net.set_attention)
   sdpa_nchw    + channels_last off (CUDA group norm works on contiguous NCHW tensors)
-  sdpa_compile + torch.compile of every UNetBlock (edm_net.compile_blocks), channels_last as in the faster of
-               sdpa / sdpa_nchw
-Then (issue 14) one FSDP2 section, fsdp2_sdxl: the sdxl preset (4-step backward simulation, CFG 8, GAN, bf16,
-batch 2) on a mid-size SDXL-shaped UNet (SDXL's layout at 1024 px with fewer transformer layers; --tiny: the tiny
-one), generator and fake score sharded per block as --engine fsdp does, over a one-process mesh: seconds per
-generator and critic iteration and the peak memory.
-Order, most important first: training of the eager variants, their sampling, then the compiled variant (sampling
-first: its inference graphs compile faster than the training graphs; dynamo's counters are recorded with it).
-Budget: every measurement runs under an alarm at the deadline (start + --budget_s) and is skipped beforehand when
-its estimate (the last time of the same kind) does not fit; skips and errors are recorded, never fatal.
+  sdpa_compile + --compile, channels_last as in the faster of sdpa / sdpa_nchw
+Every measurement runs under an alarm at its section's deadline and is skipped beforehand when its estimate (the
+last time of the same kind) does not fit; skips and errors are recorded, never fatal.
 """
 import argparse
 import copy
@@ -69,6 +68,9 @@ MID_SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block
                 up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'), transformer_layers_per_block=1,
                 use_linear_projection=True, cross_attention_dim=2048, addition_embed_type='text_time',
                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+# Sections and their shares of --budget_s, in the order they run (issue 24: FSDP2 and the compiled variant get their
+# time whatever the eager sections take; the embedded main job's rate last).
+SECTIONS = dict(train=120, sampling=50, compiled=180, fsdp2=100, embedded=60)
 CHURN = dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
 SAMPLERS = [(18, {}), (256, CHURN)]
 TINY_SAMPLERS = [(2, {}), (3, CHURN)]
@@ -159,20 +161,13 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # CPU: the process's peak RSS (KiB)
 
 
-def networks_of(distiller):
-    """The modules of a Distiller that contain EDM UNet blocks (real score, fake score, generator, ...)."""
-    return [m for m in vars(distiller).values()
-            if isinstance(m, torch.nn.Module) and any(isinstance(b, edm_net.UNetBlock) for b in m.modules())]
-
-
-def train_timings(cfg, teacher, batch, device, warmup, timed, compile_backend):
+def train_timings(cfg, teacher, batch, device, warmup, timed, compile_backend=None):
     """Seconds per generator and per critic iteration of dmd2.Distiller.train_step, and the peak memory."""
     # The Distiller owns its teacher (it may store it in bf16 in place): give it a copy; the original stays for the
     # other variants and the sampling rates, so the peak memory below includes one extra frozen teacher.
     distiller = dmd2.Distiller(cfg, copy.deepcopy(teacher), tuple(batch[0].shape[1:]), device=device)
-    if compile_backend:  # after construction: the Distiller's deep copies of the teacher are not compiled
-        for net in networks_of(distiller):
-            edm_net.compile_blocks(net, backend=compile_backend)
+    if cfg.compile:  # as dmd2.run_training does --compile: after construction (the copies are not compiled)
+        dmd2.compile_networks(distiller.real_score, distiller.fake_score, distiller.generator, backend=compile_backend)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     r = cfg.dfake_gen_update_ratio
@@ -225,59 +220,89 @@ def sampling_rates(report, path, clock, name, net, z, onehot, samplers, estimate
             estimates['nfe_s'] = min(estimates.get('nfe_s', math.inf), result['wall_s'] / nfe)  # s per evaluation
 
 
-def run_variants(report, path, clock, teacher, batch, cfg_kwargs, device, tiny, compile_backend):
-    """All VARIANTS, most important first: training of the eager variants, then their sampling, then the compiled
-    variant (sampling first: its inference graphs compile faster than the training graphs)."""
-    images, labels = batch
-    onehot = torch.eye(teacher.label_dim, device=device)[labels]
-    z = torch.randn(images.shape, generator=torch.Generator(device).manual_seed(1), device=device)
-    warmup, timed = (0, 2) if tiny else (2, 9)
-    samplers = TINY_SAMPLERS if tiny else SAMPLERS
-    estimates = {}
+def apply_variant(report, name, teacher):
+    """Backend flags, attention op and memory layout of a variant, on the teacher (the Distiller copies it)."""
+    settings = report['variants'][name]['settings']
+    set_backend_flags(settings['tf32'])
+    edm_net.set_attention(teacher, settings['attention'])
+    teacher.to(memory_format=torch.channels_last if settings['channels_last'] else torch.contiguous_format)
+    return settings
 
-    def apply(name):
-        """Backend flags, attention op and memory layout of a variant, on the teacher (the Distiller copies it)."""
-        settings = report['variants'][name]['settings']
-        set_backend_flags(settings['tf32'])
-        edm_net.set_attention(teacher, settings['attention'])
-        teacher.to(memory_format=torch.channels_last if settings['channels_last'] else torch.contiguous_format)
-        return settings
 
-    def train(name, backend=None):
-        settings = apply(name)
-        cfg = dmd2.Config(**{**cfg_kwargs, 'channels_last': settings['channels_last']})
-        result = measure(report, path, clock, name, 'train', lambda: train_timings(
-            cfg, teacher, batch, device, warmup, timed, backend), estimates.get('train', 0))
-        if result and not backend:
-            estimates['train'] = result['wall_s']
-
+def eager_section(report, path, clock, ctx, what):
+    """'train' or 'sampling' of every eager variant, in VARIANTS order."""
     for name, settings in VARIANTS:
-        report['variants'][name] = dict(settings=dict(settings))
-    eager = [name for name, settings in VARIANTS if not settings['compile']]
-    for name in eager:
-        train(name)
-    for name in eager:
-        apply(name)
-        sampling_rates(report, path, clock, name, teacher, z, onehot, samplers, estimates)
+        if settings['compile']:
+            continue
+        settings = apply_variant(report, name, ctx.teacher)
+        if what == 'train':
+            cfg = dmd2.Config(**{**ctx.cfg_kwargs, 'channels_last': settings['channels_last']})
+            result = measure(report, path, clock, name, 'train', lambda: train_timings(
+                cfg, ctx.teacher, ctx.batch, ctx.device, ctx.warmup, ctx.timed), ctx.estimates.get('train', 0))
+            if result:
+                ctx.estimates['train'] = result['wall_s']
+        else:
+            sampling_rates(report, path, clock, name, ctx.teacher, ctx.z, ctx.onehot, ctx.samplers, ctx.estimates)
 
+
+def compiled_section(report, path, clock, ctx):
+    """The compiled variant through dmd2's --compile path (dmd2.compile_networks): training first, its compile time
+    (warmup_s: the two warm-up iterations, a generator and a critic turn) apart from its steady-state seconds per
+    iteration and the iterations after which compiling pays, then sampling with the compiled teacher; dynamo's
+    counters tell compiled graphs from an eager fallback."""
     for name in [name for name, settings in VARIANTS if settings['compile']]:
         settings = report['variants'][name]['settings']
         if settings['channels_last'] == 'faster':
             mean = {v: report['variants'][v].get('train', {}).get('mean_iter_s') for v in ('sdpa', 'sdpa_nchw')}
             settings['channels_last'] = None not in mean.values() and mean['sdpa'] < mean['sdpa_nchw']
-        if not compile_backend:
-            report['skipped'].append(dict(variant=name, what='all', reason='--tiny runs no compilation'))
-            save(report, path)
-            continue
-        settings['backend'] = compile_backend
-        apply(name)
-        edm_net.compile_blocks(teacher, backend=compile_backend)
-        sampling_rates(report, path, clock, name, teacher, z, onehot, samplers, estimates)
-        train(name, compile_backend)
-        # graphs compiled and frames that fell back, to tell a compiled run from a silent eager fallback
+        settings['backend'] = ctx.compile_backend
+        apply_variant(report, name, ctx.teacher)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        cfg = dmd2.Config(**{**ctx.cfg_kwargs, 'channels_last': settings['channels_last'], 'compile': True})
+        result = measure(report, path, clock, name, 'train', lambda: train_timings(
+            cfg, ctx.teacher, ctx.batch, ctx.device, 2, max(ctx.timed, cfg.dfake_gen_update_ratio),  # a turn of each
+            ctx.compile_backend))
+        eager = report['variants']['sdpa_nchw'].get('train')
+        if result and eager and eager['mean_iter_s'] > result['mean_iter_s']:
+            result['break_even_iters'] = math.ceil(result['warmup_s'] / (eager['mean_iter_s'] - result['mean_iter_s']))
+        dmd2.compile_networks(ctx.teacher, backend=ctx.compile_backend)
+        sampling_rates(report, path, clock, name, ctx.teacher, ctx.z, ctx.onehot, ctx.samplers, ctx.estimates)
         report['variants'][name]['dynamo'] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items()
                                               if k in ('stats', 'frames')}
         save(report, path)
+
+
+def embedded_section(report, path, clock, device, tiny, compile_backend):
+    """The embedded main job's distillation (`python dmd2.py`: the shapes preset, its 16-channel ADM teacher at 16 px,
+    batch 32; random weights) on this device: iterations per second after two warm-up iterations, eager and
+    compiled (warmup_s: the compile time)."""
+    report['variants']['embedded_shapes'] = {}
+    cfg = dmd2.Config(**{**dmd2.PRESETS['shapes'], 'dataset': 'shapes', 'device': str(device)})
+    torch.manual_seed(0)
+    teacher = edm_net.EDMPrecond(img_resolution=16, img_channels=3, label_dim=10, **cfg.teacher_arch).to(device)
+    gen = torch.Generator(device).manual_seed(0)
+    batch = (torch.rand(32, 3, 16, 16, generator=gen, device=device) * 2 - 1,
+             torch.randint(0, 10, (32,), generator=gen, device=device))
+    iters = 4 if tiny else 100
+
+    def run(compiled):
+        distiller = dmd2.Distiller(cfg, copy.deepcopy(teacher).eval(), (3, 16, 16), device=device)
+        if compiled:
+            torch._dynamo.reset()
+            dmd2.compile_networks(distiller.real_score, distiller.fake_score, distiller.generator,
+                                  backend=compile_backend)
+        start = time.perf_counter()
+        for i in range(2 + iters):
+            if i == 2:
+                synchronize(device)
+                warmup_s, start = time.perf_counter() - start, time.perf_counter()
+            distiller.train_step(batch)
+        synchronize(device)
+        return dict(iters_per_s=iters / (time.perf_counter() - start), warmup_s=warmup_s, iters_timed=iters)
+
+    for what, compiled in (('eager', False), ('compiled', True)):
+        measure(report, path, clock, 'embedded_shapes', what, lambda: run(compiled))
 
 
 def fsdp_section(report, path, clock, device, tiny):
@@ -333,14 +358,20 @@ def device_slug(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--budget_s', type=float, default=420, help='time for all measurements (default 420)')
-    parser.add_argument('--tiny', action='store_true', help='CPU smoke run: tiny EDMPrecond, batch 2, no compile')
+    parser.add_argument('--budget_s', type=float, default=510,
+                        help='time for all measurements, shared by the sections (default 510: one 540 s call)')
+    parser.add_argument('--tiny', action='store_true',
+                        help="CPU smoke run of every section: tiny networks, batch 2, dynamo's 'eager' backend")
     parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results'),
                         help='JSON file, or a folder for gpu_<device-name>.json (default benchmarks/results)')
     parser.add_argument('--compile_backend', default=None,
-                        help='torch.compile backend of the compiled variant (default inductor; --tiny: none, no '
-                             'compiled variant, unless given)')
+                        help="torch.compile backend of the compiled runs (default inductor; --tiny: 'eager')")
+    parser.add_argument('--only', default=','.join(SECTIONS),
+                        help=f'comma-separated sections to run, in this order: {",".join(SECTIONS)} (default: all)')
     args = parser.parse_args()
+    only = [name for name in SECTIONS if name in args.only.split(',')]
+    if not only or set(args.only.split(',')) - set(SECTIONS):
+        parser.error(f'--only: choose from {",".join(SECTIONS)}')
     if not args.tiny and not torch.cuda.is_available():
         sys.exit('gpu_check: no CUDA device here; run it on the GPU machine, or pass --tiny for the CPU smoke run')
     clock = Clock(args.budget_s)
@@ -356,7 +387,7 @@ def main():
     report = dict(
         device=torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu',
         torch=torch.__version__, cuda=torch.version.cuda, tiny=args.tiny, budget_s=args.budget_s,
-        batch=batch_size, network=net_kwargs, preset='imagenet64', variants={}, skipped=[], errors=[],
+        batch=batch_size, network=net_kwargs, preset='imagenet64', sections={}, variants={}, skipped=[], errors=[],
         peak_memory=('torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'process peak RSS'))
     save(report, path)
 
@@ -367,14 +398,32 @@ def main():
     images = torch.rand(batch_size, 3, resolution, resolution, generator=gen, device=device) * 2 - 1
     labels = torch.randint(0, net_kwargs['label_dim'], (batch_size,), generator=gen, device=device)
 
-    # Sections, in order; each records its measurements through measure() under the same clock.
-    compile_backend = args.compile_backend or (None if args.tiny else 'inductor')
-    reserve = 0 if args.tiny else min(120, args.budget_s / 4)  # kept for the FSDP2 section, which runs last
-    clock.deadline -= reserve
-    run_variants(report, path, clock, teacher, (images, labels), cfg_kwargs, device, args.tiny, compile_backend)
-    del teacher
-    clock.deadline += reserve
-    fsdp_section(report, path, clock, device, args.tiny)
+    # Sections in order, each with its share of the budget; time a section leaves unused passes on to the next, so
+    # none gets less than its share (the FSDP2 section comes after the compiled one, with its own share).
+    ctx = argparse.Namespace(teacher=teacher, batch=(images, labels), cfg_kwargs=cfg_kwargs, device=device,
+                             onehot=torch.eye(teacher.label_dim, device=device)[labels], estimates={},
+                             z=torch.randn(images.shape, generator=torch.Generator(device).manual_seed(1),
+                                           device=device),
+                             warmup=0 if args.tiny else 2, timed=2 if args.tiny else 9,
+                             samplers=TINY_SAMPLERS if args.tiny else SAMPLERS,
+                             compile_backend=args.compile_backend or ('eager' if args.tiny else 'inductor'))
+    for name, settings in VARIANTS:
+        report['variants'][name] = dict(settings=dict(settings))
+    run = dict(train=lambda: eager_section(report, path, clock, ctx, 'train'),
+               sampling=lambda: eager_section(report, path, clock, ctx, 'sampling'),
+               compiled=lambda: compiled_section(report, path, clock, ctx),
+               fsdp2=lambda: fsdp_section(report, path, clock, device, args.tiny),
+               embedded=lambda: embedded_section(report, path, clock, device, args.tiny, ctx.compile_backend))
+    shares = {name: args.budget_s * SECTIONS[name] / sum(SECTIONS[n] for n in only) for name in only}
+    end = started
+    for name in only:
+        end += shares[name]  # this section's share plus whatever the earlier ones left
+        clock.deadline = end
+        report['sections'][name] = dict(budget_s=round(shares[name], 1), given_s=round(clock.left(), 1))
+        section_start = time.monotonic()
+        run[name]()
+        report['sections'][name]['ran_s'] = round(time.monotonic() - section_start, 1)
+        save(report, path)
 
     signal.setitimer(signal.ITIMER_REAL, 0)
     report['elapsed_s'] = round(time.monotonic() - started, 1)
@@ -383,7 +432,7 @@ def main():
         name: {what: round(today[what]['mean_iter_s'] / v[what]['mean_iter_s'], 3)
                if what == 'train' else round(v[what]['images_per_s'] / today[what]['images_per_s'], 3)
                for what in today if what != 'settings' and what in v}
-        for name, v in report['variants'].items() if name not in ('today', 'fsdp2_sdxl')}
+        for name, v in report['variants'].items() if name not in ('today', 'fsdp2_sdxl', 'embedded_shapes')}
     report['complete'] = not report['skipped'] and not report['errors']
     save(report, path)
     print(json.dumps({k: report[k] for k in ('device', 'elapsed_s', 'speedup_vs_today', 'skipped', 'errors')},
