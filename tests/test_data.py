@@ -382,9 +382,9 @@ def test_dmd2_checkpoint_request(monkeypatch):
 
 
 def test_dmd2_checkpoint_offline_message(tmp_path, monkeypatch):
-    hub = pytest.importorskip("huggingface_hub")
+    constants = pytest.importorskip("huggingface_hub.constants")  # a submodule, loaded lazily by huggingface_hub 2
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)  # read at import time by huggingface_hub
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import time by huggingface_hub
     run = "imagenet_lr2e-6_scratch_fid2.61_checkpoint_model_405500"
     with pytest.raises(dmd2.DownloadError) as e:
         dmd2.download_dmd2_checkpoint(run, cache_dir=str(tmp_path))
