@@ -956,9 +956,8 @@ import scipy.linalg
 
 @torch.no_grad()
 def sample_student(generator, noise, labels, step_sigmas, conditions, batch=256):
-    """Student samples for unit noise [N, ...] and labels [N] (or prompts) encoded by `conditions` (ClassLabels,
-    Prompts), in batches; fresh re-noising drawn from a generator seeded by the first noise value so a call is
-    reproducible."""
+    """Student samples for unit noise [N, ...] and labels (or prompts) encoded by `conditions`, in batches; the
+    re-noising draws come from a generator seeded by the first noise value, so a call is reproducible."""
     was_training = generator.training
     generator.eval()
     device = step_sigmas.device
@@ -972,8 +971,8 @@ def sample_student(generator, noise, labels, step_sigmas, conditions, batch=256)
 
 @torch.no_grad()
 def sample_teacher(teacher, noise, labels, conditions, num_steps=18, batch=256):
-    """Teacher samples with EDM's deterministic Heun sampler (NFE = 2 num_steps - 1) for labels (or prompts)
-    encoded by `conditions` on the teacher's device; on a DDPM teacher its steps land on the table (round_sigma)."""
+    """Teacher samples with EDM's Heun sampler (NFE = 2 num_steps - 1) on the teacher's device; on a DDPM teacher
+    its steps land on the table (round_sigma)."""
     device = next(teacher.parameters()).device
     out = [edm_net.edm_sampler(teacher, noise[i:i + batch].to(device), conditions.encode(labels[i:i + batch]),
                                num_steps=num_steps).float().cpu() for i in range(0, len(labels), batch)]
@@ -984,7 +983,7 @@ def save_samples(samples, labels, path):
     """A PNG of samples: an image grid (one row per 8) or, for 2-D points, a scatter coloured by class."""
     if samples.ndim == 4:
         import torchvision
-        grid = torchvision.utils.make_grid(images_to_uint8(samples), nrow=8, padding=1)
+        grid = torchvision.utils.make_grid(edm_net.images_to_uint8(samples), nrow=8, padding=1)
         PIL.Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
         return
     from matplotlib.figure import Figure
@@ -996,9 +995,8 @@ def save_samples(samples, labels, path):
 
 
 def toy2d_metrics(x, labels, seed=123):
-    """Distances of 2-D samples to FRESH samples of the true distribution: sliced Wasserstein-1 (128 directions),
-    MMD^2 with an RBF kernel (bandwidth 0.1), modes covered (a mode counts when it holds >= 25% of its expected
-    share of samples), and class accuracy (the nearest mode belongs to the sample's class and is within 3 std)."""
+    """2-D samples against FRESH true samples: sliced Wasserstein-1 (128 directions), MMD^2 (RBF, bandwidth 0.1),
+    modes covered (holding >= 25% of their expected share), accuracy (nearest mode in the sample's class, < 3 std)."""
     rng = torch.Generator().manual_seed(seed)
     ref, _ = toy2d_sample(len(x), rng)
     directions = F.normalize(torch.randn(128, 2, generator=rng), dim=1)
@@ -1016,7 +1014,7 @@ def toy2d_metrics(x, labels, seed=123):
 @torch.no_grad()
 def classifier_features(classifier, images, batch=500):
     """Pooled features and predicted labels of the shapes classifier for float images in [-1, 1]."""
-    x = images_to_uint8(images).float() / 127.5 - 1  # the evaluated images are the saved uint8 ones
+    x = edm_net.images_to_uint8(images).float() / 127.5 - 1  # the evaluated images are the saved uint8 ones
     feats = torch.cat([classifier.features(x[i:i + batch]) for i in range(0, len(x), batch)])
     return feats.double().numpy(), classifier.fc(feats).argmax(1)
 
@@ -1030,59 +1028,16 @@ def image_metrics(images, labels, classifier, ref_features):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 9. FID: the Inception network, its weights, float64 statistics, the Frechet distance, the ImageNet-64 protocol.
-# EDM's fid.py is the protocol the paper's numbers use: NVIDIA's TF-ported Inception on uint8 images, TF1 bilinear
-# resize to 299, (x - 128) / 128, 2048-d pool features, float64 mean / unbiased covariance, sqrtm Frechet distance.
-# Here the same TF graph is pytorch-fid's network and weight file (no pickled code is executed). Both weight files
-# are ports of TF's inception-2015-12-05; they have not been byte-compared, so equality with NVIDIA's detector is
-# expected (torch-fidelity reports features within 1e-4 of TF), not verified here.
+# 9. FID: EDM's protocol (edm_net: Inception, statistics, ImageNet-64 sampling), its weights, the Frechet distance.
 
 
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                  "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's FID_WEIGHTS_URL; 6726825d: SHA-256 prefix
 
 
-class InceptionV3(nn.Module):
-    """pytorch-fid's FID Inception (its InceptionV3 up to the 2048-d pool features, float32) with `state`, a state
-    dict in pytorch-fid's weight-file layout, loaded strictly (None: torchvision's random initialisation). Input:
-    uint8 images [N, 3, H, W], any H, W. Preprocessing `mode`:
-      'edm'         TF1 bilinear resize to 299, (x - 128) / 128 (EDM fid.py / NVIDIA detector: the paper's FID);
-      'pytorch-fid' x / 255, F.interpolate bilinear (align_corners=False) to 299, 2x - 1 (pytorch-fid's numbers)."""
-
-    def __init__(self, mode="edm", state=None):
-        super().__init__()
-        import pytorch_fid.inception as pfid
-        import torchvision
-        from unittest import mock
-        if mode not in ("edm", "pytorch-fid"):
-            raise ValueError(f"InceptionV3 mode must be 'edm' or 'pytorch-fid', got {mode!r}")
-        self.mode = mode
-        if state is None:  # pytorch-fid's tree is torchvision's Inception v3 with 1008 classes and no aux head
-            state = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008,
-                                                    init_weights=False).state_dict()
-        with mock.patch.object(pfid, "load_state_dict_from_url", lambda *args, **kwargs: state):  # not downloaded
-            self.net = pfid.InceptionV3(resize_input=False, normalize_input=False).eval()  # loads `state` strictly
-        self.net.to(memory_format=torch.channels_last)  # faster CPU convolutions; the same math
-
-    @torch.inference_mode()
-    def forward(self, images):
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"InceptionV3 takes uint8 images [N, 3, H, W], got {images.dtype} "
-                             f"{list(images.shape)} (use images_to_uint8 for [-1, 1] floats)")
-        x = images.to(next(self.parameters()).device, torch.float32)
-        if self.mode == "edm":
-            return self.features((edm_net.tf1_bilinear_resize(x, 299) - 128) / 128)
-        return self.features(2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1)
-
-    @torch.inference_mode()
-    def features(self, x):
-        """Pool features of preprocessed float input [N, 3, 299, 299] in [-1, 1] (the text-to-image path)."""
-        return self.net(x.to(next(self.parameters()).device, torch.float32))[0].flatten(1)
-
-
 def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
-    """InceptionV3 in eval mode with pytorch-fid's weights, loaded strictly from `path`, else from the cache
-    (cache_dir, default $DMD2_CACHE or ~/.cache/dmd2), else downloaded into the cache (download_cached)."""
+    """edm_net.InceptionV3 in eval mode with pytorch-fid's weights from `path`, else the cache (cache_dir, default
+    $DMD2_CACHE or ~/.cache/dmd2), else downloaded into the cache."""
     if path is None:
         path = download_cached(INCEPTION_URL, cache_dir, flag="--inception", hash_prefix="6726825d")
     elif not os.path.isfile(path):
@@ -1090,56 +1045,16 @@ def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
     state = read_checkpoint(path, "Inception weights file", f"Delete it and download {INCEPTION_URL} again.",
                             ValueError)
     try:
-        return InceptionV3(mode, state).to(device).eval()
+        return edm_net.InceptionV3(mode, state).to(device).eval()
     except (RuntimeError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not pytorch-fid's Inception state dict ({' '.join(str(error).split())[:300]}); "
                          f"expected the file {INCEPTION_URL}") from None
 
 
-class FeatureStats:
-    """Streaming float64 mean and unbiased covariance of feature vectors from running sums (EDM fid.py:
-    mu = sum f / n, sigma = (sum f f^T - n mu mu^T) / (n - 1), equal to np.cov(rowvar=False)). Shards combine
-    exactly by adding their sums: merge() in one process, all_reduce() across torch.distributed ranks."""
-
-    def __init__(self, dim=2048, device="cpu"):
-        self.count = 0
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-
-    def add(self, features):
-        f = torch.as_tensor(features).to(self.sum.device, torch.float64)
-        if f.ndim != 2 or f.shape[1] != self.sum.shape[0]:
-            raise ValueError(f"features must be [N, {self.sum.shape[0]}], got {list(f.shape)}")
-        self.count += f.shape[0]
-        self.sum += f.sum(0)
-        self.outer += f.T @ f
-
-    def merge(self, other):
-        self.count += other.count
-        self.sum += other.sum.to(self.sum.device)
-        self.outer += other.outer.to(self.outer.device)
-        return self
-
-    def all_reduce(self):
-        if dist.is_available() and dist.is_initialized():
-            count = torch.tensor([self.count], dtype=torch.float64, device=self.sum.device)
-            for t in (count, self.sum, self.outer):
-                dist.all_reduce(t)
-            self.count = int(count.item())
-        return self
-
-    def mu_sigma(self):
-        if self.count < 2:
-            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
-        mu = self.sum / self.count
-        sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
-        return mu.cpu().numpy(), sigma.cpu().numpy()
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64 (EDM fid.py / TTUR). Like
-    pytorch-fid: a non-finite sqrtm is retried with eps*I added to both covariances (singular covariances, e.g.
-    fewer samples than dimensions), and an imaginary diagonal beyond 1e-3 is an error; else the real part."""
+    pytorch-fid: a non-finite sqrtm is retried with eps*I added to both covariances (e.g. fewer samples than
+    dimensions), and an imaginary diagonal beyond 1e-3 is an error; else the real part."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     d = mu1.shape[0]
@@ -1160,165 +1075,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def save_stats(path, mu, sigma, **extra):
-    """EDM's reference-statistics layout: .npz with mu [D] and sigma [D, D] float64 (plus any `extra` arrays, e.g.
-    the text-to-image protocol's name and N); written atomically."""
-    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"save_stats: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, **extra)
-    os.replace(tmp, path)
-
-
-def load_stats(path, dim=2048):
-    """(mu, sigma) float64 from an EDM-layout .npz (e.g. EDM's fid-refs/imagenet-64x64.npz)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: reference statistics not found (make them with `fid --ref-from DATA "
-                                f"--out REF.npz`, or get EDM's from https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/)")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            stats = {k: f[k] for k in f.files}
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
-    if "mu" not in stats or "sigma" not in stats:
-        raise ValueError(f"{path}: reference statistics need arrays 'mu' and 'sigma', found {sorted(stats)}")
-    mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
-    if mu.shape != (dim,) or sigma.shape != (dim, dim):
-        raise ValueError(f"{path}: expected mu [{dim}] and sigma [{dim}, {dim}] (Inception pool features), got "
-                         f"mu {list(mu.shape)} and sigma {list(sigma.shape)}")
-    return mu, sigma
-
-
-def images_to_uint8(x, convention="edm"):
-    """[-1, 1] float images -> uint8 [N, C, H, W]. 'edm' (default): EDM generate.py, (x * 127.5 + 128) clipped
-    then truncated, i.e. rounding to nearest; the paper's numbers are on EDM's reference statistics. 'dmd2': the
-    official DMD2 evaluator (test_folder_edm.py), ((x + 1) * 127.5) clamped then truncated: half a grey level
-    darker on average, a documented quirk."""
-    if convention not in ("edm", "dmd2"):
-        raise ValueError(f"images_to_uint8 convention must be 'edm' or 'dmd2', got {convention!r}")
-    offset = 128.0 if convention == "edm" else 127.5
-    return (x.float() * 127.5 + offset).clamp(0, 255).to(torch.uint8)  # float32 first: bf16 cannot hold 255.5
-
-
-def image_to_chw(image, name):
-    """A decoded PIL image -> uint8 [3, H, W]; grayscale repeated to 3 channels (EDM fid.py); else a clear error."""
-    if image.mode == "P":
-        image = image.convert("RGB")  # palette indices are not intensities
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise ValueError(f"{name}: {array.dtype} pixels (PIL mode {image.mode}); FID needs 8-bit images")
-    array = array[:, :, None] if array.ndim == 2 else array
-    array = array.repeat(3, axis=2) if array.shape[2] == 1 else array
-    if array.shape[2] != 3:
-        raise ValueError(f"{name}: {array.shape[2]} channels (PIL mode {image.mode}); FID needs RGB or grayscale")
-    return array.transpose(2, 0, 1)
-
-
-def iter_image_batches(source, batch_size=64, rank=0, world_size=1):
-    """uint8 [B, 3, H, W] batches of every PNG/JPG in an EDM dataset_tool zip or an image folder (recursive),
-    in sorted name order; rank r of world_size reads names r, r + world_size, ... All images must share one size."""
-    if os.path.isdir(source):
-        names = [os.path.relpath(os.path.join(root, f), source) for root, _, files in os.walk(source) for f in files]
-        archive, open_file = None, lambda name: open(os.path.join(source, name), "rb")
-    elif os.path.isfile(source) and zipfile.is_zipfile(source):
-        archive = zipfile.ZipFile(source)
-        names, open_file = archive.namelist(), archive.open
-    else:
-        raise FileNotFoundError(f"{source}: not an image folder or a zip file (EDM dataset_tool output)")
-    names = sorted(n for n in names if n.lower().endswith(edm_net.IMAGE_EXTENSIONS))
-    if not names:
-        raise ValueError(f"{source}: no {'/'.join(edm_net.IMAGE_EXTENSIONS)} images found")
-    batch, shape = [], None
-    try:
-        for name in names[rank::world_size]:
-            try:
-                with open_file(name) as f:
-                    image = PIL.Image.open(f)
-                    image.load()
-            except Exception as error:
-                raise ValueError(f"{source}/{name}: cannot decode image ({type(error).__name__}: {error})") from None
-            array = image_to_chw(image, f"{source}/{name}")
-            shape = shape or array.shape
-            if array.shape != shape:
-                raise ValueError(f"{source}/{name}: size {list(array.shape)} differs from the first image's "
-                                 f"{list(shape)}")
-            batch.append(array)
-            if len(batch) == batch_size:
-                yield torch.from_numpy(np.stack(batch))
-                batch = []
-        if batch:
-            yield torch.from_numpy(np.stack(batch))
-    finally:
-        if archive is not None:
-            archive.close()
-
-
-def _rank_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def image_stats(source, inception, batch_size=64, feature_dim=2048, device="cpu"):
-    """FeatureStats of every image of a zip / folder, sharded over torch.distributed ranks and reduced.
-    `inception` is any callable uint8 [N, 3, H, W] -> [N, feature_dim]; `device` holds the float64 sums."""
-    rank, world_size = _rank_world()
-    stats = FeatureStats(feature_dim, device)
-    for images in iter_image_batches(source, batch_size, rank, world_size):
-        stats.add(inception(images))
-    return stats.all_reduce()
-
-
-def compute_reference_stats(image_source, out_path=None, inception=None, batch_size=64, feature_dim=2048,
-                            device="cpu"):
-    """Reference statistics of a dataset (EDM fid.py ref: every image, no cap) -> (mu, sigma), saved to out_path."""
-    inception = inception or load_inception(device=device)
-    mu, sigma = image_stats(image_source, inception, batch_size, feature_dim, device).mu_sigma()
-    if out_path is not None and _rank_world()[0] == 0:
-        save_stats(out_path, mu, sigma)
-    return mu, sigma
-
-
-def generator_stats(generate_fn, inception, num_samples=50_000, num_classes=1000, batch_size=64, seed=0,
-                    noise_shape=(3, 64, 64), rank=None, world_size=None, feature_dim=2048, device="cpu"):
-    """Global FeatureStats of a generator under the ImageNet-64 protocol. `generate_fn(noise, labels)` gets unit
-    Gaussian noise [B, *noise_shape] and int64 labels [B] on `device` (it scales the noise, e.g. by sigma_max = 80,
-    and one-hot encodes) and returns images in [-1, 1]; `inception` maps uint8 images to [N, feature_dim].
-    Sample i has label i % num_classes (official: arange % 1000, 50 per class at 50k) and noise of shape noise_shape
-    from its own seed + i (EDM generate.py --seeds=0-49999; the official evaluator seeds each process 10 + rank), so
-    the result does not depend on batch_size or the number of processes (a few-step generator takes its per-step
-    noise from a longer noise_shape, e.g. (K, 3, 64, 64)). Rank r of world_size (default: torch.distributed) takes a
-    contiguous run of whole label cycles: class-balanced shares whose union is the single-process set (the official
-    evaluator repeats the labels on every GPU, which unbalances classes)."""
-    if num_samples % num_classes:
-        raise ValueError(f"num_samples {num_samples} must be a multiple of num_classes {num_classes}")
-    default_rank, default_world = _rank_world()
-    rank = default_rank if rank is None else rank
-    world_size = default_world if world_size is None else world_size
-    cycles = num_samples // num_classes
-    start = cycles * rank // world_size * num_classes
-    stop = cycles * (rank + 1) // world_size * num_classes
-    stats = FeatureStats(feature_dim, device)
-    for first in range(start, stop, batch_size):
-        index = torch.arange(first, min(first + batch_size, stop))
-        noise = torch.stack([torch.randn(noise_shape, generator=torch.Generator().manual_seed(seed + int(i)))
-                             for i in index])
-        with torch.no_grad():
-            images = generate_fn(noise.to(device), (index % num_classes).to(device))
-        stats.add(inception(images_to_uint8(images)))
-    return stats.all_reduce()
-
-
 def fid_of_generator(generate_fn, ref_path, inception=None, feature_dim=2048, device="cpu", **protocol):
     """FID of generate_fn(noise, labels) -> [-1, 1] images against EDM-layout reference statistics (EDM's
-    imagenet-64x64.npz for the paper's ImageNet numbers); `protocol`: generator_stats's num_samples, num_classes,
-    batch_size, seed, noise_shape, rank, world_size. Every rank returns the same value."""
-    ref_mu, ref_sigma = load_stats(ref_path, feature_dim)  # fail before sampling, not after
+    imagenet-64x64.npz for the paper's numbers); `protocol`: edm_net.generator_stats's arguments. Same on every rank."""
+    ref_mu, ref_sigma = edm_net.load_stats(ref_path, feature_dim)  # fail before sampling, not after
     inception = inception or load_inception(device=device)
-    stats = generator_stats(generate_fn, inception, feature_dim=feature_dim, device=device, **protocol)
+    stats = edm_net.generator_stats(generate_fn, inception, feature_dim=feature_dim, device=device, **protocol)
     return frechet_distance(*stats.mu_sigma(), ref_mu, ref_sigma)
 
 
@@ -1328,7 +1090,8 @@ def fid_main(argv=None):
                                      "folder / zip against reference statistics, or reference statistics of a dataset")
     parser.add_argument("--images", help="folder or zip of generated PNG/JPG images")
     parser.add_argument("--ref", help="reference statistics .npz (mu, sigma), e.g. EDM's imagenet-64x64.npz")
-    parser.add_argument("--ref_from", "--ref-from", help="dataset (EDM dataset_tool zip or image folder) to compute statistics of")
+    parser.add_argument("--ref_from", "--ref-from", help="dataset (EDM dataset_tool zip or image folder) to compute "
+                        "statistics of")
     parser.add_argument("--out", help="where --ref_from writes its .npz")
     parser.add_argument("--inception", help=f"path of pt_inception-2015-12-05-6726825d.pth (default: the cache, "
                         f"else downloaded from {INCEPTION_URL})")
@@ -1339,15 +1102,15 @@ def fid_main(argv=None):
     args = parser.parse_args(argv)
     if not ((args.images and args.ref and not args.ref_from) or (args.ref_from and args.out and not args.images)):
         parser.error("use either --images DIR_or_ZIP --ref REF.npz, or --ref-from DATASET --out REF.npz")
-    verbose = _rank_world()[0] == 0
-    ref = None if args.ref_from else load_stats(args.ref)  # a bad --ref fails before the weights are read
+    verbose = edm_net.rank_world()[0] == 0
+    ref = None if args.ref_from else edm_net.load_stats(args.ref)  # a bad --ref fails before the weights are read
     inception = load_inception(args.inception, args.cache_dir, args.mode, args.device)
     if args.ref_from:
-        compute_reference_stats(args.ref_from, args.out, inception, args.batch, device=args.device)
+        edm_net.compute_reference_stats(args.ref_from, args.out, inception, args.batch, device=args.device)
         if verbose:
             print(f"saved reference statistics of {args.ref_from} to {args.out}")
         return None
-    stats = image_stats(args.images, inception, args.batch, device=args.device)
+    stats = edm_net.image_stats(args.images, inception, args.batch, device=args.device)
     fid = frechet_distance(*stats.mu_sigma(), *ref)
     if verbose:
         print(f"FID {fid:.4f} ({stats.count} images from {args.images}; reference {args.ref}; mode {args.mode})")
@@ -1487,8 +1250,8 @@ def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", work
         from cleanfid.fid import get_files_features
     except ImportError:
         raise ImportError("text-to-image FID needs clean-fid: pip install -r requirements-sdxl.txt") from None
-    rank, world = _rank_world()
-    stats = FeatureStats(dim, device)
+    rank, world = edm_net.rank_world()
+    stats = edm_net.FeatureStats(dim, device)
     if paths[rank::world]:
         stats.add(get_files_features(paths[rank::world], features, workers, batch, device, mode="clean", verbose=False,
                                      custom_image_tranform=functools.partial(_on_array, transform=transform)))
@@ -1505,14 +1268,14 @@ def reference_stats(path, protocol, files, transform, features, dim=2048, batch=
             found = f"{stored[0]!r} with N={stored[1]}" if stored else "no protocol name or N"
             raise ValueError(f"{path}: reference statistics of {found}; this evaluation needs {protocol!r} with "
                              f"N={len(files)}: delete the file or pass another --refs folder")
-        return load_stats(path, dim)
+        return edm_net.load_stats(path, dim)
     missing = [p for p in files if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of the {len(files)} reference images are missing (first: "
                                 f"{missing[0]}): unzip COCO's val2014.zip into the --coco folder")
     mu, sigma = t2i_stats(files, transform, features, dim, batch, device, workers).mu_sigma()
-    if _rank_world()[0] == 0:
-        save_stats(path, mu, sigma, protocol=protocol, num=len(files))
+    if edm_net.rank_world()[0] == 0:
+        edm_net.save_stats(path, mu, sigma, protocol=protocol, num=len(files))
     return mu, sigma
 
 
@@ -1544,7 +1307,7 @@ def clip_score(paths, captions, clip, batch=32, device="cpu", workers=0):
     text embedding of "A photo depicts " + caption, over ranks. Tokenising the prefixed string equals the official
     insertion of the prefix tokens after <start> with the 77-token cut and <end> fix (tested)."""
     model, preprocess, tokenizer = clip
-    rank, world = _rank_world()
+    rank, world = edm_net.rank_world()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     loader = torch.utils.data.DataLoader(list(zip(paths, captions))[rank::world], batch, num_workers=workers,
                                          collate_fn=functools.partial(_clip_batch, preprocess=preprocess))

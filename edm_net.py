@@ -9,8 +9,9 @@ bit-identical initial weights).
 
 Contents: layers (Linear, Conv2d, GroupNorm, attention, embeddings), UNetBlock, SongUNet (DDPM++/NCSN++),
 DhariwalUNet (ADM), EDMPrecond, the EDM Heun sampler, official configs, loaders for official EDM snapshot
-pickles (without executing anything from the file) and plain state dicts (DMD2's released generators), and EDM's FID
-resize (TF1 bilinear) and dataset_tool zip / folder reader.
+pickles (without executing anything from the file) and plain state dicts (DMD2's released generators), EDM's FID
+protocol (TF1 resize, the Inception detector, float64 statistics, .npz reference files, the ImageNet-64 sampling
+protocol) and its dataset_tool zip / folder reader.
 Speed options that leave the state dict alone: attention through F.scaled_dot_product_attention (the default) or the
 official op (set_attention), torch.compile of each UNetBlock (compile_blocks), gradient checkpointing.
 
@@ -25,12 +26,14 @@ import io
 import json
 import math
 import os
+import pathlib
 import pickle
 import zipfile
 
 import numpy as np
 import PIL.Image
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -837,9 +840,11 @@ def load_edm_state_dict(path_or_state_dict, config, name=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# EDM's FID detector protocol and its dataset format (reference edm_fid.md 4; official fid.py, dataset.py and
-# dataset_tool.py): NVIDIA's detector resizes with TF1's bilinear rule; dataset_tool writes images and dataset.json
-# labels into a zip or a folder. dmd2.py's FID (section 9) and real-image readers (section 13) use them.
+# EDM's FID protocol (reference edm_fid.md 4; official fid.py and generate.py): uint8 images, NVIDIA's TF-ported
+# Inception (TF1 bilinear resize to 299, (x - 128) / 128, 2048-d pool features), float64 mean and unbiased covariance,
+# reference statistics as .npz {mu, sigma}. The Inception here is pytorch-fid's network and weight file, a port of the
+# same TF graph (inception-2015-12-05); not byte-compared with NVIDIA's, so equality is expected (torch-fidelity:
+# features within 1e-4 of TF), not verified. dmd2.py adds the weights download, the Frechet distance, the command line.
 
 
 def tf1_resize_matrix(size_in, size_out):
@@ -862,22 +867,231 @@ def tf1_bilinear_resize(x, size=299):
     return rows @ x @ cols.T
 
 
+class InceptionV3(torch.nn.Module):
+    """pytorch-fid's FID Inception up to the 2048-d pool features (float32); `state`: a state dict in its weight-file
+    layout, loaded strictly (None: random). Input uint8 [N, 3, H, W]. `mode` 'edm': TF1 bilinear resize to 299,
+    (x - 128) / 128 (EDM fid.py, the paper's FID); 'pytorch-fid': x / 255, F.interpolate bilinear to 299, 2x - 1."""
+
+    def __init__(self, mode="edm", state=None):
+        super().__init__()
+        import pytorch_fid.inception as pfid
+        import torchvision
+        from unittest import mock
+        if mode not in ("edm", "pytorch-fid"):
+            raise ValueError(f"InceptionV3 mode must be 'edm' or 'pytorch-fid', got {mode!r}")
+        self.mode = mode
+        if state is None:  # pytorch-fid's tree is torchvision's Inception v3 with 1008 classes and no aux head
+            state = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008,
+                                                    init_weights=False).state_dict()
+        with mock.patch.object(pfid, "load_state_dict_from_url", lambda *args, **kwargs: state):  # not downloaded
+            self.net = pfid.InceptionV3(resize_input=False, normalize_input=False).eval()  # loads `state` strictly
+        self.net.to(memory_format=torch.channels_last)  # faster CPU convolutions; the same math
+
+    @torch.inference_mode()
+    def forward(self, images):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"InceptionV3 takes uint8 images [N, 3, H, W], got {images.dtype} "
+                             f"{list(images.shape)} (use images_to_uint8 for [-1, 1] floats)")
+        x = images.to(next(self.parameters()).device, torch.float32)
+        if self.mode == "edm":
+            return self.features((tf1_bilinear_resize(x, 299) - 128) / 128)
+        return self.features(2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1)
+
+    @torch.inference_mode()
+    def features(self, x):
+        """Pool features of preprocessed float input [N, 3, 299, 299] in [-1, 1] (the text-to-image path)."""
+        return self.net(x.to(next(self.parameters()).device, torch.float32))[0].flatten(1)
+
+
+def images_to_uint8(x, convention="edm"):
+    """[-1, 1] float images -> uint8. 'edm': EDM generate.py, x * 127.5 + 128 clipped and truncated (rounding to
+    nearest). 'dmd2': the official DMD2 evaluator (test_folder_edm.py), (x + 1) * 127.5 truncated: half a grey level
+    darker on average, a documented quirk."""
+    if convention not in ("edm", "dmd2"):
+        raise ValueError(f"images_to_uint8 convention must be 'edm' or 'dmd2', got {convention!r}")
+    offset = 128.0 if convention == "edm" else 127.5
+    return (x.float() * 127.5 + offset).clamp(0, 255).to(torch.uint8)  # float32 first: bf16 cannot hold 255.5
+
+
+def rank_world():
+    """(rank, world size) of torch.distributed, (0, 1) without it."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class FeatureStats:
+    """Float64 running sums of feature vectors -> mean and unbiased covariance (EDM fid.py: mu = sum f / n,
+    sigma = (sum f f^T - n mu mu^T) / (n - 1)). Shards combine exactly: merge() here, all_reduce() across ranks."""
+
+    def __init__(self, dim=2048, device="cpu"):
+        self.count = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def add(self, features):
+        f = torch.as_tensor(features).to(self.sum.device, torch.float64)
+        if f.ndim != 2 or f.shape[1] != self.sum.shape[0]:
+            raise ValueError(f"features must be [N, {self.sum.shape[0]}], got {list(f.shape)}")
+        self.count += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def merge(self, other):
+        self.count += other.count
+        self.sum += other.sum.to(self.sum.device)
+        self.outer += other.outer.to(self.outer.device)
+        return self
+
+    def all_reduce(self):
+        if dist.is_available() and dist.is_initialized():
+            count = torch.tensor([self.count], dtype=torch.float64, device=self.sum.device)
+            for t in (count, self.sum, self.outer):
+                dist.all_reduce(t)
+            self.count = int(count.item())
+        return self
+
+    def mu_sigma(self):
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
+        mu = self.sum / self.count
+        sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def save_stats(path, mu, sigma, **extra):
+    """EDM's reference statistics: .npz with float64 mu [D], sigma [D, D] (plus `extra` arrays), written atomically."""
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"save_stats: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, **extra)
+    os.replace(tmp, path)
+
+
+def load_stats(path, dim=2048):
+    """(mu, sigma) float64 from EDM's .npz layout (e.g. EDM's fid-refs/imagenet-64x64.npz)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: reference statistics not found (make them with `python dmd2.py fid "
+                                f"--ref_from DATA --out REF.npz`, or get EDM's from "
+                                f"https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            stats = {k: f[k] for k in f.files}
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
+    if "mu" not in stats or "sigma" not in stats:
+        raise ValueError(f"{path}: reference statistics need arrays 'mu' and 'sigma', found {sorted(stats)}")
+    mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ValueError(f"{path}: expected mu [{dim}] and sigma [{dim}, {dim}] (Inception pool features), got "
+                         f"mu {list(mu.shape)} and sigma {list(sigma.shape)}")
+    return mu, sigma
+
+
+def iter_image_batches(source, batch_size=64, rank=0, world_size=1):
+    """uint8 [B, 3, H, W] batches of the images of an EDM dataset_tool zip or a folder (recursive), in sorted name
+    order, all of one size; rank r of world_size reads names r, r + world_size, ... (EDM fid.py's dataset pass)."""
+    if os.path.isdir(source):
+        archive = contextlib.nullcontext()
+        names = [os.path.relpath(os.path.join(root, f), source) for root, _, files in os.walk(source) for f in files]
+        read = lambda name: pathlib.Path(source, name).read_bytes()
+    elif os.path.isfile(source) and zipfile.is_zipfile(source):
+        archive = zipfile.ZipFile(source)
+        names, read = archive.namelist(), archive.read
+    else:
+        raise FileNotFoundError(f"{source}: not an image folder or a zip file (EDM dataset_tool output)")
+    names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ValueError(f"{source}: no {'/'.join(IMAGE_EXTENSIONS)} images found")
+    batch, shape = [], None
+    with archive:
+        for name in names[rank::world_size]:
+            batch.append(decode_image(read(name), f"{source}/{name}", rgb=True))
+            shape = shape or batch[-1].shape
+            if batch[-1].shape != shape:
+                raise ValueError(f"{source}/{name}: size {list(batch[-1].shape)} differs from the first image's "
+                                 f"{list(shape)}")
+            if len(batch) == batch_size:
+                yield torch.from_numpy(np.stack(batch))
+                batch = []
+        if batch:
+            yield torch.from_numpy(np.stack(batch))
+
+
+def image_stats(source, inception, batch_size=64, feature_dim=2048, device="cpu"):
+    """FeatureStats of every image of a zip / folder, sharded over torch.distributed ranks and reduced.
+    `inception`: any callable uint8 [N, 3, H, W] -> [N, feature_dim]; `device` holds the float64 sums."""
+    stats = FeatureStats(feature_dim, device)
+    for images in iter_image_batches(source, batch_size, *rank_world()):
+        stats.add(inception(images))
+    return stats.all_reduce()
+
+
+def compute_reference_stats(source, out_path, inception, batch_size=64, feature_dim=2048, device="cpu"):
+    """Reference statistics of a dataset (EDM fid.py ref: every image, no cap) -> (mu, sigma), saved to out_path."""
+    mu, sigma = image_stats(source, inception, batch_size, feature_dim, device).mu_sigma()
+    if out_path is not None and rank_world()[0] == 0:
+        save_stats(out_path, mu, sigma)
+    return mu, sigma
+
+
+def generator_stats(generate_fn, inception, num_samples=50_000, num_classes=1000, batch_size=64, seed=0,
+                    noise_shape=(3, 64, 64), rank=None, world_size=None, feature_dim=2048, device="cpu"):
+    """FeatureStats of `generate_fn(noise, labels) -> [-1, 1] images` under the ImageNet-64 protocol: unit noise
+    [B, *noise_shape] and int64 labels on `device` (generate_fn scales the noise, e.g. by sigma_max = 80, and encodes
+    the labels). Sample i has label i % num_classes (official: arange % 1000, 50 per class) and noise from seed + i
+    (EDM generate.py --seeds=0-49999; the official evaluator seeds each process 10 + rank), so the result does not
+    depend on batch size or process count (a few-step generator takes per-step noise from a longer noise_shape).
+    Rank r of world_size (default: torch.distributed) takes a contiguous run of whole label cycles: class-balanced
+    shares whose union is the single-process set (the official evaluator repeats labels on every GPU)."""
+    if num_samples % num_classes:
+        raise ValueError(f"num_samples {num_samples} must be a multiple of num_classes {num_classes}")
+    if rank is None or world_size is None:
+        rank, world_size = rank_world()
+    cycles = num_samples // num_classes
+    start = cycles * rank // world_size * num_classes
+    stop = cycles * (rank + 1) // world_size * num_classes
+    stats = FeatureStats(feature_dim, device)
+    for first in range(start, stop, batch_size):
+        index = torch.arange(first, min(first + batch_size, stop))
+        noise = torch.stack([torch.randn(noise_shape, generator=torch.Generator().manual_seed(seed + int(i)))
+                             for i in index])
+        with torch.no_grad():
+            images = generate_fn(noise.to(device), (index % num_classes).to(device))
+        stats.add(inception(images_to_uint8(images)))
+    return stats.all_reduce()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EDM's dataset format (official dataset.py and dataset_tool.py): images and dataset.json labels in a zip or a folder.
+
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PREPARE_HINT = ("prepare data with EDM's dataset_tool, e.g. `python dataset_tool.py --source=cifar-10-python.tar.gz "
                 "--dest=cifar10-32x32.zip` or `python dataset_tool.py --source=ILSVRC/Data/CLS-LOC/train "
                 "--dest=imagenet-64x64.zip --resolution=64x64 --transform=center-crop` (EDM README)")
 
 
-def decode_image(data, name):
-    """PNG/JPG bytes -> uint8 CHW array; grayscale gives one channel (as EDM's dataset.py)."""
+def decode_image(data, name, rgb=False):
+    """PNG/JPG bytes -> uint8 CHW array. Training (EDM dataset.py): grayscale gives one channel, other modes (RGBA,
+    CMYK) are read as RGB. rgb=True (EDM fid.py): grayscale repeated to 3 channels; non-8-bit or non-RGB refused."""
     try:
         with PIL.Image.open(io.BytesIO(data)) as img:
-            if img.mode not in ("L", "RGB"):  # palette / RGBA / CMYK files: read as RGB
+            if img.mode == "P" or (img.mode not in ("L", "RGB") and not rgb):  # palette indices are not intensities
                 img = img.convert("RGB")
-            image = np.asarray(img)
+            mode, image = img.mode, np.asarray(img)
     except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"{name}: cannot decode image ({e}); re-create the dataset with dataset_tool") from None
+        raise ValueError(f"{name}: cannot decode image ({e}); replace or remove the file") from None
     image = image[:, :, None] if image.ndim == 2 else image
+    if rgb:
+        if image.dtype != np.uint8:
+            raise ValueError(f"{name}: {image.dtype} pixels (PIL mode {mode}); FID needs 8-bit images")
+        image = image.repeat(3, axis=2) if image.shape[2] == 1 else image
+        if image.shape[2] != 3:
+            raise ValueError(f"{name}: {image.shape[2]} channels (PIL mode {mode}); FID needs RGB or grayscale")
     return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 

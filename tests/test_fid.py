@@ -1,8 +1,8 @@
-"""Tests of the built-in FID (dmd2.py, FID section): pytorch-fid's Inception behind EDM's and pytorch-fid's
-preprocessing (against pytorch-fid's own resize and against features recorded from the previous hand-written network),
-the TF1 resize (edm_net) against an independent float64 re-computation, statistics against numpy, the Frechet
-distance against pytorch-fid and closed forms, the ImageNet-64 protocol (balance, seeds, sharding), bad input.
-No downloads: every network gets random weights made here."""
+"""Tests of the built-in FID (EDM's protocol in edm_net.py, dmd2.py's FID section): pytorch-fid's Inception behind
+EDM's and pytorch-fid's preprocessing (against pytorch-fid's own resize and against features recorded from the previous
+hand-written network), the TF1 resize (edm_net) against an independent float64 re-computation, statistics against
+numpy, the Frechet distance against pytorch-fid and closed forms, the ImageNet-64 protocol (balance, seeds, sharding),
+bad input. No downloads: every network gets random weights made here."""
 import email.message
 import hashlib
 import io
@@ -22,10 +22,9 @@ import torchvision
 from pytorch_fid.fid_score import calculate_frechet_distance
 
 import dmd2
-from dmd2 import (INCEPTION_URL, FeatureStats, InceptionV3, compute_reference_stats, fid_main, fid_of_generator,
-                  frechet_distance, generator_stats, image_stats, images_to_uint8, iter_image_batches,
-                  load_inception, load_stats, save_stats)
-from edm_net import tf1_bilinear_resize
+from dmd2 import INCEPTION_URL, fid_main, fid_of_generator, frechet_distance, load_inception
+from edm_net import (FeatureStats, InceptionV3, compute_reference_stats, generator_stats, image_stats, images_to_uint8,
+                     iter_image_batches, load_stats, save_stats, tf1_bilinear_resize)
 
 # sha256 of the "name [shape]" lines of pytorch-fid's Inception state dict as listed in
 # tests/data/edm_fid_keys.txt, last section (472 entries, generated from pytorch-fid b9c1811 + torchvision 0.29.1).

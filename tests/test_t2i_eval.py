@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import dmd2
+import edm_net
 
 pytest.importorskip("cleanfid")  # requirements-sdxl.txt
 from cleanfid import fid as cleanfid_fid  # noqa: E402
@@ -94,7 +95,7 @@ def inception_files(tmp_path_factory):
             m.running_var.uniform_(0.5, 1.5)
             m.weight.data.uniform_(0.5, 1.5)
     torch.save(tree.state_dict(), folder / "random_inception.pth")
-    net = dmd2.InceptionV3(state=tree.state_dict()).eval()
+    net = edm_net.InceptionV3(state=tree.state_dict()).eval()
     return str(folder / "random_inception.pth"), save_torchscript(InceptionLayers(net), str(folder))
 
 
@@ -474,11 +475,11 @@ def test_bad_input_one_clear_line(tmp_path, coco, student, tiny_inception, tiny_
     ref = next((tmp_path / "refs_bad").iterdir())
     with np.load(ref) as f:
         mu, sigma = f["mu"], f["sigma"]
-    dmd2.save_stats(str(ref), mu, sigma, protocol="coco2014-val all crop-lanczos512 clean299 torchscript-inception",
+    edm_net.save_stats(str(ref), mu, sigma, protocol="coco2014-val all crop-lanczos512 clean299 torchscript-inception",
                     num=6)
     fails(ValueError, "reference statistics of .*crop-lanczos512.* needs .*crop-lanczos256", "--model", "images",
           "--num", "3", "--protocol", "sd15", out=tmp_path / "out3", refs=tmp_path / "refs_bad")
-    dmd2.save_stats(str(ref), mu, sigma)  # EDM's layout without the protocol's name and N
+    edm_net.save_stats(str(ref), mu, sigma)  # EDM's layout without the protocol's name and N
     fails(ValueError, "no protocol name or N", "--model", "images", "--num", "3", "--protocol", "sd15",
           out=tmp_path / "out3", refs=tmp_path / "refs_bad")
     os.remove(tmp_path / "out3" / "00001.png")
