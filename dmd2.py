@@ -944,7 +944,6 @@ def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on
 # ================================================================================================================
 import functools  # Part II's and Part III's imports
 import warnings
-import zipfile
 
 import PIL.Image
 import scipy.linalg

@@ -13,7 +13,7 @@ pickles (without executing anything from the file) and plain state dicts (DMD2's
 protocol (TF1 resize, the Inception detector, float64 statistics, .npz reference files, the ImageNet-64 sampling
 protocol) and its dataset_tool zip / folder reader.
 Speed options that leave the state dict alone: attention through F.scaled_dot_product_attention (the default) or the
-official op (set_attention), torch.compile of each UNetBlock (compile_blocks), gradient checkpointing.
+official op (set_attention), gradient checkpointing.
 
 DMD2's edits to EDM (both optional): `use_fp16=True` computes the UNet in bfloat16 (official EDM: float16, CUDA
 only; DMD2 switched to bfloat16 because float16 training diverged; here it applies on CPU and CUDA alike), and
@@ -279,24 +279,6 @@ def set_attention(net, op):
         block.attention_op = op
     return net
 
-
-def compile_blocks(net, **compile_kwargs):
-    """torch.compile every UNetBlock inside `net` in place (Module.compile: parameter names and the state dict stay
-    as they are, unlike a torch.compile(net) wrapper; a deep copy runs eager until compiled). Graphs compile on
-    first use, one per block configuration, grad mode and frozen/trainable parameters; set_attention recompiles.
-    All blocks share the code of UNetBlock.forward, which dynamo counts as recompiles of one function (a tiny
-    3-network DMD2 setup needed 43): past torch._dynamo.config.recompile_limit (default 8) the rest would silently
-    run eager, so this raises it and accumulated_recompile_limit, process-wide, to at least 1024 and 4096.
-    Used by benchmarks/gpu_check.py."""
-    blocks = [m for m in net.modules() if isinstance(m, UNetBlock)]
-    if not blocks:
-        raise ValueError(f'compile_blocks: {type(net).__name__} contains no UNetBlock')
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 1024)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
-    for block in blocks:
-        block.compile(**compile_kwargs)
-    return net
 
 # ---------------------------------------------------------------------------------------------------------------
 # DDPM++ / NCSN++ (Song et al. 2021), official `SongUNet`: CIFAR-10, FFHQ and AFHQv2 checkpoints.
