@@ -1428,19 +1428,14 @@ def fid_main(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 # 10. Text-to-image evaluation as the paper measures it (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and
 # CLIP score (official: main/coco_eval/coco_evaluator.py, main/sdxl/test_folder_sdxl.py, main/test_folder_sd.py).
-#   * prompts: one COCO-2014 val caption per image (official sdxl/data_process.py, numpy seed 123). SDXL: 10k, the
-#     references are those images; SD v1.5: 30k, the references are all of val2014 (official --ref_dir);
-#   * FID: centre crop of the long edge, PIL LANCZOS to eval_res (SDXL 512, SD v1.5 256), then clean-fid's "clean"
-#     resize to 299 and its TorchScript Inception (else pytorch-fid's port of the same weights: README); patch FID
-#     (SDXL): the centre 299 x 299 crop at full resolution; CLIP score: open_clip ViT-g-14 laion2b_s12b_b42k, "A photo
-#     depicts " + caption, mean raw cosine (~0.33);
-#   * every model is a diffusers pipeline; sample i draws its noise from seed + i; PNGs on disk (resumable); sharded
-#     over torchrun processes, statistics summed over them; reference statistics cached with the protocol's name and N.
+# Images centre-cropped and LANCZOS-resized to eval_res, then clean-fid's "clean" resize to 299 and TorchScript
+# Inception (else pytorch-fid's port of its weights: README). Every model is a diffusers pipeline; sample i draws its
+# noise from seed + i; PNGs on disk (resumable); torchrun processes share the work and sum their statistics.
 
 
-T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res; references as described above
-    "sdxl": dict(num=10_000, eval_res=512, patch_fid=True, refs="subset"),
-    "sd15": dict(num=30_000, eval_res=256, patch_fid=False, refs="all"),
+T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res, patch_fid, the reference images
+    "sdxl": dict(num=10_000, eval_res=512, patch_fid=True, refs="subset"),  # the captions' images (COCO-10k)
+    "sd15": dict(num=30_000, eval_res=256, patch_fid=False, refs="all"),  # all of val2014 (official --ref_dir)
 }
 COCO_SEED = 123  # official sdxl/data_process.py: np.random.seed(123)
 CLIP_PREFIX = "A photo depicts "  # official compute_clip_score (after arXiv 2104.08718)
@@ -1571,8 +1566,8 @@ def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", work
 
 
 def load_clip(model_name="ViT-g-14", weights="laion2b_s12b_b42k"):
-    """(model, eval transform, tokenizer) of open_clip, fp32 on the CPU (official: .float()); weights is a tag or a
-    file. Offline, one line names the file to download, before the 1.4B-parameter network is built."""
+    """(model, eval transform, tokenizer) of open_clip, fp32 on the CPU (official: ViT-g-14 laion2b_s12b_b42k,
+    .float()); weights is a tag or a file. Offline, one line names the file, before the network is built."""
     try:
         import open_clip
     except ImportError:
