@@ -1511,9 +1511,8 @@ def coco_caption_subset(rows, num, seed=COCO_SEED):
 
 
 def t2i_inception(path=None, cache_dir=None, device="cpu"):
-    """(name, features: float [N, 3, 299, 299] in [0, 255] -> [N, 2048] of (x - 128) / 128, as clean-fid). A .pt
-    `path`, else inception-2015-12-05.pt in the cache or clean-fid's /tmp, is clean-fid's TorchScript network (its
-    `layers`, as clean-fid's InceptionV3W calls them); otherwise InceptionV3 with pytorch-fid's weights."""
+    """(name, features: float [N, 3, 299, 299] in [0, 255] -> [N, 2048]): clean-fid's TorchScript Inception (a .pt
+    path, else found in the cache or clean-fid's /tmp) called as its InceptionV3W does, else pytorch-fid's weights."""
     name = "inception-2015-12-05.pt"
     found = [path] if path else [os.path.join(cache_dir or default_cache_dir(), name), os.path.join("/tmp", name)]
     script = next((p for p in found if p.endswith(".pt") and os.path.isfile(p)), None)
@@ -1589,9 +1588,8 @@ def _clip_batch(items, preprocess):
 
 @torch.inference_mode()
 def clip_score(paths, captions, clip, batch=32, device="cpu", workers=0):
-    """Mean cosine of open_clip's image embedding (crop + LANCZOS 256, then its eval transform) and text embedding of
-    "A photo depicts " + caption, over ranks. Tokenising the prefixed text equals the official insertion of the
-    prefix tokens after <start> with the 77-token cut and <end> fix (tested)."""
+    """Mean cosine of open_clip's image (crop + LANCZOS 256, its eval transform) and text ("A photo depicts " +
+    caption) embeddings over ranks; tokenising the prefixed text equals the official token insertion (tested)."""
     model, preprocess, tokenizer = clip
     rank, world = _rank_world()
     total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -1649,7 +1647,8 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
             else:
                 load_unet_weights(parts.unet, path)
         timesteps = [t] if steps == 1 else list(range(999, 0, -(1000 // steps)))[:steps]  # as generator_sigmas
-        scheduler, call = diffusers.LCMScheduler(), dict(timesteps=timesteps, guidance_scale=0)
+        scheduler = diffusers.LCMScheduler(steps_offset=1)  # unused by LCM; SD v1.5 pipelines warn on 0
+        call = dict(timesteps=timesteps, guidance_scale=0)
     elif kind == "sdxl-lightning":  # SDXL-Lightning's model card: "trailing" timesteps, x0 prediction at 1 step
         parts = load_t2i(base)
         name = "sdxl_lightning_1step_unet_x0" if steps == 1 else f"sdxl_lightning_{steps}step_unet"
@@ -1670,9 +1669,8 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
 
 @torch.no_grad()
 def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None, rank=0, world_size=1):
-    """Image i of prompts -> out_dir/{i:05d}.png (written atomically); rank r makes images r, r + world_size, ...
-    not yet on disk. All its noise (latents, then the pipeline's generator) comes from a generator seeded seed + i:
-    independent of batch and process. uint8 = truncation of the pipeline's [0, 1] output x 255 (official)."""
+    """Image i of prompts -> out_dir/{i:05d}.png, rank r making the missing ones of r, r + world_size, ...; all noise
+    of image i from a generator seeded seed + i. uint8 = truncation of the [0, 1] output x 255 (official)."""
     os.makedirs(out_dir, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -1691,9 +1689,8 @@ def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None,
 
 
 def t2i_evaluate_main(args):
-    """`python dmd2.py evaluate --model MODEL --coco DIR ...` (parsed by evaluate_main): writes the images and
-    out/metrics.json, prints FID, patch FID (SDXL) and CLIP score with their N; --model images evaluates the images
-    already in --out. What can fail fast (COCO, N, weights, reference statistics) does so before generating."""
+    """`evaluate --model MODEL --coco DIR` (--model images: those in --out): images, FID, patch FID (SDXL) and CLIP
+    score into --out/metrics.json; what can fail fast (COCO, N, weights, references) does so before generating."""
     if not args.coco:
         raise SystemExit("evaluate --model needs --coco DIR (val2014/ and annotations/captions_val2014.json)")
     args.protocol = args.protocol or ("sd15" if args.model.startswith("dmd2-sd15") else "sdxl")
@@ -3012,7 +3009,7 @@ def read_captioned_folder(folder):
         raise FileNotFoundError(f"{folder}: no such folder (--data_path wants a folder of images with .txt captions)")
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(edm_net.IMAGE_EXTENSIONS))
     if not names:
-        raise FileNotFoundError(f"{folder}: no images ({', '.join(edm_net.IMAGE_EXTENSIONS)}); the GAN needs real images")
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(edm_net.IMAGE_EXTENSIONS)})): the GAN needs them")
     items = []
     for name in names:
         caption_file = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
@@ -3031,9 +3028,8 @@ def load_image(path, resolution):
 
 @torch.no_grad()
 def encode_latents(folder, vae, resolution, batch_size=8):
-    """(latents, captions) of a captioned folder, encoded once (official generate_vae_latents.py:
-    vae.encode(x).latent_dist.sample() * scaling_factor) into fp16 folder/.dmd2_latents_<res>/latents.npy, returned
-    memory-mapped; re-encoded when file names, sizes or captions change."""
+    """(latents, captions) of a captioned folder, encoded once (official generate_vae_latents.py: latent_dist.sample()
+    * scaling_factor) into fp16 .dmd2_latents_<res>/latents.npy, memory-mapped; redone when files or captions change."""
     items = read_captioned_folder(folder)
     key = dict(files=[f"{os.path.basename(p)}:{os.path.getsize(p)}" for p, _ in items],
                captions=[c for _, c in items], resolution=resolution)
@@ -3102,9 +3098,8 @@ def run_t2i(cfg):
 
 
 def export_generator(weights, unet_config, cfg, run_dir, sdxl=True):
-    """The trained generator as diffusers loads it: unet.bin (the released dmd2_sdxl_*_unet layout; `evaluate --model
-    student:PATH`) and unet/ (from_pretrained(run_dir, subfolder="unet")); a LoRA run writes its adapters instead,
-    pytorch_lora_weights.safetensors (a pipeline's load_lora_weights(run_dir))."""
+    """The generator as diffusers loads it: unet.bin (the released dmd2_sdxl_*_unet layout) and unet/ (from_pretrained);
+    a LoRA run writes its adapters instead, pytorch_lora_weights.safetensors (load_lora_weights(run_dir))."""
     diffusers, _ = _hf()
     unet = diffusers.UNet2DConditionModel.from_config(unet_config)
     if cfg.lora_rank:
