@@ -1119,21 +1119,14 @@ def fid_main(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 # 10. Text-to-image evaluation as the paper measures it (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and
 # CLIP score (official: main/coco_eval/coco_evaluator.py, main/sdxl/test_folder_sdxl.py, main/test_folder_sd.py).
-#   * prompts: one COCO-2014 val caption per image, drawn as sdxl/data_process.py does (numpy seed 123). SDXL: 10k,
-#     the references are those 10k images; SD v1.5: 30k, the references are all of val2014 (official --ref_dir);
-#   * generated and reference images alike: centre crop of the long edge, PIL LANCZOS to eval_res (SDXL 512, SD v1.5
-#     256), then clean-fid's "clean" resize (PIL bicubic in float to 299, no quantisation); patch FID (SDXL): the
-#     centre 299 x 299 crop at full resolution. Features: clean-fid's TorchScript Inception when its file is there,
-#     else pytorch-fid's network and port of the same TF weights (not byte-identical: README);
-#   * CLIP score: open_clip ViT-g-14 laion2b_s12b_b42k, "A photo depicts " + caption, mean raw cosine (~0.33);
-#   * every model is a diffusers pipeline; sample i draws all its noise from seed + i; PNGs on disk (resumable);
-#     sharded over torchrun processes with statistics summed over them: numbers independent of batch and processes.
-# Reference statistics are cached in EDM's .npz layout with the protocol's name and N, checked on every load.
+# Images centre-cropped and LANCZOS-resized to eval_res, then clean-fid's "clean" resize to 299 and TorchScript
+# Inception (else pytorch-fid's port of its weights: README). Every model is a diffusers pipeline; sample i draws its
+# noise from seed + i; PNGs on disk (resumable); torchrun processes share the work and sum their statistics.
 
 
-T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res; references as described above
-    "sdxl": dict(num=10_000, eval_res=512, patch_fid=True, refs="subset"),
-    "sd15": dict(num=30_000, eval_res=256, patch_fid=False, refs="all"),
+T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res, patch_fid, the reference images
+    "sdxl": dict(num=10_000, eval_res=512, patch_fid=True, refs="subset"),  # the captions' images (COCO-10k)
+    "sd15": dict(num=30_000, eval_res=256, patch_fid=False, refs="all"),  # all of val2014 (official --ref_dir)
 }
 COCO_SEED = 123  # official sdxl/data_process.py: np.random.seed(123)
 CLIP_PREFIX = "A photo depicts "  # official compute_clip_score (after arXiv 2104.08718)
@@ -1171,16 +1164,13 @@ def open_rgb(path):
 
 
 def read_coco_captions(coco):
-    """(rows, image names) of COCO-2014 val in the official layout coco/annotations/captions_val2014.json (+ images
-    in coco/val2014/): rows are (file_name, caption) of a left merge of 'images' with 'annotations' on image id, in
-    image order then annotation order (official data_process.py: df.merge(how='left'))."""
-    fix = (f"it must hold val2014/ and annotations/captions_val2014.json: unzip val2014.zip and "
-           f"annotations_trainval2014.zip from http://images.cocodataset.org/ into it (official data_process.py)")
+    """(rows, image names) of coco/annotations/captions_val2014.json: rows (file_name, caption) of the official
+    data_process.py's left merge of 'images' with 'annotations' on image id, in image then annotation order."""
     path = os.path.join(coco, "annotations", "captions_val2014.json")
-    if not os.path.isdir(coco):
-        raise FileNotFoundError(f"{coco}: no such COCO folder; {fix}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file; {fix}")
+        where = f"{path}: no such file" if os.path.isdir(coco) else f"{coco}: no such COCO folder"
+        raise FileNotFoundError(f"{where}; it must hold val2014/ and annotations/captions_val2014.json: unzip "
+                                "val2014.zip and annotations_trainval2014.zip from http://images.cocodataset.org/")
     try:
         with open(path) as f:
             data = json.load(f)
@@ -1189,17 +1179,15 @@ def read_coco_captions(coco):
             captions.setdefault(a["image_id"], []).append(str(a["caption"]))
         rows = [(im["file_name"], c) for im in data["images"] for c in captions.get(im["id"], [None])]
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a COCO captions file ({type(error).__name__}: {error}); expected "
-                         "captions_val2014.json with 'images' [{id, file_name}] and 'annotations' [{image_id, "
-                         "caption}]") from None
+        raise ValueError(f"{path}: not a COCO captions file ({type(error).__name__}: {error}); expected 'images' "
+                         "[{id, file_name}] and 'annotations' [{image_id, caption}]") from None
     return rows, list(dict.fromkeys(name for name, _ in rows))
 
 
 def coco_caption_subset(rows, num, seed=COCO_SEED):
-    """num (file_name, caption) pairs, one per image, as the official data_process.py draws them with pandas after
-    np.random.seed(123): df.sample(frac=1) shuffles the rows (RandomState.choice without replacement is
-    permutation()), drop_duplicates keeps each image's first row, df.sample(num) takes the first num of a second
-    permutation. So a smaller num gives a prefix of the 10k list."""
+    """num (file_name, caption) pairs, one per image, drawn as official data_process.py does with pandas after
+    np.random.seed(123): shuffle the rows, keep each image's first, take the first num of a second shuffle (so a
+    smaller num gives a prefix of the 10k list)."""
     rng = np.random.RandomState(seed)
     first = {}
     for i in rng.permutation(len(rows)):
@@ -1214,37 +1202,44 @@ def coco_caption_subset(rows, num, seed=COCO_SEED):
 
 
 def t2i_inception(path=None, cache_dir=None, device="cpu"):
-    """(name, features): float [N, 3, 299, 299] in [0, 255] -> [N, 2048] after (x - 128) / 128 (clean-fid). A .pt
-    file, or clean-fid's inception-2015-12-05.pt found in the cache or clean-fid's /tmp, is its TorchScript network
-    (its `layers`, as clean-fid's InceptionV3W calls them); otherwise InceptionV3 with pytorch-fid's weights."""
+    """(name, features: float [N, 3, 299, 299] in [0, 255] -> [N, 2048]): clean-fid's TorchScript Inception (a .pt
+    path, else found in the cache or clean-fid's /tmp) called as its InceptionV3W does, else pytorch-fid's weights."""
     name = "inception-2015-12-05.pt"
     found = [path] if path else [os.path.join(cache_dir or default_cache_dir(), name), os.path.join("/tmp", name)]
     script = next((p for p in found if p.endswith(".pt") and os.path.isfile(p)), None)
     if path and path.endswith(".pt") and not script:
         raise FileNotFoundError(f"{path}: no such file (clean-fid's TorchScript Inception is {CLEANFID_INCEPTION_URL})")
-    if script:
-        try:
-            layers = torch.jit.load(script, map_location=device).eval().layers
-        except (RuntimeError, AttributeError) as error:
-            raise ValueError(f"{script}: not clean-fid's TorchScript Inception ({str(error).splitlines()[0]}); "
-                             f"get {CLEANFID_INCEPTION_URL}") from None
-
-        @torch.inference_mode()
-        def features(x):
-            return layers((x.to(device) - 128) / 128).reshape(len(x), -1)
-        return "torchscript-inception", features
-    net = load_inception(path, cache_dir, device=device)
-    return "pytorch-fid-inception", lambda x: net.features((x - 128) / 128)
+    if not script:
+        net = load_inception(path, cache_dir, device=device)
+        return "pytorch-fid-inception", lambda x: net.features((x - 128) / 128)
+    try:
+        layers = torch.jit.load(script, map_location=device).eval().layers
+    except (RuntimeError, AttributeError) as error:
+        raise ValueError(f"{script}: not clean-fid's TorchScript Inception ({str(error).splitlines()[0]}); "
+                         f"get {CLEANFID_INCEPTION_URL}") from None
+    return "torchscript-inception", lambda x: layers((x.to(device) - 128) / 128).reshape(len(x), -1)
 
 
 def _on_array(array, transform):
     return np.asarray(transform(PIL.Image.fromarray(array)))
 
 
-def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", workers=0):
-    """FeatureStats of image files after transform (PIL -> PIL, picklable for `workers` loader processes), read and
-    "clean"-resized by clean-fid's get_files_features (PIL bicubic in float to 299, no quantisation); rank r of
-    torchrun's world reads files r, r + world, ... and the sums are reduced over ranks."""
+def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", workers=0, cache=None, protocol=""):
+    """(mu, sigma) of image files after `transform` (PIL -> PIL, picklable for `workers`) and clean-fid's "clean"
+    resize (get_files_features: PIL bicubic in float to 299); rank r reads files r, r + world, ..., sums reduced.
+    `cache` (reference images): an .npz read when it holds this protocol name and N, else written with them."""
+    if cache and os.path.isfile(cache):
+        with np.load(cache, allow_pickle=False) as f:
+            stored = (str(f["protocol"]), int(f["num"])) if {"protocol", "num"} <= set(f.files) else None
+        if stored != (protocol, len(paths)):
+            found = f"{stored[0]!r} with N={stored[1]}" if stored else "no protocol name or N"
+            raise ValueError(f"{cache}: reference statistics of {found}; this evaluation needs {protocol!r} with "
+                             f"N={len(paths)}: delete the file or pass another --refs folder")
+        return edm_net.load_stats(cache, dim)
+    missing = [p for p in paths if not os.path.isfile(p)] if cache else []
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(paths)} reference images are missing (first: "
+                                f"{missing[0]}): unzip COCO's val2014.zip into the --coco folder")
     try:
         from cleanfid.fid import get_files_features
     except ImportError:
@@ -1254,38 +1249,20 @@ def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", work
     if paths[rank::world]:
         stats.add(get_files_features(paths[rank::world], features, workers, batch, device, mode="clean", verbose=False,
                                      custom_image_tranform=functools.partial(_on_array, transform=transform)))
-    return stats.all_reduce()
-
-
-def reference_stats(path, protocol, files, transform, features, dim=2048, batch=32, device="cpu", workers=0):
-    """(mu, sigma) of the reference images: the cached .npz when its stored protocol name and N match, else computed
-    (sharded) and saved with them. A file of another protocol or N, or without them, is refused."""
-    if os.path.isfile(path):
-        with np.load(path, allow_pickle=False) as f:
-            stored = (str(f["protocol"]), int(f["num"])) if {"protocol", "num"} <= set(f.files) else None
-        if stored != (protocol, len(files)):
-            found = f"{stored[0]!r} with N={stored[1]}" if stored else "no protocol name or N"
-            raise ValueError(f"{path}: reference statistics of {found}; this evaluation needs {protocol!r} with "
-                             f"N={len(files)}: delete the file or pass another --refs folder")
-        return edm_net.load_stats(path, dim)
-    missing = [p for p in files if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of the {len(files)} reference images are missing (first: "
-                                f"{missing[0]}): unzip COCO's val2014.zip into the --coco folder")
-    mu, sigma = t2i_stats(files, transform, features, dim, batch, device, workers).mu_sigma()
-    if edm_net.rank_world()[0] == 0:
-        edm_net.save_stats(path, mu, sigma, protocol=protocol, num=len(files))
+    mu, sigma = stats.all_reduce().mu_sigma()
+    if cache and rank == 0:
+        edm_net.save_stats(cache, mu, sigma, protocol=protocol, num=len(paths))
     return mu, sigma
 
 
 def load_clip(model_name="ViT-g-14", weights="laion2b_s12b_b42k"):
-    """(model, eval transform, tokenizer) of open_clip, fp32 on the CPU (official: .float()); weights is a tag or a
-    local file. Needs open_clip_torch (requirements-sdxl.txt); offline, one line names the file to download."""
+    """(model, eval transform, tokenizer) of open_clip, fp32 on the CPU (official: ViT-g-14 laion2b_s12b_b42k,
+    .float()); weights is a tag or a file. Offline, one line names the file, before the network is built."""
     try:
         import open_clip
     except ImportError:
         raise ImportError("CLIP score needs open_clip_torch: pip install -r requirements-sdxl.txt") from None
-    try:  # the weights file first: offline, fail before building the 1.4B-parameter network
+    try:
         if open_clip.pretrained.is_pretrained_cfg(model_name, weights):
             weights = open_clip.pretrained.download_pretrained(open_clip.pretrained.get_pretrained_cfg(model_name,
                                                                                                       weights))
@@ -1302,9 +1279,8 @@ def _clip_batch(items, preprocess):
 
 @torch.inference_mode()
 def clip_score(paths, captions, clip, batch=32, device="cpu", workers=0):
-    """Mean cosine between open_clip's image embedding (crop + LANCZOS 256, then the model's eval transform) and its
-    text embedding of "A photo depicts " + caption, over ranks. Tokenising the prefixed string equals the official
-    insertion of the prefix tokens after <start> with the 77-token cut and <end> fix (tested)."""
+    """Mean cosine of open_clip's image (crop + LANCZOS 256, its eval transform) and text ("A photo depicts " +
+    caption) embeddings over ranks; tokenising the prefixed text equals the official token insertion (tested)."""
     model, preprocess, tokenizer = clip
     rank, world = edm_net.rank_world()
     total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -1330,35 +1306,31 @@ def _pretrained(cls, model_id, **kwargs):
 
 def t2i_pipeline(model, steps, guidance, model_id=""):
     """(diffusers pipeline, call kwargs) for --model, the one generation path of every model:
-      student:PATH    a text-to-image run's checkpoint.pt, or a UNet state dict (its unet.bin) on the SDXL base with
-                      `steps` steps: LCMScheduler on the generator's timesteps (equal to our sampler), guidance 0
+      student:PATH    a text-to-image run's checkpoint.pt, or a UNet state dict (its unet.bin) on the SDXL base:
+                      LCMScheduler on the generator's timesteps (equal to our sampler), guidance 0
       dmd2-sdxl[-lora], dmd2-sd15   released DMD2 weights (SDXL 1 / 4 steps, 4-step LoRA; SD v1.5 1 step at t = 999)
-      teacher, hf:ID  SDXL base, or any UNet text-to-image pipeline by Hugging Face id (e.g. stabilityai/sdxl-turbo),
-                      with its own scheduler, `steps` steps and CFG `guidance`
+      teacher, hf:ID  SDXL base, or any text-to-image pipeline by Hugging Face id, with its own scheduler and CFG
       sdxl-lightning, lcm-sdxl   SDXL base with their UNet and scheduler (official test_folder_sdxl.py)"""
     diffusers, _ = _hf()
     diffusers.utils.logging.get_logger("diffusers.schedulers.scheduling_lcm").setLevel("ERROR")  # our timesteps
     kind, _, arg = model.partition(":")  # are intended (official README), not a per-batch warning
-    base = model_id or (SD15_MODEL_ID if kind == "dmd2-sd15" else SDXL_MODEL_ID)
+    sd15 = kind == "dmd2-sd15"
+    base = model_id or (SD15_MODEL_ID if sd15 else SDXL_MODEL_ID)
+    call = dict(num_inference_steps=steps, guidance_scale=0)
     if kind in ("teacher", "hf"):
-        pipe = _pretrained(diffusers.AutoPipelineForText2Image, arg or base)
-        return pipe, dict(num_inference_steps=steps, guidance_scale=guidance)
-    if kind == "dmd2-sd15":
-        pipe = _pretrained(diffusers.StableDiffusionPipeline, base, safety_checker=None, requires_safety_checker=False)
-        load_unet_weights(pipe.unet, arg or download_dmd2(DMD2_SD15_FILE, fix="pass --model dmd2-sd15:PATH"))
-        pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
-        return pipe, dict(timesteps=[999], guidance_scale=0)
-    if kind in ("student", "dmd2-sdxl", "dmd2-sdxl-lora"):
-        lora = kind == "dmd2-sdxl-lora"
-        if kind == "student" and not arg or kind != "student" and not arg and steps not in ((4,) if lora else (1, 4)):
+        return _pretrained(diffusers.AutoPipelineForText2Image, arg or base), dict(call, guidance_scale=guidance)
+    if kind in ("student", "dmd2-sdxl", "dmd2-sdxl-lora", "dmd2-sd15"):
+        lora, steps = kind == "dmd2-sdxl-lora", 1 if sd15 else steps
+        if not arg and (kind == "student" or steps not in ((4,) if lora else (1, 4))):
             raise ValueError(f"--model {model}: give student:PATH; the released DMD2 SDXL is 1 or 4 steps, LoRA 4")
         state = read_run(arg) if kind == "student" else {}
         if "distiller" in state:
             generator, cfg, parts = load_student(state)
             parts.unet, steps, t = generator.unet.eval(), cfg.generator_steps, cfg.conditioning_timestep
-        else:
-            parts, t = load_t2i(base), 399  # the released 1-step model: pure noise at t = 399 (official README)
-            path = arg or download_dmd2(DMD2_SDXL_FILES["lora" if lora else steps], fix=f"pass --model {kind}:PATH")
+        else:  # the released 1-step SDXL: pure noise at t = 399 (official README)
+            parts, t = load_t2i(base, sdxl=not sd15), 999 if sd15 else 399
+            path = arg or download_dmd2(DMD2_SD15_FILE if sd15 else DMD2_SDXL_FILES["lora" if lora else steps],
+                                        fix=f"pass --model {kind}:PATH")
             if lora:
                 fuse_lora(parts, path)
             elif state:
@@ -1366,21 +1338,20 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
             else:
                 load_unet_weights(parts.unet, path)
         timesteps = [t] if steps == 1 else list(range(999, 0, -(1000 // steps)))[:steps]  # as generator_sigmas
-        scheduler, call = diffusers.LCMScheduler(), dict(timesteps=timesteps, guidance_scale=0)
-    elif kind == "sdxl-lightning":
+        scheduler = diffusers.LCMScheduler(steps_offset=1)  # unused by LCM; SD v1.5 pipelines warn on 0
+        call = dict(timesteps=timesteps, guidance_scale=0)
+    elif kind == "sdxl-lightning":  # SDXL-Lightning's model card: "trailing" timesteps, x0 prediction at 1 step
         parts = load_t2i(base)
         name = "sdxl_lightning_1step_unet_x0" if steps == 1 else f"sdxl_lightning_{steps}step_unet"
         load_unet_weights(parts.unet, arg or download_dmd2(f"{name}.safetensors", "ByteDance/SDXL-Lightning",
                                                            "pass --model sdxl-lightning:PATH"))
-        scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(  # SDXL-Lightning's card: "trailing"
-            base, subfolder="scheduler", timestep_spacing="trailing", **({"prediction_type": "sample"} if steps == 1
-                                                                           else {}))
-        call = dict(num_inference_steps=steps, guidance_scale=0)
+        scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(
+            base, subfolder="scheduler", timestep_spacing="trailing", prediction_type="sample" if steps == 1 else
+            "epsilon")
     elif kind == "lcm-sdxl":
         parts = load_t2i(base)
         parts.unet = _pretrained(diffusers.UNet2DConditionModel, arg or "latent-consistency/lcm-sdxl")
         scheduler = diffusers.LCMScheduler.from_pretrained(base, subfolder="scheduler")
-        call = dict(num_inference_steps=steps, guidance_scale=0)
     else:
         raise ValueError(f"unknown --model {model!r}: student:PATH, dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15, teacher, "
                          "hf:ID, sdxl-lightning or lcm-sdxl")
@@ -1389,10 +1360,8 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
 
 @torch.no_grad()
 def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None, rank=0, world_size=1):
-    """Image i of prompts -> out_dir/{i:05d}.png. Rank r makes images r, r + world_size, ... that are not yet on
-    disk (resumable; written atomically). Its initial latents and every later noise draw (pipeline generator) come
-    from a generator seeded seed + i, so an image does not depend on the batch or the process. uint8 = truncation
-    of the pipeline's [0, 1] output x 255 (official test scripts)."""
+    """Image i of prompts -> out_dir/{i:05d}.png, rank r making the missing ones of r, r + world_size, ...; all noise
+    of image i from a generator seeded seed + i. uint8 = truncation of the [0, 1] output x 255 (official)."""
     os.makedirs(out_dir, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -1411,26 +1380,16 @@ def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None,
 
 
 def t2i_evaluate_main(args):
-    """`python dmd2.py evaluate --model MODEL --coco DIR ...` (parsed by evaluate_main): writes the images and
-    out/metrics.json and prints FID, patch FID (SDXL) and CLIP score, each with its N. --model images evaluates the
-    images already in --out."""
+    """`evaluate --model MODEL --coco DIR` (--model images: those in --out): images, FID, patch FID (SDXL) and CLIP
+    score into --out/metrics.json; what can fail fast (COCO, N, weights, references) does so before generating."""
     if not args.coco:
         raise SystemExit("evaluate --model needs --coco DIR (val2014/ and annotations/captions_val2014.json)")
     args.protocol = args.protocol or ("sd15" if args.model.startswith("dmd2-sd15") else "sdxl")
-    protocol = T2I_PROTOCOLS[args.protocol]
-    num, teacher = args.num or protocol["num"], args.model == "teacher"
+    protocol, teacher = T2I_PROTOCOLS[args.protocol], args.model == "teacher"
+    num, res = args.num or protocol["num"], protocol["eval_res"]
     steps = args.steps or (100 if teacher else 4)
     guidance = args.guidance if args.guidance is not None else 6.0 if teacher else 0.0
     out = args.out or os.path.join("runs", "eval", args.model.replace(":", "_").replace("/", "_"))
-    refs = args.refs or os.path.join(args.cache_dir or default_cache_dir(), "coco_refs")
-    device = resolve_device(Config(device="auto"))
-    with distributed(device) as (rank, world_size, _):
-        return t2i_evaluate(args, protocol, num, steps, guidance, out, refs, device, rank, world_size)
-
-
-def t2i_evaluate(args, protocol, num, steps, guidance, out, refs, device, rank=0, world_size=1):
-    """The body of `python dmd2.py evaluate --model ...` on one process of the group."""
-    # Everything that can fail fast does so before generating: COCO, N, weights, reference statistics.
     rows, all_images = read_coco_captions(args.coco)
     if args.prompts:  # SD v1.5's references are all of val2014, so any caption list fits them
         if protocol["refs"] != "all":
@@ -1444,21 +1403,9 @@ def t2i_evaluate(args, protocol, num, steps, guidance, out, refs, device, rank=0
         prompts = [caption for _, caption in subset]
     ref_names = all_images if protocol["refs"] == "all" else [name for name, _ in subset]
     ref_files = [os.path.join(args.coco, "val2014", name) for name in ref_names]
-    extractor, features = t2i_inception(args.inception, args.cache_dir, device)
-    dim = features(torch.zeros(1, 3, 299, 299)).shape[1]  # 2048; run once now so a bad file fails early
-    clip = None if args.no_clip else load_clip(args.clip_model, args.clip_weights)
-    res, subset_name = protocol["eval_res"], f"{num}-of-seed{COCO_SEED}" if protocol["refs"] == "subset" else "all"
     kinds = {"FID": (f"crop-lanczos{res}", functools.partial(crop_resize, res=res))}
     if protocol["patch_fid"]:
         kinds["patch_FID"] = ("patch299", patch_crop)
-    refs_stats = {}
-    for kind, (transform_name, transform) in kinds.items():
-        name = f"coco2014-val {subset_name} {transform_name} clean299 {extractor}"
-        path = os.path.join(refs, name.replace(" ", "_") + ".npz")
-        refs_stats[kind] = reference_stats(path, name, ref_files, transform, features, dim, 32, device, args.workers)
-
-    os.makedirs(out, exist_ok=True)
-    files = [os.path.join(out, f"{i:05d}.png") for i in range(num)]
     settings = dict(model=args.model, model_id=args.model_id, steps=steps, guidance=guidance, seed=args.seed,
                     resolution=args.resolution, dtype=args.dtype, protocol=args.protocol, prompts=args.prompts)
     settings_path = os.path.join(out, "settings.json")
@@ -1467,38 +1414,51 @@ def t2i_evaluate(args, protocol, num, steps, guidance, out, refs, device, rank=0
     if saved and any(saved.get(key) != settings[key] for key in keys):
         raise ValueError(f"{out} holds images made with other settings ({settings_path}): pass another --out or "
                          "delete it")
-    if args.model != "images":
-        pipe, call = t2i_pipeline(args.model, steps, guidance, args.model_id)
-        pipe.to(device)
-        if args.dtype != "fp32":
-            pipe.to(dtype=torch.float16 if args.dtype == "fp16" else torch.bfloat16)
-        if rank == 0:
-            with open(settings_path, "w") as f:
-                json.dump(settings, f)
-        t2i_generate(pipe, call, prompts, out, args.seed, args.batch, args.resolution, rank, world_size)
-        del pipe
-        if dist.is_initialized():
-            dist.barrier()
-    missing = [p for p in files if not os.path.isfile(p)]
-    if missing:
-        raise ValueError(f"{out} holds {num - len(missing)} of the {num} images asked (first missing: {missing[0]}): "
-                         "generate them (--model ...) or pass a smaller --num")
-
-    metrics = {"N": num, "N_ref": len(ref_files)}
-    for kind, (transform_name, transform) in kinds.items():
-        stats = t2i_stats(files, transform, features, dim, 32, device, args.workers)
-        metrics[kind] = frechet_distance(*stats.mu_sigma(), *refs_stats[kind])
-        if rank == 0:
-            print(f"{kind.replace('_', ' ')} {metrics[kind]:.3f} (N={num} images of {args.model} vs N={len(ref_files)} "
-                  f"COCO-2014 val images; {args.protocol}, {transform_name}, {extractor})")
-    if clip is not None:
-        metrics["clip_score"] = clip_score(files, prompts, (clip[0].to(device), *clip[1:]), 32, device, args.workers)
-    if rank == 0:
+    device = resolve_device(Config(device="auto"))
+    with distributed(device) as (rank, world_size, _):
+        extractor, features = t2i_inception(args.inception, args.cache_dir, device)
+        dim = features(torch.zeros(1, 3, 299, 299)).shape[1]  # 2048; run once now so a bad file fails early
+        clip = None if args.no_clip else load_clip(args.clip_model, args.clip_weights)
+        subset_name = f"{num}-of-seed{COCO_SEED}" if protocol["refs"] == "subset" else "all"
+        refs_stats = {}
+        for kind, (transform_name, transform) in kinds.items():
+            name = f"coco2014-val {subset_name} {transform_name} clean299 {extractor}"
+            cache = os.path.join(args.refs or os.path.join(args.cache_dir or default_cache_dir(), "coco_refs"),
+                                 name.replace(" ", "_") + ".npz")
+            refs_stats[kind] = t2i_stats(ref_files, transform, features, dim, 32, device, args.workers, cache, name)
+        if args.model != "images":
+            pipe, call = t2i_pipeline(args.model, steps, guidance, args.model_id)
+            pipe.to(device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
+            if rank == 0:
+                os.makedirs(out, exist_ok=True)
+                with open(settings_path, "w") as f:
+                    json.dump(settings, f)
+            t2i_generate(pipe, call, prompts, out, args.seed, args.batch, args.resolution, rank, world_size)
+            del pipe
+            if dist.is_initialized():
+                dist.barrier()
+        files = [os.path.join(out, f"{i:05d}.png") for i in range(num)]
+        missing = [p for p in files if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"{out} holds {num - len(missing)} of the {num} images asked (first missing: "
+                             f"{missing[0]}): generate them (--model ...) or pass a smaller --num")
+        metrics = {"N": num, "N_ref": len(ref_files)}
+        for kind, (transform_name, transform) in kinds.items():
+            stats = t2i_stats(files, transform, features, dim, 32, device, args.workers)
+            metrics[kind] = frechet_distance(*stats, *refs_stats[kind])
+            if rank == 0:
+                print(f"{kind.replace('_', ' ')} {metrics[kind]:.3f} (N={num} images of {args.model} vs "
+                      f"N={len(ref_files)} COCO-2014 val images; {args.protocol}, {transform_name}, {extractor})")
         if clip is not None:
-            print(f"CLIP score {metrics['clip_score']:.4f} (N={num}; open_clip {args.clip_model} {args.clip_weights})")
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump(dict(metrics, model=args.model, protocol=args.protocol, inception=extractor), f, indent=1)
-    return metrics
+            metrics["clip_score"] = clip_score(files, prompts, (clip[0].to(device), *clip[1:]), 32, device,
+                                               args.workers)
+            if rank == 0:
+                print(f"CLIP score {metrics['clip_score']:.4f} (N={num}; open_clip {args.clip_model} "
+                      f"{args.clip_weights})")
+        if rank == 0:
+            with open(os.path.join(out, "metrics.json"), "w") as f:
+                json.dump(dict(metrics, model=args.model, protocol=args.protocol, inception=extractor), f, indent=1)
+        return metrics
 
 # ================================================================================================================
 # PART III. THE HARNESS: devices, embedded rungs, real data, downloads, EDM and text-to-image runs, command line
@@ -2577,7 +2537,6 @@ SDXL_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", 
 
 
 def _hf():
-    """diffusers and transformers, imported on first use (with peft, for LoRA)."""
     try:
         import diffusers
         import peft  # noqa: F401
@@ -2634,7 +2593,7 @@ class T2IParts:
         return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def teacher(self):
-        """The teacher UNet as a denoiser (it is not copied: the Distiller makes the real score of it)."""
+        """The teacher UNet as a denoiser (not copied: the Distiller makes the real score of it)."""
         uncond = ((torch.zeros(1, 77, self.unet.config.cross_attention_dim), torch.zeros(1, 1280)) if self.sdxl
                   else Prompts([], self.tokenizers, self.text_encoders).blank(1))
         return EpsDenoiser(self.unet, self.alphas_cumprod, uncond, self.resolution if self.sdxl else None)
@@ -2646,25 +2605,23 @@ class T2IParts:
 
 
 def load_t2i(model_id, sdxl=True):
-    """SD v1.5 or SDXL from a Hugging Face id or a local folder with the diffusers layout (unet, vae, text_encoder(_2),
-    tokenizer(_2), scheduler), all fp32 (official: from_pretrained(model_id, subfolder=...).float())."""
+    """SD v1.5 or SDXL from a Hugging Face id or a diffusers folder, frozen, fp32 (official: .float())."""
     diffusers, transformers = _hf()
-    unet = _pretrained(diffusers.UNet2DConditionModel, model_id, subfolder="unet")
-    vae = _pretrained(diffusers.AutoencoderKL, model_id, subfolder="vae")
     suffixes = ("", "_2") if sdxl else ("",)
     encoders = tuple(_pretrained(cls, model_id, subfolder=f"text_encoder{s}") for cls, s in
                      zip((transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection), suffixes))
     tokenizers = tuple(_pretrained(transformers.CLIPTokenizer, model_id, subfolder=f"tokenizer{s}") for s in suffixes)
+    unet = _pretrained(diffusers.UNet2DConditionModel, model_id, subfolder="unet").float()
+    vae = _pretrained(diffusers.AutoencoderKL, model_id, subfolder="vae").float()
     scheduler = _pretrained(diffusers.DDIMScheduler, model_id, subfolder="scheduler")
     for module in (unet, vae, *encoders):
         module.requires_grad_(False).eval()
-    return T2IParts(unet.float(), encoders, tokenizers, vae.float(), scheduler.alphas_cumprod.double())
+    return T2IParts(unet, encoders, tokenizers, vae, scheduler.alphas_cumprod.double())
 
 
 def tiny_t2i_parts(sdxl=True, seed=0):
-    """Random SD-shaped networks for a CPU (tests, --tiny true; nothing downloaded): the conditioning layout and a
-    factor-8 VAE with 4 latent channels kept, the rest shrunk (128 px -> 16x16 latents); character-level tokenizers,
-    the second padding with "!" as SDXL's does."""
+    """Random SD-shaped networks for a CPU (tests, --tiny true): SD's conditioning layout, a factor-8 VAE with 4
+    latent channels (128 px -> 16 x 16 latents), character-level tokenizers (the second pads with "!" as SDXL's)."""
     diffusers, transformers = _hf()
     torch.manual_seed(seed)
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
@@ -2700,12 +2657,21 @@ def t2i_parts(spec):
 
 
 def load_unet_weights(unet, path):
-    """Strictly load a diffusers UNet state dict (.safetensors, or .bin read weights-only: the released
+    """Strictly load a UNet state dict (.safetensors, or .bin read weights-only: the released
     dmd2_sdxl_4step_unet_fp16.bin) into `unet`, keeping its dtype."""
     from safetensors.torch import load_file
-    state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
-                                                                              weights_only=True)
-    unet.load_state_dict(state, strict=True)
+    unet.load_state_dict(load_file(path) if path.endswith(".safetensors") else
+                         torch.load(path, map_location="cpu", weights_only=True))
+    return unet
+
+
+def add_generator_lora(unet, rank=64, alpha=8):
+    """LoRA on the generator only, the base weights frozen (official: --generator_lora, LoraConfig(r=64,
+    lora_alpha=8, lora_dropout=0) on SDXL_LORA_TARGETS)."""
+    _hf()
+    from peft import LoraConfig
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=SDXL_LORA_TARGETS))
     return unet
 
 
@@ -2716,18 +2682,8 @@ def lora_generator(teacher, cfg):
     return generator
 
 
-def add_generator_lora(unet, rank=64, alpha=8):
-    """LoRA on the generator only (official: --generator_lora, LoraConfig(r=64, lora_alpha=8, lora_dropout=0) on
-    SDXL_LORA_TARGETS); the base weights freeze, only the adapters train."""
-    _hf()
-    from peft import LoraConfig
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=SDXL_LORA_TARGETS))
-    return unet
-
-
 def t2i_pipe(parts, scheduler):
-    """A diffusers pipeline (SD v1.5 or SDXL) around the parts, for generation with other schedulers."""
+    """A diffusers pipeline (SD v1.5 or SDXL) around the parts."""
     diffusers, _ = _hf()
     common = dict(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=parts.unet,
                   scheduler=scheduler)
@@ -2739,8 +2695,8 @@ def t2i_pipe(parts, scheduler):
 
 
 def fuse_lora(parts, path):
-    """Fuse a LoRA file into parts.unet the way the official README does: pipeline.load_lora_weights(path), then
-    fuse_lora(lora_scale=1.0) (diffusers converts the released kohya-style dmd2_sdxl_4step_lora file)."""
+    """Fuse a LoRA file into parts.unet as the official README does: load_lora_weights, fuse_lora(lora_scale=1.0)
+    (diffusers converts the released kohya-style dmd2_sdxl_4step_lora file)."""
     pipe = t2i_pipe(parts, _hf()[0].LCMScheduler())
     pipe.load_lora_weights(path)
     pipe.fuse_lora(lora_scale=1.0)
@@ -2753,7 +2709,7 @@ def read_captioned_folder(folder):
         raise FileNotFoundError(f"{folder}: no such folder (--data_path wants a folder of images with .txt captions)")
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(edm_net.IMAGE_EXTENSIONS))
     if not names:
-        raise FileNotFoundError(f"{folder}: no images ({', '.join(edm_net.IMAGE_EXTENSIONS)}); the GAN needs real images")
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(edm_net.IMAGE_EXTENSIONS)})): the GAN needs them")
     items = []
     for name in names:
         caption_file = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
@@ -2772,15 +2728,14 @@ def load_image(path, resolution):
 
 @torch.no_grad()
 def encode_latents(folder, vae, resolution, batch_size=8):
-    """(latents, captions) of a captioned folder, encoded ONCE on the VAE's device (official generate_vae_latents.py:
-    vae.encode(x).latent_dist.sample() * scaling_factor) into fp16 folder/.dmd2_latents_<res>/latents.npy, returned
-    memory-mapped (a run reads only its batches' rows). Re-encoded when file names, sizes or captions change."""
+    """(latents, captions) of a captioned folder, encoded once (official generate_vae_latents.py: latent_dist.sample()
+    * scaling_factor) into fp16 .dmd2_latents_<res>/latents.npy, memory-mapped; redone when files or captions change."""
     items = read_captioned_folder(folder)
     key = dict(files=[f"{os.path.basename(p)}:{os.path.getsize(p)}" for p, _ in items],
                captions=[c for _, c in items], resolution=resolution)
     store = os.path.join(folder, f".dmd2_latents_{resolution}")
     index_path, array_path = os.path.join(store, "index.json"), os.path.join(store, "latents.npy")
-    with contextlib.suppress(FileNotFoundError), open(index_path) as f:  # a store made from the same files
+    with contextlib.suppress(FileNotFoundError), open(index_path) as f:
         if json.load(f) == key:
             return np.load(array_path, mmap_mode="r"), key["captions"]
     os.makedirs(store, exist_ok=True)
@@ -2791,36 +2746,26 @@ def encode_latents(folder, vae, resolution, batch_size=8):
     rng = torch.Generator(device).manual_seed(0)  # the posterior samples: the same store on every machine
     for i in range(0, len(items), batch_size):
         images = torch.stack([load_image(p, resolution) for p, _ in items[i:i + batch_size]]).to(device, vae.dtype)
-        latents = vae.encode(images).latent_dist.sample(generator=rng) * vae.config.scaling_factor
-        array[i:i + len(images)] = latents.half().cpu().numpy()
+        array[i:i + len(images)] = (vae.encode(images).latent_dist.sample(generator=rng) *
+                                    vae.config.scaling_factor).half().cpu().numpy()
     array.flush()
     del array
-    os.replace(tmp, array_path)  # renames: a reader maps a complete file, never one being written
+    os.replace(tmp, array_path)  # renames: a reader maps a complete file, and the index comes last
     with open(tmp + ".json", "w") as f:
         json.dump(key, f)
-    os.replace(tmp + ".json", index_path)  # last: an interrupted encoding is never taken for a complete one
+    os.replace(tmp + ".json", index_path)
     return np.load(array_path, mmap_mode="r"), key["captions"]
 
 
-@torch.no_grad()
 def decode_latents(vae, latents):
-    """Latents -> images in [-1, 1] (float32): vae.decode(z / scaling_factor) (official). The SDXL VAE stays fp32
-    (official: it overflows in fp16)."""
+    """Latents -> images in [-1, 1], float32: vae.decode(z / scaling_factor) (official; the SDXL VAE stays fp32, it
+    overflows in fp16). With gradient when `latents` have one."""
     return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
-
-
-def lpips_decoder(parts, cfg, device):
-    """decode_latents with gradient, for the ODE pretraining's LPIPS (official: the tiny autoencoder
-    madebyollin/taesdxl; taesd for SD v1.5). --tiny: the tiny model's own VAE."""
-    vae = parts.vae if cfg.tiny else _pretrained(_hf()[0].AutoencoderTiny,
-                                                 "madebyollin/taesdxl" if parts.sdxl else "madebyollin/taesd")
-    vae.to(device).requires_grad_(False).eval()
-    return lambda z: vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()
 
 
 def run_t2i(cfg):
     """Distil SD v1.5 or SDXL (presets sdxl, sdxl-1step, sdxl-ode, sd15, sd15-gan) on the captioned images of
-    --data_path, run as the EDM rungs are; at the end rank 0 exports the generator (export_generator)."""
+    --data_path as the EDM rungs are run; at the end rank 0 exports the generator."""
     sdxl = cfg.dataset.startswith("sdxl")
     spec = dict(model_id=cfg.model_id or (SDXL_MODEL_ID if sdxl else SD15_MODEL_ID), sdxl=sdxl, tiny=cfg.tiny,
                 seed=cfg.seed)
@@ -2837,8 +2782,13 @@ def run_t2i(cfg):
         parts.unet = None  # the teacher UNet now lives only in the Distiller's real score
         sample_shape = tuple(latents.shape[1:])
         pairs = teacher_ode_pairs(cfg, teacher, conditions, sample_shape) if cfg.regression_pairs else None
+        perceptual = None
+        if pairs:  # official: LPIPS through the tiny autoencoder madebyollin/taesdxl (taesd for SD v1.5)
+            vae = parts.vae if cfg.tiny else _pretrained(_hf()[0].AutoencoderTiny,
+                                                         "madebyollin/taesdxl" if sdxl else "madebyollin/taesd")
+            vae.to(device).requires_grad_(False).eval()
+            perceptual = perceptual_loss(cfg.regression_loss, device, functools.partial(decode_latents, vae))
         real = InMemoryBatches(latents, captions, cfg.batch_size * world_size, cfg.seed, rank, world_size)
-        perceptual = perceptual_loss(cfg.regression_loss, device, lpips_decoder(parts, cfg, device)) if pairs else None
         distiller = run_training(cfg, teacher, real, sample_shape, run_dir, device, rank, world_size, conditions,
                                  functools.partial(decode_latents, parts.vae), pairs, perceptual)
         weights = generator_weights(distiller)
@@ -2848,9 +2798,8 @@ def run_t2i(cfg):
 
 
 def export_generator(weights, unet_config, cfg, run_dir, sdxl=True):
-    """The trained generator as the text-to-image ecosystem loads it: unet.bin (the released dmd2_sdxl_*_unet layout;
-    load_unet_weights, `evaluate --model student:PATH`) and unet/ (from_pretrained(run_dir, subfolder="unet")); a LoRA
-    run writes its adapters instead, pytorch_lora_weights.safetensors (a pipeline's load_lora_weights(run_dir))."""
+    """The generator as diffusers loads it: unet.bin (the released dmd2_sdxl_*_unet layout) and unet/ (from_pretrained);
+    a LoRA run writes its adapters instead, pytorch_lora_weights.safetensors (load_lora_weights(run_dir))."""
     diffusers, _ = _hf()
     unet = diffusers.UNet2DConditionModel.from_config(unet_config)
     if cfg.lora_rank:

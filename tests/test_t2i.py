@@ -7,7 +7,6 @@ Its tokenizers are real transformers CLIPTokenizers built in memory from a chara
 go through the same tokenizer -> text encoder code as the real models'. The SDXL training step is also pinned to
 the pre-unification code by tests/test_sdxl_record.py."""
 import copy
-import dataclasses
 import json
 import math
 import os

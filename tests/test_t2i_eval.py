@@ -224,7 +224,7 @@ def compare_with_cleanfid(folders, script, weights, patch, dim):
         assert name == ("torchscript-inception" if path.endswith(".pt") else "pytorch-fid-inception")
         stats = [dmd2.t2i_stats(sorted(str(p) for p in f.iterdir()), transform, lambda x: features(x)[:, :dim], dim,
                                 batch=3, workers=2 if path.endswith(".pt") else 0) for f in folders]
-        ours = dmd2.frechet_distance(*stats[0].mu_sigma(), *stats[1].mu_sigma())
+        ours = dmd2.frechet_distance(*stats[0], *stats[1])
         assert ours == pytest.approx(theirs, rel=1e-6) and theirs > 10  # 122.6 / 107.7 at 64 features
 
 
