@@ -2892,13 +2892,12 @@ def check_config(cfg):
          "--fsdp_bf16_params is for sharded text-to-image runs: --engine fsdp or hsdp, --dataset sdxl.."),
     ]
     problems = [why for refused, why in rules if refused]
-    counts = ("batch_size", "iters", "log_every", "ckpt_every", "sample_every", "eval_samples", "eval_batch",
-              "teacher_batch", "num_train_timesteps")
-    problems += [f"--{k} {getattr(cfg, k)} must be a positive integer" for k in counts if getattr(cfg, k) < 1]
-    problems += [f"--{k} {getattr(cfg, k)} must be > 0" for k in ("generator_lr", "guidance_lr", "dist_timeout")
-                 if not getattr(cfg, k) > 0]
-    problems += [f"--{k} {getattr(cfg, k)} must be >= 0" for k in ("teacher_iters", "warmup_steps", "num_workers",
-                                                                     "lora_rank") if getattr(cfg, k) < 0]
+    bounds = [("must be a positive integer", lambda v: v >= 1, "batch_size iters log_every ckpt_every sample_every "
+               "eval_samples eval_batch teacher_batch num_train_timesteps"),
+              ("must be > 0", lambda v: v > 0, "generator_lr guidance_lr dist_timeout"),
+              ("must be >= 0", lambda v: v >= 0, "teacher_iters warmup_steps num_workers lora_rank")]
+    problems += [f"--{k} {getattr(cfg, k)} {why}" for why, ok, names in bounds for k in names.split()
+                 if not ok(getattr(cfg, k))]
     if problems:
         raise SystemExit("config error: " + "; ".join(problems))
 
@@ -2933,10 +2932,8 @@ def load_student(state):
     generator = parts.teacher() if parts else build_network(spec)
     if parts and cfg.lora_rank:
         add_generator_lora(generator.unet, cfg.lora_rank, cfg.lora_alpha)
-    if state.get("sharded"):
-        generator.load_state_dict(gather_sharded(state["sharded"], "distiller.generator."))
-    else:
-        generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
+    weights = state["distiller"]["ema"] or state["distiller"]["generator"]  # neither in a sharded run: gathered
+    generator.load_state_dict(weights or gather_sharded(state["sharded"], "distiller.generator."))
     return generator.eval(), cfg, parts
 
 
