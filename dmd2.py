@@ -955,8 +955,7 @@ import scipy.linalg
 
 @torch.no_grad()
 def sample_student(generator, noise, labels, step_sigmas, conditions, batch=256):
-    """Student samples for unit noise [N, ...] and labels (or prompts) encoded by `conditions`, in batches; the
-    re-noising draws come from a generator seeded by the first noise value, so a call is reproducible."""
+    """Student samples of unit noise and labels (or prompts); its re-noising is seeded by the first noise value."""
     was_training = generator.training
     generator.eval()
     device = step_sigmas.device
@@ -970,8 +969,7 @@ def sample_student(generator, noise, labels, step_sigmas, conditions, batch=256)
 
 @torch.no_grad()
 def sample_teacher(teacher, noise, labels, conditions, num_steps=18, batch=256):
-    """Teacher samples with EDM's Heun sampler (NFE = 2 num_steps - 1) on the teacher's device; on a DDPM teacher
-    its steps land on the table (round_sigma)."""
+    """Teacher samples with EDM's Heun sampler (NFE = 2 num_steps - 1); a DDPM teacher's steps land on its table."""
     device = next(teacher.parameters()).device
     out = [edm_net.edm_sampler(teacher, noise[i:i + batch].to(device), conditions.encode(labels[i:i + batch]),
                                num_steps=num_steps).float().cpu() for i in range(0, len(labels), batch)]
@@ -983,14 +981,12 @@ def save_samples(samples, labels, path):
     if samples.ndim == 4:
         import torchvision
         grid = torchvision.utils.make_grid(edm_net.images_to_uint8(samples), nrow=8, padding=1)
-        PIL.Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-        return
+        return PIL.Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(3.2, 3.2))
-    ax = fig.subplots()
+    ax = Figure(figsize=(3.2, 3.2)).subplots()
     ax.scatter(samples[:, 0], samples[:, 1], c=labels, cmap="tab10", s=2, vmin=0, vmax=9)
     ax.set(xlim=(-1.6, 1.6), ylim=(-1.6, 1.6), aspect="equal")
-    fig.savefig(path, dpi=100)
+    ax.figure.savefig(path, dpi=100)
 
 
 def toy2d_metrics(x, labels, seed=123):
@@ -1000,12 +996,10 @@ def toy2d_metrics(x, labels, seed=123):
     ref, _ = toy2d_sample(len(x), rng)
     directions = F.normalize(torch.randn(128, 2, generator=rng), dim=1)
     swd = (torch.sort(x @ directions.T, 0)[0] - torch.sort(ref @ directions.T, 0)[0]).abs().mean()
-    n = min(len(x), 2000)
-    k = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / (2 * 0.1 ** 2))
-    mmd = k(x[:n], x[:n]).mean() + k(ref[:n], ref[:n]).mean() - 2 * k(x[:n], ref[:n]).mean()
+    k = lambda a, b: torch.exp(-torch.cdist(a[:2000], b[:2000]) ** 2 / (2 * 0.1 ** 2)).mean()  # on 2000 points
+    mmd = k(x, x) + k(ref, ref) - 2 * k(x, ref)
     dist, mode = torch.cdist(x, TOY2D_MODES).min(dim=1)
-    counts = torch.bincount(mode[dist < 0.24], minlength=8).float()
-    covered = int((counts >= 0.25 * len(x) / 8).sum())
+    covered = int((torch.bincount(mode[dist < 0.24], minlength=8) >= 0.25 * len(x) / 8).sum())
     accuracy = ((mode % 4 == labels) & (dist < 0.24)).float().mean()
     return {"SWD": float(swd), "MMD": float(mmd), "modes": covered, "accuracy": float(accuracy)}
 
@@ -1035,8 +1029,7 @@ INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_
 
 
 def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
-    """edm_net.InceptionV3 in eval mode with pytorch-fid's weights from `path`, else the cache (cache_dir, default
-    $DMD2_CACHE or ~/.cache/dmd2), else downloaded into the cache."""
+    """edm_net.InceptionV3 with pytorch-fid's weights from `path`, else the cache, else downloaded into the cache."""
     if path is None:
         path = download_cached(INCEPTION_URL, cache_dir, flag="--inception", hash_prefix="6726825d")
     elif not os.path.isfile(path):
@@ -1051,27 +1044,21 @@ def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64 (EDM fid.py / TTUR). Like
-    pytorch-fid: a non-finite sqrtm is retried with eps*I added to both covariances (e.g. fewer samples than
-    dimensions), and an imaginary diagonal beyond 1e-3 is an error; else the real part."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64 (EDM fid.py / TTUR). As pytorch-fid:
+    a non-finite sqrtm is retried with eps*I added to the covariances; an imaginary diagonal over 1e-3 is an error."""
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
     d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / "
-                         f"{sigma2.shape}")
+    if {mu1.shape, mu2.shape} != {(d,)} or {sigma1.shape, sigma2.shape} != {(d, d)}:
+        raise ValueError(f"statistics do not match: {mu1.shape}, {sigma1.shape} vs {mu2.shape}, {sigma2.shape}")
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # no `disp`: deprecated in SciPy 1.16, removed in 1.18
-    if not np.isfinite(covmean).all():
+    if not np.isfinite(covmean).all():  # e.g. fewer samples than dimensions
         warnings.warn(f"frechet_distance: sqrtm is not finite, adding {eps} to the covariance diagonals")
-        offset = eps * np.eye(d)
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"frechet_distance: sqrtm has imaginary components up to "
-                             f"{np.abs(covmean.imag).max():.3g}; the statistics are not valid covariances")
-        covmean = covmean.real
+        covmean = scipy.linalg.sqrtm((sigma1 + eps * np.eye(d)) @ (sigma2 + eps * np.eye(d)))
+    if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        raise ValueError(f"frechet_distance: sqrtm has imaginary components up to "
+                         f"{np.abs(covmean.imag).max():.3g}; the statistics are not valid covariances")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
 
 def fid_of_generator(generate_fn, ref_path, inception=None, feature_dim=2048, device="cpu", **protocol):
@@ -1084,13 +1071,12 @@ def fid_of_generator(generate_fn, ref_path, inception=None, feature_dim=2048, de
 
 
 def fid_main(argv=None):
-    """`python dmd2.py fid ...` (argv: the words after `fid`). Returns the FID, or None when writing statistics."""
-    parser = argparse.ArgumentParser(prog="dmd2.py fid", description="Inception FID (EDM protocol) of an image "
-                                     "folder / zip against reference statistics, or reference statistics of a dataset")
+    """Inception FID (EDM protocol) of an image folder / zip against reference statistics (returned), or reference
+    statistics of a dataset (returns None)."""
+    parser = argparse.ArgumentParser(prog="dmd2.py fid", description=fid_main.__doc__)
     parser.add_argument("--images", help="folder or zip of generated PNG/JPG images")
     parser.add_argument("--ref", help="reference statistics .npz (mu, sigma), e.g. EDM's imagenet-64x64.npz")
-    parser.add_argument("--ref_from", "--ref-from", help="dataset (EDM dataset_tool zip or image folder) to compute "
-                        "statistics of")
+    parser.add_argument("--ref_from", "--ref-from", help="statistics of this dataset (dataset_tool zip or folder)")
     parser.add_argument("--out", help="where --ref_from writes its .npz")
     parser.add_argument("--inception", help=f"path of pt_inception-2015-12-05-6726825d.pth (default: the cache, "
                         f"else downloaded from {INCEPTION_URL})")
@@ -1101,18 +1087,17 @@ def fid_main(argv=None):
     args = parser.parse_args(argv)
     if not ((args.images and args.ref and not args.ref_from) or (args.ref_from and args.out and not args.images)):
         parser.error("use either --images DIR_or_ZIP --ref REF.npz, or --ref-from DATASET --out REF.npz")
-    verbose = edm_net.rank_world()[0] == 0
     ref = None if args.ref_from else edm_net.load_stats(args.ref)  # a bad --ref fails before the weights are read
     inception = load_inception(args.inception, args.cache_dir, args.mode, args.device)
     if args.ref_from:
         edm_net.compute_reference_stats(args.ref_from, args.out, inception, args.batch, device=args.device)
-        if verbose:
-            print(f"saved reference statistics of {args.ref_from} to {args.out}")
-        return None
-    stats = edm_net.image_stats(args.images, inception, args.batch, device=args.device)
-    fid = frechet_distance(*stats.mu_sigma(), *ref)
-    if verbose:
-        print(f"FID {fid:.4f} ({stats.count} images from {args.images}; reference {args.ref}; mode {args.mode})")
+        fid, message = None, f"saved reference statistics of {args.ref_from} to {args.out}"
+    else:
+        stats = edm_net.image_stats(args.images, inception, args.batch, device=args.device)
+        fid = frechet_distance(*stats.mu_sigma(), *ref)
+        message = f"FID {fid:.4f} ({stats.count} images from {args.images}; reference {args.ref}; mode {args.mode})"
+    if edm_net.rank_world()[0] == 0:
+        print(message)
     return fid
 
 
@@ -2856,13 +2841,12 @@ def check_config(cfg):
          "--fsdp_bf16_params is for sharded text-to-image runs: --engine fsdp or hsdp, --dataset sdxl.."),
     ]
     problems = [why for refused, why in rules if refused]
-    counts = ("batch_size", "iters", "log_every", "ckpt_every", "sample_every", "eval_samples", "eval_batch",
-              "teacher_batch", "num_train_timesteps")
-    problems += [f"--{k} {getattr(cfg, k)} must be a positive integer" for k in counts if getattr(cfg, k) < 1]
-    problems += [f"--{k} {getattr(cfg, k)} must be > 0" for k in ("generator_lr", "guidance_lr", "dist_timeout")
-                 if not getattr(cfg, k) > 0]
-    problems += [f"--{k} {getattr(cfg, k)} must be >= 0" for k in ("teacher_iters", "warmup_steps", "num_workers",
-                                                                     "lora_rank") if getattr(cfg, k) < 0]
+    bounds = [("must be a positive integer", lambda v: v >= 1, "batch_size iters log_every ckpt_every sample_every "
+               "eval_samples eval_batch teacher_batch num_train_timesteps"),
+              ("must be > 0", lambda v: v > 0, "generator_lr guidance_lr dist_timeout"),
+              ("must be >= 0", lambda v: v >= 0, "teacher_iters warmup_steps num_workers lora_rank")]
+    problems += [f"--{k} {getattr(cfg, k)} {why}" for why, ok, names in bounds for k in names.split()
+                 if not ok(getattr(cfg, k))]
     if problems:
         raise SystemExit("config error: " + "; ".join(problems))
 
@@ -2897,10 +2881,8 @@ def load_student(state):
     generator = parts.teacher() if parts else build_network(spec)
     if parts and cfg.lora_rank:
         add_generator_lora(generator.unet, cfg.lora_rank, cfg.lora_alpha)
-    if state.get("sharded"):
-        generator.load_state_dict(gather_sharded(state["sharded"], "distiller.generator."))
-    else:
-        generator.load_state_dict(state["distiller"]["ema"] or state["distiller"]["generator"])
+    weights = state["distiller"]["ema"] or state["distiller"]["generator"]  # neither in a sharded run: gathered
+    generator.load_state_dict(weights or gather_sharded(state["sharded"], "distiller.generator."))
     return generator.eval(), cfg, parts
 
 
