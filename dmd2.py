@@ -1472,12 +1472,9 @@ except ImportError:
 
 
 def resolve_device(cfg):
-    """--device auto: this process's GPU (LOCAL_RANK under torchrun) when CUDA is there, else the CPU; --device cuda
-    without an index also means the LOCAL_RANK-th GPU."""
+    """--device auto: CUDA if there, else the CPU; CUDA means this process's GPU (LOCAL_RANK under torchrun)."""
     name = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
 
 
 def use_bf16(cfg, device):
@@ -1490,8 +1487,7 @@ def use_bf16(cfg, device):
 
 
 def prepare_network(net, cfg, device):
-    """Device, compute precision (the use_fp16 flag of EDMPrecond and EpsDenoiser, which means bf16 here), memory
-    layout and gradient checkpointing (official SD: generator always, fake UNet in its loss; here both copies)."""
+    """Device, bf16 (use_fp16), channels_last, gradient checkpointing (official SD: generator, fake UNet in loss)."""
     net = net.to(device)
     if hasattr(net, "use_fp16"):
         net.use_fp16 = use_bf16(cfg, device)
@@ -1523,64 +1519,52 @@ def compile_networks(*networks, **compile_kwargs):
 
 @contextlib.contextmanager
 def distributed(device, timeout_minutes=30.0):
-    """(rank, world_size, local_rank) under torchrun (env WORLD_SIZE/RANK/LOCAL_RANK), else (0, 1, 0). The backend
-    follows --device (NCCL for CUDA, gloo otherwise), collectives time out after timeout_minutes (not NCCL's default
-    10), and the process group is destroyed on the way out, error or not."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1 or dist.is_initialized():
-        yield (dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))) if world_size > 1 \
-            else (0, 1, 0)
+    """(rank, world_size, local_rank) under torchrun, else (0, 1, 0): NCCL on CUDA, else gloo, collectives timing out
+    after timeout_minutes (not NCCL's 10); the group is destroyed on the way out, error or not."""
+    world_size, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", 0))
+    if world_size == 1 or dist.is_initialized():  # one process, or a group the caller made
+        yield (dist.get_rank(), dist.get_world_size(), local_rank) if world_size > 1 else (0, 1, 0)
         return
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(minutes=timeout_minutes),
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=device if cuda else None)
     try:
-        yield dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", 0))
+        yield dist.get_rank(), world_size, local_rank
     finally:
         dist.destroy_process_group()
 
 
 def engine(cfg, world_size, device):
-    """The engine as a function network -> the module that runs it with gradient (Distiller's `wrap`): one process:
-    the network; ddp: DistributedDataParallel (gradients averaged in buckets while backward runs; official:
-    accelerate's DDP); fsdp / hsdp: the network sharded in place by FSDP2 (shard). Each wrapped network has
-    no_sync(), under which backward leaves the gradients unreduced (accumulate: every micro-batch but the last)."""
+    """Distiller's `wrap` (network -> the module that trains it, with no_sync()): ddp: DistributedDataParallel
+    (official: accelerate's DDP); fsdp: FSDP2 over all processes; hsdp: sharded within a node, replicated across
+    nodes (official SDXL: accelerate FSDP HYBRID_SHARD)."""
     if cfg.engine == "ddp" and world_size == 1:
         return lambda net: net
     if cfg.engine == "ddp":  # buffers are constants here: synced at init, not per forward
         return lambda net: nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-    return functools.partial(shard, mesh=device_mesh(cfg.engine, world_size, device), bf16_params=cfg.fsdp_bf16_params)
-
-
-def device_mesh(engine_name, world_size, device):
-    """FSDP2's device mesh: fsdp shards over every process; hsdp shards within a node (LOCAL_WORLD_SIZE processes)
-    and replicates across nodes (official SDXL: accelerate FSDP HYBRID_SHARD)."""
     from torch.distributed.device_mesh import init_device_mesh
-    if engine_name == "hsdp":
+    if cfg.engine == "hsdp":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        return init_device_mesh(device.type, (world_size // local, local), mesh_dim_names=("replicate", "shard"))
-    return init_device_mesh(device.type, (world_size,))
+        mesh = init_device_mesh(device.type, (world_size // local, local), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world_size,))
+    return functools.partial(shard, mesh=mesh, bf16_params=cfg.fsdp_bf16_params)
 
 
 def shard(module, mesh, bf16_params=False):
-    """FSDP2 (fully_shard): each block of the network, then the root, keeps 1/N of its weights, gradients and AdamW
-    states per process and gathers a block's weights only while it computes (official: FSDP, size-based wrapping).
-    Numerics as the official run by default: fp32 parameters and reductions, bf16 from autocast / use_fp16 inside the
-    networks. bf16_params (--fsdp_bf16_params, text-to-image UNets only): MixedPrecisionPolicy(param_dtype=bf16,
-    reduce_dtype=fp32): half the all-gathered bytes and bf16 compute, the optimiser still updating fp32 shards."""
+    """FSDP2 (fully_shard) on each block, then the root (official: FSDP, size-based wrapping); fp32 parameters and
+    reductions as the official run, or with bf16_params (--fsdp_bf16_params) bf16 gathers and compute."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params else \
         MixedPrecisionPolicy()
-    if hasattr(module, "unet"):  # a diffusers UNet (EpsDenoiser): its down, mid and up blocks
-        unet = module.unet
-        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks, unet]
+    blocks = []
+    if hasattr(module, "unet"):  # EpsDenoiser: the diffusers UNet's down, mid and up blocks, then the UNet
+        blocks = [*module.unet.down_blocks, module.unet.mid_block, *module.unet.up_blocks, module.unet]
     elif isinstance(module, edm_net.EDMPrecond):
         blocks = [*module.model.enc.values(), *module.model.dec.values()]
-    else:
-        blocks = []
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(module, mesh=mesh)
@@ -1596,36 +1580,29 @@ def shard(module, mesh, bf16_params=False):
     return module
 
 
-def file_digest(path, chunk=1 << 20):
-    """Fingerprint of a checkpoint file: its size and the SHA-256 of its first and last MiB (a torch zip file ends
-    with its directory, which holds every record's CRC-32), cheap even for a file of many GB."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(chunk)
-        f.seek(max(0, size - chunk))
-        return f"{size}:{hashlib.sha256(head + f.read()).hexdigest()[:16]}"
-
-
 def agree_on_checkpoint(path, world_size=1):
-    """Whether a run resumes from path. Rank 0 decides, and every rank must see the same file (same digest), or the
-    run stops with one line on every rank, before any collective of training could hang or mix different states
-    (e.g. node-local run folders where only the first node holds the checkpoint)."""
-    mine = file_digest(path) if os.path.exists(path) else "none"
-    if world_size == 1:
-        return mine != "none"
-    digests = [None] * world_size
-    dist.all_gather_object(digests, mine)
-    others = [r for r, d in enumerate(digests) if d != digests[0]]
+    """Whether a run resumes from path: rank 0 decides; a rank that sees another file or none (e.g. node-local run
+    folders) stops every rank with one line, before a collective of training could hang or mix states."""
+    mine = "none"
+    if os.path.exists(path):  # size, SHA-256 of the first and last MiB (a torch zip ends with its records' CRC-32s)
+        size, chunk = os.path.getsize(path), 1 << 20
+        with open(path, "rb") as f:
+            head = f.read(chunk)
+            f.seek(max(0, size - chunk))
+            mine = f"{size}:{hashlib.sha256(head + f.read()).hexdigest()[:16]}"
+    digests = [mine] * world_size
+    if world_size > 1:
+        dist.all_gather_object(digests, mine)
+    resume, others = digests[0] != "none", [r for r, d in enumerate(digests) if d != digests[0]]
     if others:
-        raise SystemExit(f"{path}: ranks {others} see {'another checkpoint' if digests[others[0]] != 'none' else 'none'}"
-                         f" than rank 0 ({'resuming' if digests[0] != 'none' else 'starting fresh'}); put --out_dir on "
-                         "a filesystem shared by every node, or copy the run folder to each node.")
-    return digests[0] != "none"
+        seen = "another checkpoint" if digests[others[0]] != "none" else "none"
+        raise SystemExit(f"{path}: ranks {others} see {seen} than rank 0 ({'resuming' if resume else 'starting fresh'})"
+                         "; put --out_dir on a filesystem shared by every node, or copy the run folder to each node.")
+    return resume
 
 
 class GroupCheckpoint(Checkpoint):
-    """checkpoint.pt of a run of several replicas (DDP): rank 0 decides whether to resume, and every rank must see
-    the same file (agree_on_checkpoint)."""
+    """checkpoint.pt of DDP replicas: every rank must see the same file (agree_on_checkpoint)."""
 
     def __init__(self, path, rank=0, world_size=1):
         super().__init__(path, rank)
@@ -1636,18 +1613,15 @@ class GroupCheckpoint(Checkpoint):
 
 
 def recover_checkpoint(path):
-    """A sharded checkpoint replaces the previous one by two renames (previous -> .old, new .tmp -> path); after a
-    kill between them, take the newest complete one (run.json is written last) back as path."""
+    """After a kill between ShardedCheckpoint.save's two renames, the newest complete folder (run.json) back as path."""
     for candidate in (path + ".tmp", path + ".old"):
         if not os.path.exists(path) and os.path.exists(os.path.join(candidate, "run.json")):
             os.replace(candidate, path)
 
 
 class ShardedCheckpoint(GroupCheckpoint):
-    """A sharded run's checkpoint: a torch.distributed.checkpoint folder to which every process writes its own shards
-    (no process ever holds the whole state); run.json (config, world size) marks it complete, and it replaces the
-    previous folder only then (official FSDP runs saved parameters only and could not resume exactly). It resumes only
-    with the world size that wrote it (the global batch and its noise slices depend on it)."""
+    """A torch.distributed.checkpoint folder of every process's shards, complete with run.json (written last), only
+    then replacing the previous one (official FSDP: parameters only, no exact resume); resumes at one world size."""
 
     def exists(self):
         if self.rank == 0:
@@ -1658,18 +1632,19 @@ class ShardedCheckpoint(GroupCheckpoint):
     def save(self, state):
         import shutil
         import torch.distributed.checkpoint as dcp
+        tmp, old = self.path + ".tmp", self.path + ".old"
         if self.rank == 0:
-            shutil.rmtree(self.path + ".tmp", ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        dcp.save(state, checkpoint_id=self.path + ".tmp")
+        dcp.save(state, checkpoint_id=tmp)
         if self.rank == 0:
-            with open(os.path.join(self.path + ".tmp", "run.json"), "w") as f:
+            with open(os.path.join(tmp, "run.json"), "w") as f:
                 json.dump(dict(config=state["config"], arch=state["arch"], world_size=self.world_size,
                                step=state["distiller"]["step"]), f)
             if os.path.exists(self.path):
-                os.replace(self.path, self.path + ".old")
-            os.replace(self.path + ".tmp", self.path)
-            shutil.rmtree(self.path + ".old", ignore_errors=True)
+                os.replace(self.path, old)
+            os.replace(tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
     def load(self, state):
@@ -1696,7 +1671,7 @@ def checkpoint_path(run_dir, cfg):
 
 
 def saved_config(run_dir):
-    """The config a run folder's checkpoint was written with (either kind), or None; cheap (no networks read)."""
+    """The config a run folder's checkpoint (either kind) was written with, or None; no networks read."""
     if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
         return read_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["config"]
     if os.path.exists(os.path.join(run_dir, "checkpoint", "run.json")):
@@ -1714,8 +1689,7 @@ def generator_weights(distiller):
 
 
 def load_weights(module, state, path, prefix=""):
-    """Strictly load the entries of a state dict that start with prefix (prefix removed) into module (sharded by
-    FSDP2: every process holds the whole state dict and keeps its shards)."""
+    """Strictly load state's entries under prefix (removed) into module (FSDP2: every process keeps its shards)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True,
@@ -1726,16 +1700,14 @@ def load_weights(module, state, path, prefix=""):
 
 
 def initialise_from(distiller, generator_path="", guidance_path=""):
-    """Starts from earlier weights, optimisers fresh (official --generator_ckpt_path / --ckpt_only_path, e.g. the FID
-    1.28 continuation). The generator from a plain state dict: keys model.* (EDM), or a diffusers UNet state dict
-    (the released dmd2_sdxl_*_unet layout). The fake score and, if present, the GAN head from a DMD2 guidance file
-    (keys fake_unet.*, cls_pred_branch.*). Either path may also be a run's checkpoint (SD v1.5 stage 2 from stage 1,
-    the SDXL 1-step run from the ODE pretraining): its generator (EMA if kept), fake score and head."""
+    """Earlier weights, fresh optimisers (official --generator_ckpt_path / --ckpt_only_path, e.g. the FID 1.28
+    continuation): the generator from a released state dict (EDM keys model.*, or a dmd2_sdxl_*_unet UNet), the fake
+    score and GAN head from a DMD2 guidance file (fake_unet.*, cls_pred_branch.*), or either from a run's checkpoint."""
     if generator_path:
         state = read_run(generator_path)
         if state.get("sharded"):
             load_weights(distiller.generator, gather_sharded(generator_path, "distiller.generator."), generator_path)
-        elif "distiller" in state:
+        elif "distiller" in state:  # its EMA if kept
             load_weights(distiller.generator, state["distiller"]["ema"] or state["distiller"]["generator"],
                          generator_path)
         else:  # a released file: the EDMPrecond's or the diffusers UNet's state dict
@@ -1764,16 +1736,14 @@ def read_log(path):
 
 
 def plot_curves(records, path):
-    """Loss curves of a run (matplotlib, one panel per logged quantity). A bare Figure (no pyplot) leaves the
-    caller's backend alone, e.g. inline plots in a notebook."""
+    """Loss curves, one panel per logged quantity, on a bare Figure (no pyplot: a notebook's backend is left alone)."""
     from matplotlib.figure import Figure
     keys = [k for k in ("loss_dm", "loss_fake", "loss_gan_g", "loss_gan_d", "loss_reg", "grad_norm_g")
             if any(k in r for r in records)]
     fig = Figure(figsize=(3.2 * len(keys), 2.6))
     axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot(*zip(*points), lw=1)
+        ax.plot(*zip(*[(r["step"], r[key]) for r in records if key in r]), lw=1)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
         if key in ("loss_fake", "grad_norm_g"):
@@ -1783,9 +1753,8 @@ def plot_curves(records, path):
 
 
 def perceptual_loss(kind, device, decode=None):
-    """The regression loss's distance: LPIPS(VGG) when kind is lpips, or auto and torchvision's VGG16 weights are
-    already on disk (original DMD: images upsampled to 224; latents decoded first by `decode`, official: taesdxl);
-    None, i.e. mean squared error, for mse or when the weights are missing (stated)."""
+    """The regression loss's distance: LPIPS(VGG) for lpips, or auto with torchvision's VGG16 weights on disk (original
+    DMD: upsampled to 224; latents decoded by `decode`, official: taesdxl); None (mean squared error) otherwise."""
     vgg_file = os.path.join(torch.hub.get_dir(), "checkpoints", "vgg16-397923af.pth")
     if kind == "mse" or (kind == "auto" and not os.path.exists(vgg_file)):
         if kind == "auto":
@@ -1803,8 +1772,7 @@ def perceptual_loss(kind, device, decode=None):
 
 
 def build_network(spec):
-    """A network from its spec: {"kind": "edm", "kwargs": EDMPrecond kwargs} or {"kind": "toy", "kwargs": ...}.
-    The spec travels in checkpoints so `python dmd2.py sample` can rebuild the generator."""
+    """A network from the spec checkpoints carry (`sample` rebuilds the generator): kind edm or toy, and kwargs."""
     net = edm_net.EDMPrecond(**spec["kwargs"]) if spec["kind"] == "edm" else ToyDenoiser(**spec["kwargs"])
     net.spec = spec
     return net
@@ -1812,10 +1780,8 @@ def build_network(spec):
 
 def run_training(cfg, teacher, real, sample_shape, run_dir, device="cpu", rank=0, world_size=1, conditions=None,
                  decode=None, regression_pairs=None, perceptual=None, show=None):
-    """train() as every rung runs it: the engine and the checkpoint kind for the process group, LoRA adapters on the
-    generator, --generator_init / --guidance_init for a fresh run, sample grids of the generator (its EMA if kept)
-    every sample_every iterations (`show`, default save_samples; `decode`: latents -> images), loss curves at the
-    end. Returns the Distiller."""
+    """train() as every rung runs it (engine, checkpoint, LoRA, --generator_init): sample grids of the generator (EMA
+    if kept) every sample_every via `show` (default save_samples; `decode`: latents -> images), curves at the end."""
     sharded = cfg.engine != "ddp" and world_size > 1
     generator = lora_generator(teacher.to(device), cfg) if cfg.lora_rank else None
     distiller = Distiller(cfg, teacher, sample_shape, conditions, generator, engine(cfg, world_size, device),
@@ -1835,8 +1801,8 @@ def run_training(cfg, teacher, real, sample_shape, run_dir, device="cpu", rank=0
             if rank == 0:
                 (show or save_samples)(samples, show_labels, os.path.join(run_dir, f"samples_{iteration:06d}.png"))
 
-    train(cfg, distiller, real, run_dir, checkpoint, lambda d: initialise_from(d, cfg.generator_init,
-                                                                               cfg.guidance_init), on_sample, rank)
+    start = functools.partial(initialise_from, generator_path=cfg.generator_init, guidance_path=cfg.guidance_init)
+    train(cfg, distiller, real, run_dir, checkpoint, start, on_sample, rank)
     if rank == 0:
         plot_curves(read_log(os.path.join(run_dir, "log.jsonl")), os.path.join(run_dir, "curves.png"))
     return distiller
@@ -2452,7 +2418,7 @@ def download_dmd2_checkpoint(run_name, cache_dir=None):
 
 
 def once_per_node(local_rank, fn, *args):
-    """fn(*args) on every process: first on the node's local rank 0 while the node's others wait, then on all."""
+    """fn(*args) on every process, first on the node's local rank 0 while the others wait (downloads, caches)."""
     if local_rank == 0:
         fn(*args)
     if dist.is_initialized():
@@ -2461,8 +2427,7 @@ def once_per_node(local_rank, fn, *args):
 
 
 def start_run(cfg):
-    """(run folder, device) of a rung on real data, after the checks that come before any process group, download
-    or network: the files to start from, the launch, a run folder's checkpoint (readable, same config)."""
+    """(run folder, device) of a rung on real data, after the checks due before any process group or download."""
     run_dir = os.path.join(cfg.out_dir, cfg.dataset, cfg.run_name or f"student_{cfg.generator_steps}step")
     for flag, path in (("--generator_init", cfg.generator_init), ("--guidance_init", cfg.guidance_init)):
         if path and not os.path.exists(path):
@@ -2479,14 +2444,13 @@ def start_run(cfg):
 
 
 def run_edm(cfg):
-    """Distil the official EDM teacher (--teacher path or URL, default NVIDIA's pickle for the dataset) on real data
-    (--dataset imagenet64: the paper's ImageNet-64 recipe) in one process or all of torchrun's; rank 0 logs, writes
-    checkpoints and at the end the generator, pytorch_model.bin (a state dict, keys model.*: the released layout)."""
+    """Distil the official EDM teacher (--teacher path or URL, default NVIDIA's pickle) on real data in one process
+    or all of torchrun's; rank 0 writes the generator, pytorch_model.bin (keys model.*: the released layout)."""
     run_dir, device = start_run(cfg)
     needs_real = cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)
     if needs_real and not cfg.data_path:
-        raise SystemExit(f"--dataset {cfg.dataset} trains its GAN on real images: pass --data_path (an EDM "
-                         f"dataset_tool zip or folder, or the official DMD2 LMDB), or --gan false. {edm_net.PREPARE_HINT}")
+        raise SystemExit(f"--dataset {cfg.dataset} trains its GAN on real images: pass --data_path (an EDM dataset_tool"
+                         f" zip or folder, or the official DMD2 LMDB), or --gan false. {edm_net.PREPARE_HINT}")
     dataset = open_image_dataset(cfg.data_path, cfg.resolution, 3, cfg.num_classes) if needs_real else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # official: cuDNN picks its fastest kernels
