@@ -43,18 +43,15 @@ import edm_net
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Config, presets and the command line built from them: every field is a flag (--name value), its comment the
-# flag's help; a preset fills in what the dataset needs.
+# 1. Config and presets: every field is a flag (--name value), its comment the flag's help
 
 
 @dataclass
 class Config:
-    dataset: str = "shapes"  # a preset: toy2d | shapes (embedded default) | cifar10 | imagenet64 | sdxl | sdxl-1step
-    #                          | sdxl-ode | sd15 | sd15-gan (text-to-image: diffusers teachers, section 6)
+    dataset: str = "shapes"  # a preset: toy2d | shapes | cifar10 | imagenet64 | sdxl[-1step|-ode] | sd15[-gan]
     out_dir: str = "runs"  # run folders go to out_dir/<dataset>/<run_name>
     run_name: str = ""  # default: derived from the generator steps ("student_1step", ...)
-    data_path: str = ""  # EDM dataset_tool zip / folder / DMD2 LMDB (cifar10, imagenet64); text-to-image: a folder
-    #                      of images with same-named .txt captions
+    data_path: str = ""  # EDM zip / image folder / DMD2 LMDB; text-to-image: images with same-named .txt captions
     cache_dir: str = ""  # downloads and embedded teachers; default ~/.cache/dmd2 (env DMD2_CACHE)
     seed: int = 10  # official: --seed 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -80,7 +77,7 @@ class Config:
     rho: float = 7.0  # Karras grid exponent
     num_train_timesteps: int = 1000  # levels of the noise grid
     min_step_percent: float = 0.02  # DM-loss sigma index range (official: --min_step_percent/--max_step_percent)
-    max_step_percent: float = 0.98
+    max_step_percent: float = 0.98  # upper end of that range
     conditioning_timestep: int = 999  # one-step generator's input level on the grid: 999 = sigma 80 on the Karras
     #                                   grid (official EDM: --conditioning_sigma 80), SDXL 1-step: 399 (official)
     # generator
@@ -130,14 +127,12 @@ class Config:
 # score's unweighted epsilon MSE (sigma_data = inf), classifier GAN weight 1e-2 (official --guidance_cls_loss_weight).
 T2I = dict(sigma_data=float("inf"), cls_loss_weight=1e-2, log_every=10, ckpt_every=500, sample_every=500)
 PRESETS = {
-    # 2-D class-conditional mixture; MLP teacher trained deliberately briefly (300 of the ~4,000 iterations it takes
-    # to converge), so, like a real teacher, it misses the data (modes too wide) and leaves the GAN work to do.
+    # 2-D class-conditional mixture; the MLP teacher is trained briefly (300 of ~4,000 its), so it misses the data.
     "toy2d": dict(students=[1, 4], no_gan_student=True, resolution=0, num_classes=4, teacher_iters=300,
                   teacher_batch=256, teacher_lr=1e-3, iters=2000, batch_size=256, generator_lr=3e-4, guidance_lr=3e-4,
                   warmup_steps=20, gen_cls_loss_weight="auto", teacher_eval_steps=18, eval_samples=4000,
                   eval_batch=4000, log_every=20, ckpt_every=200, sample_every=200, precision="fp32"),
-    # Embedded default: 16 px shapes, a 16-channel ADM teacher trained 1,000 iterations (imperfect on purpose), a
-    # 1-step student with and one without GAN. CPU budget (deviations, README): lr 2e-4 (official 2e-6), EMA 0.98.
+    # Embedded default: 16 px shapes, a small ADM teacher; CPU deviations (README): lr 2e-4 (official 2e-6), EMA 0.98.
     "shapes": dict(students=[1], no_gan_student=True, resolution=16, num_classes=10, teacher_iters=1000,
                    teacher_batch=64, teacher_lr=1e-3,
                    teacher_arch=dict(model_type="DhariwalUNet", model_channels=16, channel_mult=[1, 2, 2],
@@ -202,8 +197,7 @@ def float_or_auto(text):
 
 
 def parse_config(argv):
-    """Config from a preset (--dataset) and flags: --iters 100 --gan false ... Every field is a flag. The command
-    line checks the values (check_config, section 17)."""
+    """Config from a preset (--dataset) and flags (--iters 100 --gan false ...); check_config (section 17) checks it."""
     parser = argparse.ArgumentParser(prog="dmd2.py", description="DMD2 distillation (python dmd2.py [--dataset NAME] "
                                      "[--flag value ...]; subcommands: sample, evaluate, fid)")
     kinds = {"bool": dict(type=parse_bool, metavar="true|false"), "list": dict(type=int, nargs="+"),
@@ -225,12 +219,10 @@ def parse_config(argv):
 
 
 def karras_sigmas(num_levels=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """The 1000-level Karras grid, ascending: index 0 = sigma_min, index num_levels-1 = sigma_max.
-    official: get_sigmas_karras(n=1000, 0.002, 80, rho=7), then flipped (EDMGuidance.karras_sigmas)."""
+    """The Karras grid, ascending (official: get_sigmas_karras(n=1000, 0.002, 80, rho=7) flipped, EDMGuidance)."""
     ramp = torch.linspace(0, 1, num_levels, dtype=torch.float64)
     inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho  # descending, as k-diffusion writes it
-    return sigmas.flip(0).float()
+    return ((inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho).flip(0).float()  # k-diffusion's, flipped
 
 
 def noise_grid(cfg, teacher):
@@ -239,8 +231,7 @@ def noise_grid(cfg, teacher):
     return own if own is not None else karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
 
 
-def _per_sample(sigma, x):
-    """Shape a per-sample sigma [B] so it broadcasts against x [B, ...]."""
+def _per_sample(sigma, x):  # [B] -> [B, 1, ...], broadcasting against x
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
@@ -250,8 +241,7 @@ def onehot(labels, num_classes):
 
 
 class ClassLabels:
-    """Conditions of a class-conditional teacher: one-hot labels, uniform for generated batches (official:
-    randint(0, label_dim)). Prompts (section 16) is the text-to-image counterpart."""
+    """One-hot class conditions, uniform for generated batches (official: randint(0, label_dim)); text's: Prompts."""
 
     def __init__(self, num_classes, device="cpu"):
         self.num_classes, self.device = num_classes, device
@@ -297,16 +287,14 @@ def dm_loss(x, pred_real, pred_fake):
 
 
 def dm_index_range(cfg):
-    """[low, high) of the DM loss's sigma index: [20, 981) for 0.02/0.98 of 1000 levels (official: min_step =
-    int(min_step_percent * T), max_step = int(max_step_percent * T), randint(min_step, min(max_step + 1, T)))."""
+    """[low, high) of the DM loss's sigma index, [20, 981) by default (official: randint(min_step, max_step + 1))."""
     T = cfg.num_train_timesteps
     return int(cfg.min_step_percent * T), min(int(cfg.max_step_percent * T) + 1, T)
 
 
 def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
-    """DM loss of a generated batch x (with grad) under `labels` at per-sample sigma [B] = sigmas[t], t uniform in
-    dm_index_range, with noise like x. Both scores run without gradient, CFG only in the real score; computed in their
-    output dtype (float64 for EpsDenoiser; official SD path: .double() predictions), returned in float32."""
+    """DM loss of a generated batch x (with grad) at per-sample sigma [B], t uniform in dm_index_range. Both scores
+    run without gradient, in their output dtype (EpsDenoiser: float64, official .double() predictions)."""
     with torch.no_grad():
         sigma = _per_sample(sigma, x)
         noisy = x + sigma * noise
@@ -316,11 +304,10 @@ def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
 
 
 def denoising_loss(net, x, labels, sigma, noise, sigma_data=0.5):
-    """EDM's weighted denoising loss lambda(sigma) |D(x + sigma n) - x|^2 at per-sample sigma [B], lambda(sigma) =
-    1/sigma^2 + 1/sigma_data^2 (EDM Table 1). It trains the embedded teachers (EDM's log-normal sigma) and the fake
-    score on DETACHED generator output at sigma index-uniform on the grid (official: compute_loss_fake, randint(0,
-    1000), "snr + 1/sigma_data^2"). At sigma_data = inf it is the official epsilon-prediction loss |eps_hat - eps|^2,
-    as (x0_hat - x0)^2 / sigma^2 = (eps_hat - eps)^2. Computed in the network's output dtype, returned in float32."""
+    """EDM's lambda(sigma) |D(x + sigma n) - x|^2, lambda = 1/sigma^2 + 1/sigma_data^2 (EDM Table 1): trains the
+    embedded teachers and the fake score on DETACHED generator output, sigma index-uniform (official:
+    compute_loss_fake, "snr + 1/sigma_data^2"). sigma_data = inf: the official epsilon MSE, as (x0_hat - x0)^2 /
+    sigma^2 = (eps_hat - eps)^2."""
     sigma = _per_sample(sigma, x)
     weight = 1 / sigma ** 2 + 1 / sigma_data ** 2
     return (weight * (net(x + sigma * noise, sigma, labels) - x) ** 2).mean().float()
@@ -353,10 +340,8 @@ class GANHead(nn.Sequential):
             res //= 2
         if res not in (1, 4):
             raise ValueError(f"GANHead needs a square bottleneck of side 4 * 2^k or 1, got {in_res}")
-        kernel = 4 if res == 4 else 1
-        layers += [nn.Conv2d(channels, channels, kernel, stride=kernel), nn.GroupNorm(groups, channels), nn.SiLU()]
-        layers.append(nn.Conv2d(channels, 1, 1))
-        super().__init__(*layers)
+        layers += [nn.Conv2d(channels, channels, res, stride=res), nn.GroupNorm(groups, channels), nn.SiLU()]
+        super().__init__(*layers, nn.Conv2d(channels, 1, 1))
 
     def forward(self, features):
         if features.ndim == 2:  # [B, C] features of an MLP
@@ -365,10 +350,8 @@ class GANHead(nn.Sequential):
 
 
 def gan_logits(fake_score, head, images, labels, sigma, noise, clean_input=None):
-    """Classifier logits [B, 1] of images noised at per-sample sigma (official: compute_cls_logits). Diffusion GAN
-    (official: --diffusion_gan --diffusion_gan_max_timestep 1000): sigma = sigmas[randint(0, 1000)], drawn apart for
-    real and fake images. Without it the official code shows clean images at sigmas[0] with zero noise, given as the
-    denoiser reads clean data (clean_input: EpsDenoiser's)."""
+    """Classifier logits [B, 1] of images noised at per-sample sigma (official: compute_cls_logits); the diffusion GAN
+    draws sigma = sigmas[randint(0, 1000)], without it clean images (clean_input: how the denoiser reads them)."""
     if clean_input is not None:
         images = clean_input(images)
     sigma = _per_sample(sigma, images)
@@ -428,9 +411,8 @@ def noised_real_inputs(generator, real, step_sigmas, k, noise):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Text-to-image teachers as denoisers: an epsilon-prediction UNet (SD v1.5, SDXL) behind the EDM interface
-# The method takes a denoiser D(x, sigma, cond) -> x0 with a bottleneck (return_bottleneck=True), as EDMPrecond.
-# EpsDenoiser owns what differs, looked up on any teacher (EDM's take defaults): sigmas, pure_noise, clean_input, ...
+# 6. Text-to-image teachers (SD v1.5, SDXL): an epsilon-prediction UNet as an EDM denoiser D(x, sigma, cond) -> x0
+# What differs from EDMPrecond is looked up on any teacher (EDM's take defaults): sigmas, pure_noise, clean_input, ...
 
 
 def ddpm_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
@@ -441,8 +423,7 @@ def ddpm_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
 
 
 class _MidBlockReached(Exception):
-    def __init__(self, output):
-        self.output = output
+    """Raised by mid_block_output's hook, carrying the mid block's output."""
 
 
 class EpsDenoiser(nn.Module):
@@ -450,9 +431,8 @@ class EpsDenoiser(nn.Module):
     DiscreteEpsDDPMDenoiser): sigma_t = sqrt((1 - abar_t) / abar_t), the UNet sees x_t = sqrt(abar_t) x at the nearest
     table timestep. Official numerics (main/sd_guidance.py, utils.py): x0 from eps in float64; CFG only when
     guidance_scale > 1, eps_u from zeros (SDXL) or "" (SD v1.5); bf16 autocast (use_fp16) only where gradients are
-    taken (official: fp32 DM fake pass and rollout). return_bottleneck: the mid-block output (official:
-    classify_forward). cond = (embeddings [B, 77, D], pooled [B, P]); SDXL's micro-conditioning [res, res, 0, 0, res,
-    res] is added here (official: build_condition_input)."""
+    taken (official: fp32 DM fake pass and rollout). cond = (embeddings [B, 77, D], pooled [B, P]); SDXL's
+    micro-conditioning [res, res, 0, 0, res, res] is added here (official: build_condition_input)."""
 
     def __init__(self, unet, alphas_cumprod, uncond, resolution=None):
         super().__init__()
@@ -466,13 +446,11 @@ class EpsDenoiser(nn.Module):
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])  # edm_sampler's range
 
     def pure_noise(self, noise, sigma):
-        """DDPM's pure noise x_t = z at the generator's first timestep, whatever it is (official: pure_noise_mask;
-        the SDXL 1-step model takes z at t = 399): x = z sqrt(1 + sigma^2) in EDM scaling."""
+        """DDPM's x_t = z at the first timestep, whatever it is (official: pure_noise_mask; SDXL 1-step: t = 399)."""
         return noise * (sigma ** 2 + 1).sqrt()
 
     def clean_input(self, x0):
-        """The input that the UNet reads as the clean latent x0 at t = 0 (official compute_cls_logits without the
-        diffusion GAN: timesteps 0, noisy_image = image): x0 / sqrt(abar_0), in float64 so forward's x_t is x0."""
+        """What the UNet reads as clean x0 at t = 0 (official compute_cls_logits without the diffusion GAN), float64."""
         return x0.double() / self.alphas_cumprod[0].sqrt()
 
     def store_frozen_in_bf16(self):
@@ -494,15 +472,14 @@ class EpsDenoiser(nn.Module):
         return self.unet(x_t.to(dtype), t, embeds.to(dtype), **extra).sample
 
     def mid_block_output(self, x_t, t, cond):
-        """The UNet forward up to and including its mid block: a hook raises the output, so the up blocks never run
-        (as the official classify_forward) and the autograd graph up to it stays intact."""
+        """Up to the mid block: a hook raises its output, so the up blocks never run (official: classify_forward)."""
         def stop(module, args, output):
             raise _MidBlockReached(output)
         handle = self.unet.mid_block.register_forward_hook(stop)
         try:
             self.unet_eps(x_t, t, cond)
         except _MidBlockReached as reached:
-            return reached.output
+            return reached.args[0]
         finally:
             handle.remove()
         raise RuntimeError("the UNet forward never reached unet.mid_block")
@@ -529,8 +506,7 @@ class EpsDenoiser(nn.Module):
 
 
 def make_optimizer(params, lr, fused=None):
-    """AdamW(betas 0.9/0.999, weight decay 0.01), one per network group (official: train_edm.py). Fused into one
-    kernel when every parameter is a plain tensor on one CUDA device (torch's default there is foreach)."""
+    """AdamW(betas 0.9/0.999, weight decay 0.01) (official: train_edm.py), fused when on one CUDA device."""
     params = [p for p in params if p.requires_grad]
     if fused is None:
         fused = len({p.device for p in params}) == 1 and params[0].is_cuda and all(
@@ -545,8 +521,8 @@ def warmup_scheduler(optimizer, warmup_steps):
 
 
 class SharedNoise:
-    """Random numbers for the GLOBAL batch, drawn alike on every rank, each keeping its slice: W processes of batch B
-    draw the noise of one process of batch W*B (deviation: the official code seeds rank r with seed + r)."""
+    """Noise for the GLOBAL batch, drawn alike on every rank, each keeping its slice: W processes of batch B draw what
+    one process of batch W*B draws (deviation: the official code seeds rank r with seed + r)."""
 
     def __init__(self, seed, rank=0, world_size=1, device="cpu"):
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
@@ -566,7 +542,7 @@ class SharedNoise:
 
 
 def micro_batches(batch_size, micro_batch):
-    """Slices of the per-process batch run one at a time (--micro_batch); the whole batch when micro_batch is 0."""
+    """Slices of the per-process batch run one at a time (--micro_batch; 0: the whole batch)."""
     size = micro_batch or batch_size
     return [slice(i, i + size) for i in range(0, batch_size, size)]
 
@@ -599,8 +575,7 @@ def optimizer_step(params, optimizer, cfg, logs, name, step):
 
 
 def trainable_copy(denoiser):
-    """A trainable copy of the teacher (official: --initialie_generator, and the fake score likewise), without CFG
-    (official: CFG on the real score only)."""
+    """A trainable copy of the teacher without CFG (official: --initialie_generator; CFG on the real score only)."""
     net = copy.deepcopy(denoiser).train().requires_grad_(True)
     if hasattr(net, "guidance_scale"):
         net.guidance_scale = 1.0
@@ -611,12 +586,10 @@ AUTO_GAN_UPDATES = 10  # generator updates measured by --gen_cls_loss_weight aut
 
 
 class Distiller:
-    """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step).
-
-    real_score = the frozen teacher (owned: pass a copy to reuse it); fake_score = a trainable float32 copy with the
-    GAN head on its bottleneck; generator = another copy or the network passed in (e.g. LoRA). `conditions`: class
-    labels or Prompts; `wrap`: an engine (network -> module run with gradient); `regression_pairs`: (noise,
-    conditions, teacher outputs); `perceptual`: the regression distance (default: mean squared error)."""
+    """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step): real_score
+    = the frozen teacher (owned: pass a copy to reuse it), fake_score = a trainable float32 copy with the GAN head on
+    its bottleneck, generator = another copy or the one passed (LoRA). wrap: an engine (network -> module run with
+    gradient); regression_pairs: (noise, conditions, teacher outputs); perceptual: their distance (default: MSE)."""
 
     def __init__(self, cfg, teacher, sample_shape, conditions=None, generator=None, wrap=None, regression_pairs=None,
                  perceptual=None, device="cpu", rank=0, world_size=1):
@@ -656,8 +629,7 @@ class Distiller:
         self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
         self.opt_g = make_optimizer(self.generator.parameters(), cfg.generator_lr)
         self.opt_d = make_optimizer(self.critic_params, cfg.guidance_lr)
-        self.sched_g = warmup_scheduler(self.opt_g, cfg.warmup_steps)
-        self.sched_d = warmup_scheduler(self.opt_d, cfg.warmup_steps)
+        self.sched_g, self.sched_d = (warmup_scheduler(opt, cfg.warmup_steps) for opt in (self.opt_g, self.opt_d))
         self.sigmas = noise_grid(cfg, self.real_score).to(self.device)
         self.step_sigmas = generator_sigmas(cfg.generator_steps, self.sigmas, cfg.conditioning_timestep)
         self.noise = SharedNoise(cfg.seed, rank, world_size, self.device)
@@ -670,12 +642,10 @@ class Distiller:
 
     def train_step(self, real=None):
         """One iteration: a generator turn every dfake_gen_update_ratio iterations, then a critic turn on the same
-        generated batch (official: COMPUTE_GENERATOR_GRADIENT). Random numbers are drawn for the whole batch, then
-        micro-batches (--micro_batch) run with losses weighted by their share, accumulating the batch's gradient."""
+        generated batch (official: COMPUTE_GENERATOR_GRADIENT); noise is drawn per batch, then split in micro-batches."""
         if real is not None:
-            real = (real[0].to(self.device), self.conditions.encode(real[1]))
-            if self.cfg.channels_last and real[0].ndim == 4:
-                real = (real[0].contiguous(memory_format=torch.channels_last), real[1])
+            layout = torch.channels_last if self.cfg.channels_last and real[0].ndim == 4 else torch.preserve_format
+            real = (real[0].to(self.device, memory_format=layout), self.conditions.encode(real[1]))
         inputs = self.generator_inputs(real) if self.trains_critic else None
         logs = {}
         if self.step % self.cfg.dfake_gen_update_ratio == 0:
@@ -818,8 +788,7 @@ class Distiller:
         return (self.perceptual or F.mse_loss)(x, target)
 
     def state_dict(self):
-        """Everything to resume exactly, by torch.distributed.checkpoint's state-dict API for every engine (a sharded
-        network gives this process's shards)."""
+        """Everything to resume exactly, via torch.distributed.checkpoint's state-dict API (sharded: this process's)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
         generator, opt_g = get_state_dict(self.generator, self.opt_g)
         critic, opt_d = get_state_dict(self.critic, self.opt_d)
@@ -859,8 +828,7 @@ def read_checkpoint(path, what="DMD2 checkpoint", fix="Delete it to start over, 
 
 
 class Checkpoint:
-    """A run's checkpoint as one file: written atomically by rank 0 (replicas are equal), read weights-only. A sharded
-    run uses a torch.distributed.checkpoint folder behind the same three methods (ShardedCheckpoint, section 11)."""
+    """A run's checkpoint file, written atomically by rank 0, read weights-only (sharded runs: ShardedCheckpoint)."""
 
     def __init__(self, path, rank=0):
         self.path, self.rank = path, rank
@@ -872,8 +840,7 @@ class Checkpoint:
         if self.rank == 0:
             atomic_save(state, self.path)
 
-    def load(self, state):
-        """The saved state; `state` (the current one) shows what to read."""
+    def load(self, state):  # state: the current one, showing what to read (ShardedCheckpoint)
         return read_checkpoint(self.path)
 
 
