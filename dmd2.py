@@ -6,7 +6,6 @@ of the original DMD's regression loss, a GAN on real data (Sec. 4.3) so G can be
 simulation (Sec. 4.5) for few-step generators.
 
     python dmd2.py                       # embedded default: train a small teacher, distil it, print the table
-    python dmd2.py --dataset toy2d       # 2-D class-conditional mixture, seconds
     python dmd2.py --dataset imagenet64 --data_path imagenet-64x64.zip    # the paper's recipe (GPUs, torchrun)
     python dmd2.py --dataset sdxl --data_path captioned_images/           # SDXL 4-step (also sd15, sdxl-1step, ...)
     python dmd2.py sample --checkpoint runs/shapes/student_1step/checkpoint.pt --out grid.png
@@ -141,15 +140,13 @@ PRESETS = {
                    log_every=20, ckpt_every=200, sample_every=500, precision="fp32"),
     # The paper's recipe (official experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_
     # scratch.sh): batch 40 per GPU, lr 2e-6, ratio 5, GAN 3e-3 / 1e-2, diffusion GAN over 1000 levels, bf16.
-    "imagenet64": dict(resolution=64, num_classes=1000, iters=400_000, batch_size=40, generator_lr=2e-6,
-                       guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
-                       eval_samples=50_000, eval_batch=128),
+    "imagenet64": dict(resolution=64, num_classes=1000, iters=400_000, batch_size=40, log_every=100, ckpt_every=500,
+                       sample_every=500, eval_samples=50_000, eval_batch=128),
     # SDXL 4-step (sdxl_cond999_8node_lr5e-7_denoising4step_diffusion1000_gan5e-3_guidance8_noinit_noode_backsim_
     # scratch.sh): backward simulation on [999, 749, 499, 249], CFG 8, GAN 5e-3 / 1e-2, lr 5e-7, ratio 5, 19k its.
     "sdxl": dict(T2I, generator_steps=4, guidance_scale=8.0, gen_cls_loss_weight=5e-3, generator_lr=5e-7,
                  guidance_lr=5e-7, batch_size=2, iters=20_000),
-    # SDXL 1-step: pure noise at t = 399 (--conditioning_timestep 399), started from the ODE-pair pretraining below
-    # (official: --generator_ckpt_path of its step-2000 checkpoint; pass ours with --generator_init), 24k its.
+    # SDXL 1-step: z at t = 399, from sdxl-ode's step-2000 G (official: --generator_ckpt_path; ours: --generator_init).
     "sdxl-1step": dict(T2I, conditioning_timestep=399, guidance_scale=8.0, gen_cls_loss_weight=5e-3,
                        generator_lr=5e-7, guidance_lr=5e-7, batch_size=2, iters=24_000),
     # The 1-step model's initialisation (official main/train_sd_ode.py): G at t = 399 regresses the teacher's ODE
@@ -165,9 +162,8 @@ PRESETS = {
     "sd15-gan": dict(T2I, guidance_scale=1.75, dfake_gen_update_ratio=10, gen_cls_loss_weight=1e-3,
                      generator_lr=5e-7, guidance_lr=5e-7, batch_size=32, iters=5_000),
     # CIFAR-10 on EDM's conditional VP teacher. Not an official DMD2 recipe: the ImageNet values, batch 56 (EDM).
-    "cifar10": dict(resolution=32, num_classes=10, iters=200_000, batch_size=56, generator_lr=2e-6,
-                    guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
-                    eval_samples=50_000, eval_batch=250),
+    "cifar10": dict(resolution=32, num_classes=10, iters=200_000, batch_size=56, log_every=100, ckpt_every=500,
+                    sample_every=500, eval_samples=50_000, eval_batch=250),
 }
 
 
@@ -273,12 +269,10 @@ def take(cond, index):
 
 
 def dm_loss(x, pred_real, pred_fake):
-    """Distribution matching loss from x0-predictions (official: compute_distribution_matching_loss).
-
-    Sec. 3, eq. 2: grad_theta KL = -E[(s_real - s_fake) dG/dtheta] with scores s(x_t) = (D(x_t) - x_t) / sigma^2, so
-    the gradient on x points along p_real - p_fake (p = x - pred), normalised per sample by mean|p_real| (original
-    DMD, eq. 8). L = 0.5 * mean((x - (x - grad).detach())^2) hands autograd exactly dL/dx = grad / x.numel(); the
-    value of L carries no meaning."""
+    """Distribution matching loss from x0-predictions (official: compute_distribution_matching_loss). Sec. 3, eq. 2:
+    grad_theta KL = -E[(s_real - s_fake) dG/dtheta] with scores s(x_t) = (D(x_t) - x_t) / sigma^2, so the gradient on
+    x points along p_real - p_fake (p = x - pred), normalised per sample by mean|p_real| (original DMD, eq. 8).
+    L = 0.5 * mean((x - (x - grad).detach())^2) hands autograd exactly dL/dx = grad / x.numel(); L's value is moot."""
     with torch.no_grad():
         p_real, p_fake = x - pred_real, x - pred_fake
         weight = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)  # mean over C,H,W per sample
@@ -286,14 +280,8 @@ def dm_loss(x, pred_real, pred_fake):
     return 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
 
 
-def dm_index_range(cfg):
-    """[low, high) of the DM loss's sigma index, [20, 981) by default (official: randint(min_step, max_step + 1))."""
-    T = cfg.num_train_timesteps
-    return int(cfg.min_step_percent * T), min(int(cfg.max_step_percent * T) + 1, T)
-
-
 def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
-    """DM loss of a generated batch x (with grad) at per-sample sigma [B], t uniform in dm_index_range. Both scores
+    """DM loss of a generated batch x (with grad) at per-sample sigma [B] (Distiller.generator_turn). Both scores
     run without gradient, in their output dtype (EpsDenoiser: float64, official .double() predictions)."""
     with torch.no_grad():
         sigma = _per_sample(sigma, x)
@@ -416,8 +404,7 @@ def noised_real_inputs(generator, real, step_sigmas, k, noise):
 
 
 def ddpm_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
-    """alphas_cumprod of the SD v1.5 / SDXL scheduler ("scaled_linear" betas 0.00085..0.012, T = 1000) in float32 as
-    diffusers computes it, as float64 (official: alphas_cumprod.double()). abar(999) = 0.00466: not zero SNR."""
+    """SD v1.5 / SDXL's alphas_cumprod ("scaled_linear" betas) as diffusers computes it, as float64 (official)."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, dim=0).double()
 
@@ -429,10 +416,9 @@ class _MidBlockReached(Exception):
 class EpsDenoiser(nn.Module):
     """A diffusers UNet2DConditionModel predicting epsilon as an EDM denoiser D(x, sigma, cond) -> x0 (as k-diffusion's
     DiscreteEpsDDPMDenoiser): sigma_t = sqrt((1 - abar_t) / abar_t), the UNet sees x_t = sqrt(abar_t) x at the nearest
-    table timestep. Official numerics (main/sd_guidance.py, utils.py): x0 from eps in float64; CFG only when
-    guidance_scale > 1, eps_u from zeros (SDXL) or "" (SD v1.5); bf16 autocast (use_fp16) only where gradients are
-    taken (official: fp32 DM fake pass and rollout). cond = (embeddings [B, 77, D], pooled [B, P]); SDXL's
-    micro-conditioning [res, res, 0, 0, res, res] is added here (official: build_condition_input)."""
+    timestep. Official numerics (main/sd_guidance.py, utils.py): x0 from eps in float64; CFG when guidance_scale > 1,
+    eps_u from zeros (SDXL) or "" (SD v1.5); bf16 autocast (use_fp16) only under grad (official: fp32 DM fake pass and
+    rollout). cond = (embeddings, pooled); SDXL's time_ids added here (official: build_condition_input)."""
 
     def __init__(self, unet, alphas_cumprod, uncond, resolution=None):
         super().__init__()
@@ -548,8 +534,7 @@ def micro_batches(batch_size, micro_batch):
 
 
 def accumulate(losses, part, batch_size, logs, trained):
-    """Backward of one micro-batch's {key: (weight, mean loss)} scaled by its share of the batch; logs get the batch
-    means (tensors: no host sync). Before the last micro-batch the networks in `trained` skip reduction (no_sync())."""
+    """Backward of a micro-batch's {key: (weight, loss)} by its share of the batch, no_sync() before the last one."""
     share, last = (part.stop - part.start) / batch_size, part.stop >= batch_size
     with contextlib.ExitStack() as stack:
         for module in trained if not last else ():
@@ -560,8 +545,7 @@ def accumulate(losses, part, batch_size, logs, trained):
 
 
 def optimizer_step(params, optimizer, cfg, logs, name, step):
-    """Clip to max_grad_norm (official 10), step, clear the gradients; losses and norm reach the host in one transfer
-    and anything non-finite stops training before an update. Returns (logs as floats, gradient norm before clipping)."""
+    """Clip (official: max_grad_norm 10) and step; one host transfer, and a non-finite loss stops training before it."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded: a DTensor
     values = torch.stack([*logs.values(), grad_norm.to(torch.float32)]).tolist()  # the one sync of this turn
@@ -642,7 +626,7 @@ class Distiller:
 
     def train_step(self, real=None):
         """One iteration: a generator turn every dfake_gen_update_ratio iterations, then a critic turn on the same
-        generated batch (official: COMPUTE_GENERATOR_GRADIENT); noise is drawn per batch, then split in micro-batches."""
+        generated batch (official: COMPUTE_GENERATOR_GRADIENT); noise is drawn per batch, then cut in micro-batches."""
         if real is not None:
             layout = torch.channels_last if self.cfg.channels_last and real[0].ndim == 4 else torch.preserve_format
             real = (real[0].to(self.device, memory_format=layout), self.conditions.encode(real[1]))
@@ -679,9 +663,8 @@ class Distiller:
 
     def gan_noise(self, shape):
         """Diffusion-GAN noise: sigma = sigmas[randint(0, 1000)] per sample; without it sigmas[0], none (official)."""
-        cfg = self.cfg
-        t = self.noise.randint(0, cfg.diffusion_gan_max_timestep if cfg.diffusion_gan else 1, shape[0])
-        return self.sigmas[t], self.noise.randn(shape) * (1.0 if cfg.diffusion_gan else 0.0)
+        t = self.noise.randint(0, self.cfg.diffusion_gan_max_timestep if self.cfg.diffusion_gan else 1, shape[0])
+        return self.sigmas[t], self.noise.randn(shape) * float(self.cfg.diffusion_gan)
 
     def generator_turn(self, inputs):
         """The generator's update with the critic frozen (official: guidance_model.requires_grad_(False)): DM loss
@@ -690,8 +673,10 @@ class Distiller:
         shape = (n, *self.sample_shape)
         self.critic.requires_grad_(False)
         draws = {}  # every random number of the turn first, in a fixed order
-        if cfg.dm_loss_weight > 0:
-            draws["dm"] = (self.sigmas[self.noise.randint(*dm_index_range(cfg), n)], self.noise.randn(shape))
+        if cfg.dm_loss_weight > 0:  # t in [20, 981) by default (official: randint(min_step, min(max_step + 1, T)))
+            T = cfg.num_train_timesteps
+            t = self.noise.randint(int(cfg.min_step_percent * T), min(int(cfg.max_step_percent * T) + 1, T), n)
+            draws["dm"] = (self.sigmas[t], self.noise.randn(shape))
         if cfg.gan:
             draws["gan"] = self.gan_noise(shape)
         if cfg.regression_loss_weight > 0:
@@ -783,8 +768,7 @@ class Distiller:
         output (also the SDXL 1-step pretraining, official main/train_sd_ode.py), by `perceptual` (LPIPS) or MSE."""
         noise, labels, target = (take(v, pairs) for v in self.regression_pairs)
         noise, target, labels = noise.to(self.device), target.to(self.device), self.conditions.encode(labels)
-        sigma = self.step_sigmas[0]
-        x = self.wrapped_generator(pure_noise(self.generator, noise, sigma), sigma.expand(len(noise)), labels).float()
+        x = self.wrapped_generator(*rollout(self.generator, noise, labels, self.step_sigmas, 0), labels).float()
         return (self.perceptual or F.mse_loss)(x, target)
 
     def state_dict(self):
@@ -887,9 +871,8 @@ def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on
             lines = [line for line in f if line.strip() and json.loads(line)["step"] < distiller.step]
         with open(log_path, "w") as f:
             f.writelines(lines)
-    quiet = rank != 0 or bool(os.environ.get("TQDM_DISABLE"))  # an explicit disable= overrides tqdm's own TQDM_DISABLE
-    bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), disable=quiet, leave=False,
-               mininterval=2)
+    bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), leave=False, mininterval=2,
+               disable=rank != 0 or bool(os.environ.get("TQDM_DISABLE")))  # (disable= overrides tqdm's TQDM_DISABLE)
     t0 = time.time()
     for step in bar:
         logs = distiller.train_step(next(real_batches) if distiller.needs_real_data else None)
