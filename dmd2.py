@@ -133,11 +133,10 @@ PRESETS = {
                   eval_batch=4000, log_every=20, ckpt_every=200, sample_every=200, precision="fp32"),
     # Embedded default: 16 px shapes, a small ADM teacher; CPU deviations (README): lr 2e-4 (official 2e-6), EMA 0.98.
     "shapes": dict(students=[1], no_gan_student=True, resolution=16, num_classes=10, teacher_iters=1000,
-                   teacher_batch=64, teacher_lr=1e-3,
+                   teacher_batch=64, teacher_lr=1e-3, iters=2000, batch_size=32, generator_lr=2e-4, guidance_lr=2e-4,
+                   warmup_steps=20, ema_decay=0.98, log_every=20, ckpt_every=200, sample_every=500, precision="fp32",
                    teacher_arch=dict(model_type="DhariwalUNet", model_channels=16, channel_mult=[1, 2, 2],
-                                     num_blocks=1, attn_resolutions=[], dropout=0.0),
-                   iters=2000, batch_size=32, generator_lr=2e-4, guidance_lr=2e-4, warmup_steps=20, ema_decay=0.98,
-                   log_every=20, ckpt_every=200, sample_every=500, precision="fp32"),
+                                     num_blocks=1, attn_resolutions=[], dropout=0.0)),
     # The paper's recipe (official experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_
     # scratch.sh): batch 40 per GPU, lr 2e-6, ratio 5, GAN 3e-3 / 1e-2, diffusion GAN over 1000 levels, bf16.
     "imagenet64": dict(resolution=64, num_classes=1000, iters=400_000, batch_size=40, log_every=100, ckpt_every=500,
@@ -151,10 +150,9 @@ PRESETS = {
                        generator_lr=5e-7, guidance_lr=5e-7, batch_size=2, iters=24_000),
     # The 1-step model's initialisation (official main/train_sd_ode.py): G at t = 399 regresses the teacher's ODE
     # outputs (CFG 8), LPIPS on decoded images; AdamW 1e-5, no clipping (official flag unused), batch 4, 2k its.
-    "sdxl-ode": dict(T2I, conditioning_timestep=399, guidance_scale=8.0, dm_loss_weight=0.0, gan=False,
-                     regression_loss_weight=1.0, regression_pairs=10_000, regression_loss="lpips",
-                     dfake_gen_update_ratio=1, generator_lr=1e-5, max_grad_norm=float("inf"), batch_size=4,
-                     iters=2_000),
+    "sdxl-ode": dict(T2I, conditioning_timestep=399, guidance_scale=8.0, dm_loss_weight=0.0, gan=False, iters=2_000,
+                     regression_loss_weight=1.0, regression_pairs=10_000, regression_loss="lpips", batch_size=4,
+                     dfake_gen_update_ratio=1, generator_lr=1e-5, max_grad_norm=float("inf")),
     # SD v1.5 in two stages (official experiments/sdv1.5/*.sh, issue #30): 1-step at t = 999, CFG 1.75, ratio 10, batch
     # 32; no GAN at lr 1e-5 (39k its), then GAN 1e-3 / 1e-2 at lr 5e-7 (+5k) from --generator_init/--guidance_init.
     "sd15": dict(T2I, guidance_scale=1.75, dfake_gen_update_ratio=10, gan=False, generator_lr=1e-5, guidance_lr=1e-5,
@@ -361,8 +359,7 @@ def generator_sigmas(num_steps, sigmas, conditioning_timestep=999):
 
 
 def pure_noise(denoiser, noise, sigma):
-    """A generator's first input, from unit noise, at the first level sigma of its list: sigma z for EDM teachers
-    (official: 80 z); a denoiser with its own convention says so (EpsDenoiser.pure_noise: DDPM's x_t = z)."""
+    """A generator's first input from unit noise z: sigma z on EDM teachers (official: 80 z), else the denoiser's."""
     own = getattr(denoiser, "pure_noise", None)
     return own(noise, sigma) if own is not None else noise * sigma
 
@@ -391,8 +388,7 @@ def backward_simulation(generator, cond, step_sigmas, k, shape, randn=torch.rand
 
 
 def noised_real_inputs(generator, real, step_sigmas, k, noise):
-    """The ablation without backward simulation: real images noised to the per-sample level k [B] of the list;
-    level 0 is pure noise (official: prepare_denoising_data, t = 999 replaced by noise)."""
+    """Table 4's ablation: real data noised to level k [B], k = 0: pure noise (official: prepare_denoising_data)."""
     sigma = step_sigmas[k]
     start = pure_noise(generator, noise, step_sigmas[0])
     return torch.where(_per_sample(k == 0, real), start, real + _per_sample(sigma, real) * noise), sigma
@@ -450,8 +446,7 @@ class EpsDenoiser(nn.Module):
         return self.sigmas[self.timestep(sigma)].to(sigma.dtype).reshape(sigma.shape)
 
     def unet_eps(self, x_t, t, cond):
-        embeds, pooled = cond
-        dtype, extra = self.unet.dtype, {}
+        (embeds, pooled), dtype, extra = cond, self.unet.dtype, {}
         if self.time_ids is not None:
             ids = torch.tensor([self.time_ids], dtype=dtype, device=x_t.device).expand(len(x_t), -1)
             extra = dict(added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": ids})
@@ -522,8 +517,7 @@ class SharedNoise:
         full = torch.randint(low, high, (n * self.world_size,), generator=self.gen, device=self.device)
         return full.chunk(self.world_size)[self.rank]
 
-    def shared_randint(self, low, high):
-        """One integer, the same on every rank (official: the backward-simulation step index)."""
+    def shared_randint(self, low, high):  # one integer, the same on every rank (official: the backward-simulation k)
         return int(torch.randint(low, high, (1,), generator=self.gen, device=self.device))
 
 
@@ -645,8 +639,7 @@ class Distiller:
         return logs
 
     def generator_inputs(self, real):
-        """(x, sigma, conditions) of the generated batch: pure noise for one step; otherwise backward simulation,
-        or noised real data with its own conditions (the Table 4 ablation; official prepare_denoising_data)."""
+        """(x, sigma, conditions) to train on: pure noise, backward simulation or noised real data (Table 4)."""
         cfg, shape = self.cfg, (self.cfg.batch_size, *self.sample_shape)
         noised_real = cfg.generator_steps > 1 and not cfg.backward_simulation
         labels = real[1] if noised_real else self.conditions.sample(shape[0], self.noise)
@@ -695,8 +688,10 @@ class Distiller:
                 if cfg.gan:
                     losses["loss_gan_g"] = (self.gan_weight, gan_generator_loss(gan_logits(
                         self.fake_score, self.head, fake, labels, *(v[part] for v in draws["gan"]), self.clean_input)))
-                if measure:
-                    norms_sq += self.gradient_norms_sq(losses, fake, (part.stop - part.start) / n)
+                if measure:  # squared gradient norms on the images of the weighted DM term and the GAN term at 1
+                    for i, (key, weight) in enumerate((("loss_dm", cfg.dm_loss_weight), ("loss_gan_g", 1.0))):
+                        grad = torch.autograd.grad(losses[key][1], fake, retain_graph=True)[0]
+                        norms_sq[i] += ((part.stop - part.start) / n * weight * grad).square().sum()
             if cfg.regression_loss_weight > 0:
                 losses["loss_reg"] = (cfg.regression_loss_weight, self.regression_loss(pairs[part]))
             accumulate(losses, part, n, logs, [self.wrapped_generator])
@@ -732,11 +727,10 @@ class Distiller:
                                                    self.step)
         return logs
 
-    def update_ema(self):
-        if self.ema is not None:  # per generator update (deviation: the official code keeps no EMA)
-            with torch.no_grad():  # one foreach kernel for all parameters
-                torch._foreach_lerp_(list(self.ema.parameters()), list(self.generator.parameters()),
-                                     1 - self.cfg.ema_decay)
+    @torch.no_grad()
+    def update_ema(self):  # per generator update, one foreach kernel (deviation: the official code keeps no EMA)
+        if self.ema is not None:
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.generator.parameters()), 1 - self.cfg.ema_decay)
 
     def measuring_gan_weight(self):
         """--gen_cls_loss_weight auto (the maintainer's rule, tianweiy/DMD2#73): the GAN weight at which the GAN
@@ -744,12 +738,6 @@ class Distiller:
         1..AUTO_GAN_UPDATES at GAN weight 0 (update 0: the fake score equals the teacher, the DM gradient is 0)."""
         return self.cfg.gan and self.auto_norms is not None and len(self.auto_norms) < AUTO_GAN_UPDATES and \
             self.step >= self.cfg.dfake_gen_update_ratio
-
-    def gradient_norms_sq(self, losses, fake, share):
-        """Squared norms of the gradients on the generated images of the weighted DM term and the GAN term at 1."""
-        terms = (("loss_dm", self.cfg.dm_loss_weight), ("loss_gan_g", 1.0))
-        grads = [torch.autograd.grad(losses[key][1], fake, retain_graph=True)[0] for key, _ in terms]
-        return torch.stack([(share * weight * grad).square().sum() for (_, weight), grad in zip(terms, grads)])
 
     def record_gradient_norms(self, norms_sq):
         if self.world_size > 1:  # the same weight on every rank: the mean over ranks of the squared norms
