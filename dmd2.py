@@ -292,8 +292,8 @@ def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
 def denoising_loss(net, x, labels, sigma, noise, sigma_data=0.5):
     """EDM's lambda(sigma) |D(x + sigma n) - x|^2, lambda = 1/sigma^2 + 1/sigma_data^2 (EDM Table 1): trains the
     embedded teachers and the fake score on DETACHED generator output, sigma index-uniform (official:
-    compute_loss_fake, "snr + 1/sigma_data^2"). sigma_data = inf: the official epsilon MSE, as (x0_hat - x0)^2 /
-    sigma^2 = (eps_hat - eps)^2."""
+    compute_loss_fake, "snr + 1/sigma_data^2"). sigma_data = inf: the official epsilon MSE,
+    as (x0_hat - x0)^2 / sigma^2 = (eps_hat - eps)^2."""
     sigma = _per_sample(sigma, x)
     weight = 1 / sigma ** 2 + 1 / sigma_data ** 2
     return (weight * (net(x + sigma * noise, sigma, labels) - x) ** 2).mean().float()
@@ -414,7 +414,7 @@ class EpsDenoiser(nn.Module):
     DiscreteEpsDDPMDenoiser): sigma_t = sqrt((1 - abar_t) / abar_t), the UNet sees x_t = sqrt(abar_t) x at the nearest
     timestep. Official numerics (main/sd_guidance.py, utils.py): x0 from eps in float64; CFG when guidance_scale > 1,
     eps_u from zeros (SDXL) or "" (SD v1.5); bf16 autocast (use_fp16) only under grad (official: fp32 DM fake pass and
-    rollout). cond = (embeddings, pooled); SDXL's time_ids added here (official: build_condition_input)."""
+    rollout). cond = (embeddings [B, 77, D], pooled [B, P]), plus SDXL's time_ids (official: build_condition_input)."""
 
     def __init__(self, unet, alphas_cumprod, uncond, resolution=None):
         super().__init__()
@@ -564,10 +564,10 @@ AUTO_GAN_UPDATES = 10  # generator updates measured by --gen_cls_loss_weight aut
 
 
 class Distiller:
-    """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step): real_score
-    = the frozen teacher (owned: pass a copy to reuse it), fake_score = a trainable float32 copy with the GAN head on
-    its bottleneck, generator = another copy or the one passed (LoRA). wrap: an engine (network -> module run with
-    gradient); regression_pairs: (noise, conditions, teacher outputs); perceptual: their distance (default: MSE)."""
+    """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step). real_score:
+    the frozen teacher (owned: pass a copy to reuse it); fake_score: its trainable float32 copy, the GAN head on its
+    bottleneck; generator: another copy or the one passed (LoRA); conditions: ClassLabels or Prompts; wrap: an engine
+    (network -> module run with gradient); regression_pairs: (noise, conditions, targets), perceptual: its distance."""
 
     def __init__(self, cfg, teacher, sample_shape, conditions=None, generator=None, wrap=None, regression_pairs=None,
                  perceptual=None, device="cpu", rank=0, world_size=1):
@@ -860,7 +860,7 @@ def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on
         with open(log_path, "w") as f:
             f.writelines(lines)
     bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), leave=False, mininterval=2,
-               disable=rank != 0 or bool(os.environ.get("TQDM_DISABLE")))  # (disable= overrides tqdm's TQDM_DISABLE)
+               disable=rank != 0 or bool(os.environ.get("TQDM_DISABLE")))  # tqdm skips TQDM_DISABLE given disable=
     t0 = time.time()
     for step in bar:
         logs = distiller.train_step(next(real_batches) if distiller.needs_real_data else None)
