@@ -6,7 +6,6 @@ of the original DMD's regression loss, a GAN on real data (Sec. 4.3) so G can be
 simulation (Sec. 4.5) for few-step generators.
 
     python dmd2.py                       # embedded default: train a small teacher, distil it, print the table
-    python dmd2.py --dataset toy2d       # 2-D class-conditional mixture, seconds
     python dmd2.py --dataset imagenet64 --data_path imagenet-64x64.zip    # the paper's recipe (GPUs, torchrun)
     python dmd2.py --dataset sdxl --data_path captioned_images/           # SDXL 4-step (also sd15, sdxl-1step, ...)
     python dmd2.py sample --checkpoint runs/shapes/student_1step/checkpoint.pt --out grid.png
@@ -43,18 +42,15 @@ import edm_net
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Config, presets and the command line built from them: every field is a flag (--name value), its comment the
-# flag's help; a preset fills in what the dataset needs.
+# 1. Config and presets: every field is a flag (--name value), its comment the flag's help
 
 
 @dataclass
 class Config:
-    dataset: str = "shapes"  # a preset: toy2d | shapes (embedded default) | cifar10 | imagenet64 | sdxl | sdxl-1step
-    #                          | sdxl-ode | sd15 | sd15-gan (text-to-image: diffusers teachers, section 6)
+    dataset: str = "shapes"  # a preset: toy2d | shapes | cifar10 | imagenet64 | sdxl[-1step|-ode] | sd15[-gan]
     out_dir: str = "runs"  # run folders go to out_dir/<dataset>/<run_name>
     run_name: str = ""  # default: derived from the generator steps ("student_1step", ...)
-    data_path: str = ""  # EDM dataset_tool zip / folder / DMD2 LMDB (cifar10, imagenet64); text-to-image: a folder
-    #                      of images with same-named .txt captions
+    data_path: str = ""  # EDM zip / image folder / DMD2 LMDB; text-to-image: images with same-named .txt captions
     cache_dir: str = ""  # downloads and embedded teachers; default ~/.cache/dmd2 (env DMD2_CACHE)
     seed: int = 10  # official: --seed 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -80,7 +76,7 @@ class Config:
     rho: float = 7.0  # Karras grid exponent
     num_train_timesteps: int = 1000  # levels of the noise grid
     min_step_percent: float = 0.02  # DM-loss sigma index range (official: --min_step_percent/--max_step_percent)
-    max_step_percent: float = 0.98
+    max_step_percent: float = 0.98  # upper end of that range
     conditioning_timestep: int = 999  # one-step generator's input level on the grid: 999 = sigma 80 on the Karras
     #                                   grid (official EDM: --conditioning_sigma 80), SDXL 1-step: 399 (official)
     # generator
@@ -130,39 +126,33 @@ class Config:
 # score's unweighted epsilon MSE (sigma_data = inf), classifier GAN weight 1e-2 (official --guidance_cls_loss_weight).
 T2I = dict(sigma_data=float("inf"), cls_loss_weight=1e-2, log_every=10, ckpt_every=500, sample_every=500)
 PRESETS = {
-    # 2-D class-conditional mixture; MLP teacher trained deliberately briefly (300 of the ~4,000 iterations it takes
-    # to converge), so, like a real teacher, it misses the data (modes too wide) and leaves the GAN work to do.
+    # 2-D class-conditional mixture; the MLP teacher is trained briefly (300 of ~4,000 its), so it misses the data.
     "toy2d": dict(students=[1, 4], no_gan_student=True, resolution=0, num_classes=4, teacher_iters=300,
                   teacher_batch=256, teacher_lr=1e-3, iters=2000, batch_size=256, generator_lr=3e-4, guidance_lr=3e-4,
                   warmup_steps=20, gen_cls_loss_weight="auto", teacher_eval_steps=18, eval_samples=4000,
                   eval_batch=4000, log_every=20, ckpt_every=200, sample_every=200, precision="fp32"),
-    # Embedded default: 16 px shapes, a 16-channel ADM teacher trained 1,000 iterations (imperfect on purpose), a
-    # 1-step student with and one without GAN. CPU budget (deviations, README): lr 2e-4 (official 2e-6), EMA 0.98.
+    # Embedded default: 16 px shapes, a small ADM teacher; CPU deviations (README): lr 2e-4 (official 2e-6), EMA 0.98.
     "shapes": dict(students=[1], no_gan_student=True, resolution=16, num_classes=10, teacher_iters=1000,
-                   teacher_batch=64, teacher_lr=1e-3,
+                   teacher_batch=64, teacher_lr=1e-3, iters=2000, batch_size=32, generator_lr=2e-4, guidance_lr=2e-4,
+                   warmup_steps=20, ema_decay=0.98, log_every=20, ckpt_every=200, sample_every=500, precision="fp32",
                    teacher_arch=dict(model_type="DhariwalUNet", model_channels=16, channel_mult=[1, 2, 2],
-                                     num_blocks=1, attn_resolutions=[], dropout=0.0),
-                   iters=2000, batch_size=32, generator_lr=2e-4, guidance_lr=2e-4, warmup_steps=20, ema_decay=0.98,
-                   log_every=20, ckpt_every=200, sample_every=500, precision="fp32"),
+                                     num_blocks=1, attn_resolutions=[], dropout=0.0)),
     # The paper's recipe (official experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_
     # scratch.sh): batch 40 per GPU, lr 2e-6, ratio 5, GAN 3e-3 / 1e-2, diffusion GAN over 1000 levels, bf16.
-    "imagenet64": dict(resolution=64, num_classes=1000, iters=400_000, batch_size=40, generator_lr=2e-6,
-                       guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
-                       eval_samples=50_000, eval_batch=128),
+    "imagenet64": dict(resolution=64, num_classes=1000, iters=400_000, batch_size=40, log_every=100, ckpt_every=500,
+                       sample_every=500, eval_samples=50_000, eval_batch=128),
     # SDXL 4-step (sdxl_cond999_8node_lr5e-7_denoising4step_diffusion1000_gan5e-3_guidance8_noinit_noode_backsim_
     # scratch.sh): backward simulation on [999, 749, 499, 249], CFG 8, GAN 5e-3 / 1e-2, lr 5e-7, ratio 5, 19k its.
     "sdxl": dict(T2I, generator_steps=4, guidance_scale=8.0, gen_cls_loss_weight=5e-3, generator_lr=5e-7,
                  guidance_lr=5e-7, batch_size=2, iters=20_000),
-    # SDXL 1-step: pure noise at t = 399 (--conditioning_timestep 399), started from the ODE-pair pretraining below
-    # (official: --generator_ckpt_path of its step-2000 checkpoint; pass ours with --generator_init), 24k its.
+    # SDXL 1-step: z at t = 399, from sdxl-ode's step-2000 G (official: --generator_ckpt_path; ours: --generator_init).
     "sdxl-1step": dict(T2I, conditioning_timestep=399, guidance_scale=8.0, gen_cls_loss_weight=5e-3,
                        generator_lr=5e-7, guidance_lr=5e-7, batch_size=2, iters=24_000),
     # The 1-step model's initialisation (official main/train_sd_ode.py): G at t = 399 regresses the teacher's ODE
     # outputs (CFG 8), LPIPS on decoded images; AdamW 1e-5, no clipping (official flag unused), batch 4, 2k its.
-    "sdxl-ode": dict(T2I, conditioning_timestep=399, guidance_scale=8.0, dm_loss_weight=0.0, gan=False,
-                     regression_loss_weight=1.0, regression_pairs=10_000, regression_loss="lpips",
-                     dfake_gen_update_ratio=1, generator_lr=1e-5, max_grad_norm=float("inf"), batch_size=4,
-                     iters=2_000),
+    "sdxl-ode": dict(T2I, conditioning_timestep=399, guidance_scale=8.0, dm_loss_weight=0.0, gan=False, iters=2_000,
+                     regression_loss_weight=1.0, regression_pairs=10_000, regression_loss="lpips", batch_size=4,
+                     dfake_gen_update_ratio=1, generator_lr=1e-5, max_grad_norm=float("inf")),
     # SD v1.5 in two stages (official experiments/sdv1.5/*.sh, issue #30): 1-step at t = 999, CFG 1.75, ratio 10, batch
     # 32; no GAN at lr 1e-5 (39k its), then GAN 1e-3 / 1e-2 at lr 5e-7 (+5k) from --generator_init/--guidance_init.
     "sd15": dict(T2I, guidance_scale=1.75, dfake_gen_update_ratio=10, gan=False, generator_lr=1e-5, guidance_lr=1e-5,
@@ -170,9 +160,8 @@ PRESETS = {
     "sd15-gan": dict(T2I, guidance_scale=1.75, dfake_gen_update_ratio=10, gen_cls_loss_weight=1e-3,
                      generator_lr=5e-7, guidance_lr=5e-7, batch_size=32, iters=5_000),
     # CIFAR-10 on EDM's conditional VP teacher. Not an official DMD2 recipe: the ImageNet values, batch 56 (EDM).
-    "cifar10": dict(resolution=32, num_classes=10, iters=200_000, batch_size=56, generator_lr=2e-6,
-                    guidance_lr=2e-6, warmup_steps=500, log_every=100, ckpt_every=500, sample_every=500,
-                    eval_samples=50_000, eval_batch=250),
+    "cifar10": dict(resolution=32, num_classes=10, iters=200_000, batch_size=56, log_every=100, ckpt_every=500,
+                    sample_every=500, eval_samples=50_000, eval_batch=250),
 }
 
 
@@ -202,8 +191,7 @@ def float_or_auto(text):
 
 
 def parse_config(argv):
-    """Config from a preset (--dataset) and flags: --iters 100 --gan false ... Every field is a flag. The command
-    line checks the values (check_config, section 17)."""
+    """Config from a preset (--dataset) and flags (--iters 100 --gan false ...); check_config (section 17) checks it."""
     parser = argparse.ArgumentParser(prog="dmd2.py", description="DMD2 distillation (python dmd2.py [--dataset NAME] "
                                      "[--flag value ...]; subcommands: sample, evaluate, fid)")
     kinds = {"bool": dict(type=parse_bool, metavar="true|false"), "list": dict(type=int, nargs="+"),
@@ -225,12 +213,10 @@ def parse_config(argv):
 
 
 def karras_sigmas(num_levels=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """The 1000-level Karras grid, ascending: index 0 = sigma_min, index num_levels-1 = sigma_max.
-    official: get_sigmas_karras(n=1000, 0.002, 80, rho=7), then flipped (EDMGuidance.karras_sigmas)."""
+    """The Karras grid, ascending (official: get_sigmas_karras(n=1000, 0.002, 80, rho=7) flipped, EDMGuidance)."""
     ramp = torch.linspace(0, 1, num_levels, dtype=torch.float64)
     inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho  # descending, as k-diffusion writes it
-    return sigmas.flip(0).float()
+    return ((inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho).flip(0).float()  # k-diffusion's, flipped
 
 
 def noise_grid(cfg, teacher):
@@ -239,8 +225,7 @@ def noise_grid(cfg, teacher):
     return own if own is not None else karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
 
 
-def _per_sample(sigma, x):
-    """Shape a per-sample sigma [B] so it broadcasts against x [B, ...]."""
+def _per_sample(sigma, x):  # [B] -> [B, 1, ...], broadcasting against x
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
@@ -250,8 +235,7 @@ def onehot(labels, num_classes):
 
 
 class ClassLabels:
-    """Conditions of a class-conditional teacher: one-hot labels, uniform for generated batches (official:
-    randint(0, label_dim)). Prompts (section 16) is the text-to-image counterpart."""
+    """One-hot class conditions, uniform for generated batches (official: randint(0, label_dim)); text's: Prompts."""
 
     def __init__(self, num_classes, device="cpu"):
         self.num_classes, self.device = num_classes, device
@@ -283,12 +267,10 @@ def take(cond, index):
 
 
 def dm_loss(x, pred_real, pred_fake):
-    """Distribution matching loss from x0-predictions (official: compute_distribution_matching_loss).
-
-    Sec. 3, eq. 2: grad_theta KL = -E[(s_real - s_fake) dG/dtheta] with scores s(x_t) = (D(x_t) - x_t) / sigma^2, so
-    the gradient on x points along p_real - p_fake (p = x - pred), normalised per sample by mean|p_real| (original
-    DMD, eq. 8). L = 0.5 * mean((x - (x - grad).detach())^2) hands autograd exactly dL/dx = grad / x.numel(); the
-    value of L carries no meaning."""
+    """Distribution matching loss from x0-predictions (official: compute_distribution_matching_loss). Sec. 3, eq. 2:
+    grad_theta KL = -E[(s_real - s_fake) dG/dtheta] with scores s(x_t) = (D(x_t) - x_t) / sigma^2, so the gradient on
+    x points along p_real - p_fake (p = x - pred), normalised per sample by mean|p_real| (original DMD, eq. 8).
+    L = 0.5 * mean((x - (x - grad).detach())^2) hands autograd exactly dL/dx = grad / x.numel(); L's value is moot."""
     with torch.no_grad():
         p_real, p_fake = x - pred_real, x - pred_fake
         weight = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)  # mean over C,H,W per sample
@@ -296,17 +278,9 @@ def dm_loss(x, pred_real, pred_fake):
     return 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
 
 
-def dm_index_range(cfg):
-    """[low, high) of the DM loss's sigma index: [20, 981) for 0.02/0.98 of 1000 levels (official: min_step =
-    int(min_step_percent * T), max_step = int(max_step_percent * T), randint(min_step, min(max_step + 1, T)))."""
-    T = cfg.num_train_timesteps
-    return int(cfg.min_step_percent * T), min(int(cfg.max_step_percent * T) + 1, T)
-
-
 def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
-    """DM loss of a generated batch x (with grad) under `labels` at per-sample sigma [B] = sigmas[t], t uniform in
-    dm_index_range, with noise like x. Both scores run without gradient, CFG only in the real score; computed in their
-    output dtype (float64 for EpsDenoiser; official SD path: .double() predictions), returned in float32."""
+    """DM loss of a generated batch x (with grad) at per-sample sigma [B] (Distiller.generator_turn). Both scores
+    run without gradient, in their output dtype (EpsDenoiser: float64, official .double() predictions)."""
     with torch.no_grad():
         sigma = _per_sample(sigma, x)
         noisy = x + sigma * noise
@@ -316,11 +290,10 @@ def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
 
 
 def denoising_loss(net, x, labels, sigma, noise, sigma_data=0.5):
-    """EDM's weighted denoising loss lambda(sigma) |D(x + sigma n) - x|^2 at per-sample sigma [B], lambda(sigma) =
-    1/sigma^2 + 1/sigma_data^2 (EDM Table 1). It trains the embedded teachers (EDM's log-normal sigma) and the fake
-    score on DETACHED generator output at sigma index-uniform on the grid (official: compute_loss_fake, randint(0,
-    1000), "snr + 1/sigma_data^2"). At sigma_data = inf it is the official epsilon-prediction loss |eps_hat - eps|^2,
-    as (x0_hat - x0)^2 / sigma^2 = (eps_hat - eps)^2. Computed in the network's output dtype, returned in float32."""
+    """EDM's lambda(sigma) |D(x + sigma n) - x|^2, lambda = 1/sigma^2 + 1/sigma_data^2 (EDM Table 1): trains the
+    embedded teachers and the fake score on DETACHED generator output, sigma index-uniform (official:
+    compute_loss_fake, "snr + 1/sigma_data^2"). sigma_data = inf: the official epsilon MSE,
+    as (x0_hat - x0)^2 / sigma^2 = (eps_hat - eps)^2."""
     sigma = _per_sample(sigma, x)
     weight = 1 / sigma ** 2 + 1 / sigma_data ** 2
     return (weight * (net(x + sigma * noise, sigma, labels) - x) ** 2).mean().float()
@@ -353,10 +326,8 @@ class GANHead(nn.Sequential):
             res //= 2
         if res not in (1, 4):
             raise ValueError(f"GANHead needs a square bottleneck of side 4 * 2^k or 1, got {in_res}")
-        kernel = 4 if res == 4 else 1
-        layers += [nn.Conv2d(channels, channels, kernel, stride=kernel), nn.GroupNorm(groups, channels), nn.SiLU()]
-        layers.append(nn.Conv2d(channels, 1, 1))
-        super().__init__(*layers)
+        layers += [nn.Conv2d(channels, channels, res, stride=res), nn.GroupNorm(groups, channels), nn.SiLU()]
+        super().__init__(*layers, nn.Conv2d(channels, 1, 1))
 
     def forward(self, features):
         if features.ndim == 2:  # [B, C] features of an MLP
@@ -365,10 +336,8 @@ class GANHead(nn.Sequential):
 
 
 def gan_logits(fake_score, head, images, labels, sigma, noise, clean_input=None):
-    """Classifier logits [B, 1] of images noised at per-sample sigma (official: compute_cls_logits). Diffusion GAN
-    (official: --diffusion_gan --diffusion_gan_max_timestep 1000): sigma = sigmas[randint(0, 1000)], drawn apart for
-    real and fake images. Without it the official code shows clean images at sigmas[0] with zero noise, given as the
-    denoiser reads clean data (clean_input: EpsDenoiser's)."""
+    """Classifier logits [B, 1] of images noised at per-sample sigma (official: compute_cls_logits); the diffusion GAN
+    draws sigma = sigmas[randint(0, 1000)], without it clean images (clean_input: how the denoiser reads them)."""
     if clean_input is not None:
         images = clean_input(images)
     sigma = _per_sample(sigma, images)
@@ -390,8 +359,7 @@ def generator_sigmas(num_steps, sigmas, conditioning_timestep=999):
 
 
 def pure_noise(denoiser, noise, sigma):
-    """A generator's first input, from unit noise, at the first level sigma of its list: sigma z for EDM teachers
-    (official: 80 z); a denoiser with its own convention says so (EpsDenoiser.pure_noise: DDPM's x_t = z)."""
+    """A generator's first input from unit noise z: sigma z on EDM teachers (official: 80 z), else the denoiser's."""
     own = getattr(denoiser, "pure_noise", None)
     return own(noise, sigma) if own is not None else noise * sigma
 
@@ -420,39 +388,33 @@ def backward_simulation(generator, cond, step_sigmas, k, shape, randn=torch.rand
 
 
 def noised_real_inputs(generator, real, step_sigmas, k, noise):
-    """The ablation without backward simulation: real images noised to the per-sample level k [B] of the list;
-    level 0 is pure noise (official: prepare_denoising_data, t = 999 replaced by noise)."""
+    """Table 4's ablation: real data noised to level k [B], k = 0: pure noise (official: prepare_denoising_data)."""
     sigma = step_sigmas[k]
     start = pure_noise(generator, noise, step_sigmas[0])
     return torch.where(_per_sample(k == 0, real), start, real + _per_sample(sigma, real) * noise), sigma
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Text-to-image teachers as denoisers: an epsilon-prediction UNet (SD v1.5, SDXL) behind the EDM interface
-# The method takes a denoiser D(x, sigma, cond) -> x0 with a bottleneck (return_bottleneck=True), as EDMPrecond.
-# EpsDenoiser owns what differs, looked up on any teacher (EDM's take defaults): sigmas, pure_noise, clean_input, ...
+# 6. Text-to-image teachers (SD v1.5, SDXL): an epsilon-prediction UNet as an EDM denoiser D(x, sigma, cond) -> x0
+# What differs from EDMPrecond is looked up on any teacher (EDM's take defaults): sigmas, pure_noise, clean_input, ...
 
 
 def ddpm_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
-    """alphas_cumprod of the SD v1.5 / SDXL scheduler ("scaled_linear" betas 0.00085..0.012, T = 1000) in float32 as
-    diffusers computes it, as float64 (official: alphas_cumprod.double()). abar(999) = 0.00466: not zero SNR."""
+    """SD v1.5 / SDXL's alphas_cumprod ("scaled_linear" betas) as diffusers computes it, as float64 (official)."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, dim=0).double()
 
 
 class _MidBlockReached(Exception):
-    def __init__(self, output):
-        self.output = output
+    """Raised by mid_block_output's hook, carrying the mid block's output."""
 
 
 class EpsDenoiser(nn.Module):
     """A diffusers UNet2DConditionModel predicting epsilon as an EDM denoiser D(x, sigma, cond) -> x0 (as k-diffusion's
     DiscreteEpsDDPMDenoiser): sigma_t = sqrt((1 - abar_t) / abar_t), the UNet sees x_t = sqrt(abar_t) x at the nearest
-    table timestep. Official numerics (main/sd_guidance.py, utils.py): x0 from eps in float64; CFG only when
-    guidance_scale > 1, eps_u from zeros (SDXL) or "" (SD v1.5); bf16 autocast (use_fp16) only where gradients are
-    taken (official: fp32 DM fake pass and rollout). return_bottleneck: the mid-block output (official:
-    classify_forward). cond = (embeddings [B, 77, D], pooled [B, P]); SDXL's micro-conditioning [res, res, 0, 0, res,
-    res] is added here (official: build_condition_input)."""
+    timestep. Official numerics (main/sd_guidance.py, utils.py): x0 from eps in float64; CFG when guidance_scale > 1,
+    eps_u from zeros (SDXL) or "" (SD v1.5); bf16 autocast (use_fp16) only under grad (official: fp32 DM fake pass and
+    rollout). cond = (embeddings [B, 77, D], pooled [B, P]), plus SDXL's time_ids (official: build_condition_input)."""
 
     def __init__(self, unet, alphas_cumprod, uncond, resolution=None):
         super().__init__()
@@ -466,13 +428,11 @@ class EpsDenoiser(nn.Module):
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])  # edm_sampler's range
 
     def pure_noise(self, noise, sigma):
-        """DDPM's pure noise x_t = z at the generator's first timestep, whatever it is (official: pure_noise_mask;
-        the SDXL 1-step model takes z at t = 399): x = z sqrt(1 + sigma^2) in EDM scaling."""
+        """DDPM's x_t = z at the first timestep, whatever it is (official: pure_noise_mask; SDXL 1-step: t = 399)."""
         return noise * (sigma ** 2 + 1).sqrt()
 
     def clean_input(self, x0):
-        """The input that the UNet reads as the clean latent x0 at t = 0 (official compute_cls_logits without the
-        diffusion GAN: timesteps 0, noisy_image = image): x0 / sqrt(abar_0), in float64 so forward's x_t is x0."""
+        """What the UNet reads as clean x0 at t = 0 (official compute_cls_logits without the diffusion GAN), float64."""
         return x0.double() / self.alphas_cumprod[0].sqrt()
 
     def store_frozen_in_bf16(self):
@@ -486,23 +446,21 @@ class EpsDenoiser(nn.Module):
         return self.sigmas[self.timestep(sigma)].to(sigma.dtype).reshape(sigma.shape)
 
     def unet_eps(self, x_t, t, cond):
-        embeds, pooled = cond
-        dtype, extra = self.unet.dtype, {}
+        (embeds, pooled), dtype, extra = cond, self.unet.dtype, {}
         if self.time_ids is not None:
             ids = torch.tensor([self.time_ids], dtype=dtype, device=x_t.device).expand(len(x_t), -1)
             extra = dict(added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": ids})
         return self.unet(x_t.to(dtype), t, embeds.to(dtype), **extra).sample
 
     def mid_block_output(self, x_t, t, cond):
-        """The UNet forward up to and including its mid block: a hook raises the output, so the up blocks never run
-        (as the official classify_forward) and the autograd graph up to it stays intact."""
+        """Up to the mid block: a hook raises its output, so the up blocks never run (official: classify_forward)."""
         def stop(module, args, output):
             raise _MidBlockReached(output)
         handle = self.unet.mid_block.register_forward_hook(stop)
         try:
             self.unet_eps(x_t, t, cond)
         except _MidBlockReached as reached:
-            return reached.output
+            return reached.args[0]
         finally:
             handle.remove()
         raise RuntimeError("the UNet forward never reached unet.mid_block")
@@ -529,8 +487,7 @@ class EpsDenoiser(nn.Module):
 
 
 def make_optimizer(params, lr, fused=None):
-    """AdamW(betas 0.9/0.999, weight decay 0.01), one per network group (official: train_edm.py). Fused into one
-    kernel when every parameter is a plain tensor on one CUDA device (torch's default there is foreach)."""
+    """AdamW(betas 0.9/0.999, weight decay 0.01) (official: train_edm.py), fused when on one CUDA device."""
     params = [p for p in params if p.requires_grad]
     if fused is None:
         fused = len({p.device for p in params}) == 1 and params[0].is_cuda and all(
@@ -545,8 +502,8 @@ def warmup_scheduler(optimizer, warmup_steps):
 
 
 class SharedNoise:
-    """Random numbers for the GLOBAL batch, drawn alike on every rank, each keeping its slice: W processes of batch B
-    draw the noise of one process of batch W*B (deviation: the official code seeds rank r with seed + r)."""
+    """Noise for the GLOBAL batch, drawn alike on every rank, each keeping its slice: W processes of batch B draw what
+    one process of batch W*B draws (deviation: the official code seeds rank r with seed + r)."""
 
     def __init__(self, seed, rank=0, world_size=1, device="cpu"):
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
@@ -560,20 +517,18 @@ class SharedNoise:
         full = torch.randint(low, high, (n * self.world_size,), generator=self.gen, device=self.device)
         return full.chunk(self.world_size)[self.rank]
 
-    def shared_randint(self, low, high):
-        """One integer, the same on every rank (official: the backward-simulation step index)."""
+    def shared_randint(self, low, high):  # one integer, the same on every rank (official: the backward-simulation k)
         return int(torch.randint(low, high, (1,), generator=self.gen, device=self.device))
 
 
 def micro_batches(batch_size, micro_batch):
-    """Slices of the per-process batch run one at a time (--micro_batch); the whole batch when micro_batch is 0."""
+    """Slices of the per-process batch run one at a time (--micro_batch; 0: the whole batch)."""
     size = micro_batch or batch_size
     return [slice(i, i + size) for i in range(0, batch_size, size)]
 
 
 def accumulate(losses, part, batch_size, logs, trained):
-    """Backward of one micro-batch's {key: (weight, mean loss)} scaled by its share of the batch; logs get the batch
-    means (tensors: no host sync). Before the last micro-batch the networks in `trained` skip reduction (no_sync())."""
+    """Backward of a micro-batch's {key: (weight, loss)} by its share of the batch, no_sync() before the last one."""
     share, last = (part.stop - part.start) / batch_size, part.stop >= batch_size
     with contextlib.ExitStack() as stack:
         for module in trained if not last else ():
@@ -584,8 +539,7 @@ def accumulate(losses, part, batch_size, logs, trained):
 
 
 def optimizer_step(params, optimizer, cfg, logs, name, step):
-    """Clip to max_grad_norm (official 10), step, clear the gradients; losses and norm reach the host in one transfer
-    and anything non-finite stops training before an update. Returns (logs as floats, gradient norm before clipping)."""
+    """Clip (official: max_grad_norm 10) and step; one host transfer, and a non-finite loss stops training before it."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded: a DTensor
     values = torch.stack([*logs.values(), grad_norm.to(torch.float32)]).tolist()  # the one sync of this turn
@@ -599,8 +553,7 @@ def optimizer_step(params, optimizer, cfg, logs, name, step):
 
 
 def trainable_copy(denoiser):
-    """A trainable copy of the teacher (official: --initialie_generator, and the fake score likewise), without CFG
-    (official: CFG on the real score only)."""
+    """A trainable copy of the teacher without CFG (official: --initialie_generator; CFG on the real score only)."""
     net = copy.deepcopy(denoiser).train().requires_grad_(True)
     if hasattr(net, "guidance_scale"):
         net.guidance_scale = 1.0
@@ -611,12 +564,10 @@ AUTO_GAN_UPDATES = 10  # generator updates measured by --gen_cls_loss_weight aut
 
 
 class Distiller:
-    """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step).
-
-    real_score = the frozen teacher (owned: pass a copy to reuse it); fake_score = a trainable float32 copy with the
-    GAN head on its bottleneck; generator = another copy or the network passed in (e.g. LoRA). `conditions`: class
-    labels or Prompts; `wrap`: an engine (network -> module run with gradient); `regression_pairs`: (noise,
-    conditions, teacher outputs); `perceptual`: the regression distance (default: mean squared error)."""
+    """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step). real_score:
+    the frozen teacher (owned: pass a copy to reuse it); fake_score: its trainable float32 copy, the GAN head on its
+    bottleneck; generator: another copy or the one passed (LoRA); conditions: ClassLabels or Prompts; wrap: an engine
+    (network -> module run with gradient); regression_pairs: (noise, conditions, targets), perceptual: its distance."""
 
     def __init__(self, cfg, teacher, sample_shape, conditions=None, generator=None, wrap=None, regression_pairs=None,
                  perceptual=None, device="cpu", rank=0, world_size=1):
@@ -656,8 +607,7 @@ class Distiller:
         self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
         self.opt_g = make_optimizer(self.generator.parameters(), cfg.generator_lr)
         self.opt_d = make_optimizer(self.critic_params, cfg.guidance_lr)
-        self.sched_g = warmup_scheduler(self.opt_g, cfg.warmup_steps)
-        self.sched_d = warmup_scheduler(self.opt_d, cfg.warmup_steps)
+        self.sched_g, self.sched_d = (warmup_scheduler(opt, cfg.warmup_steps) for opt in (self.opt_g, self.opt_d))
         self.sigmas = noise_grid(cfg, self.real_score).to(self.device)
         self.step_sigmas = generator_sigmas(cfg.generator_steps, self.sigmas, cfg.conditioning_timestep)
         self.noise = SharedNoise(cfg.seed, rank, world_size, self.device)
@@ -670,12 +620,10 @@ class Distiller:
 
     def train_step(self, real=None):
         """One iteration: a generator turn every dfake_gen_update_ratio iterations, then a critic turn on the same
-        generated batch (official: COMPUTE_GENERATOR_GRADIENT). Random numbers are drawn for the whole batch, then
-        micro-batches (--micro_batch) run with losses weighted by their share, accumulating the batch's gradient."""
+        generated batch (official: COMPUTE_GENERATOR_GRADIENT); noise is drawn per batch, then cut in micro-batches."""
         if real is not None:
-            real = (real[0].to(self.device), self.conditions.encode(real[1]))
-            if self.cfg.channels_last and real[0].ndim == 4:
-                real = (real[0].contiguous(memory_format=torch.channels_last), real[1])
+            layout = torch.channels_last if self.cfg.channels_last and real[0].ndim == 4 else torch.preserve_format
+            real = (real[0].to(self.device, memory_format=layout), self.conditions.encode(real[1]))
         inputs = self.generator_inputs(real) if self.trains_critic else None
         logs = {}
         if self.step % self.cfg.dfake_gen_update_ratio == 0:
@@ -691,8 +639,7 @@ class Distiller:
         return logs
 
     def generator_inputs(self, real):
-        """(x, sigma, conditions) of the generated batch: pure noise for one step; otherwise backward simulation,
-        or noised real data with its own conditions (the Table 4 ablation; official prepare_denoising_data)."""
+        """(x, sigma, conditions) to train on: pure noise, backward simulation or noised real data (Table 4)."""
         cfg, shape = self.cfg, (self.cfg.batch_size, *self.sample_shape)
         noised_real = cfg.generator_steps > 1 and not cfg.backward_simulation
         labels = real[1] if noised_real else self.conditions.sample(shape[0], self.noise)
@@ -709,9 +656,8 @@ class Distiller:
 
     def gan_noise(self, shape):
         """Diffusion-GAN noise: sigma = sigmas[randint(0, 1000)] per sample; without it sigmas[0], none (official)."""
-        cfg = self.cfg
-        t = self.noise.randint(0, cfg.diffusion_gan_max_timestep if cfg.diffusion_gan else 1, shape[0])
-        return self.sigmas[t], self.noise.randn(shape) * (1.0 if cfg.diffusion_gan else 0.0)
+        t = self.noise.randint(0, self.cfg.diffusion_gan_max_timestep if self.cfg.diffusion_gan else 1, shape[0])
+        return self.sigmas[t], self.noise.randn(shape) * float(self.cfg.diffusion_gan)
 
     def generator_turn(self, inputs):
         """The generator's update with the critic frozen (official: guidance_model.requires_grad_(False)): DM loss
@@ -720,8 +666,10 @@ class Distiller:
         shape = (n, *self.sample_shape)
         self.critic.requires_grad_(False)
         draws = {}  # every random number of the turn first, in a fixed order
-        if cfg.dm_loss_weight > 0:
-            draws["dm"] = (self.sigmas[self.noise.randint(*dm_index_range(cfg), n)], self.noise.randn(shape))
+        if cfg.dm_loss_weight > 0:  # t in [20, 981) by default (official: randint(min_step, min(max_step + 1, T)))
+            T = cfg.num_train_timesteps
+            t = self.noise.randint(int(cfg.min_step_percent * T), min(int(cfg.max_step_percent * T) + 1, T), n)
+            draws["dm"] = (self.sigmas[t], self.noise.randn(shape))
         if cfg.gan:
             draws["gan"] = self.gan_noise(shape)
         if cfg.regression_loss_weight > 0:
@@ -740,8 +688,10 @@ class Distiller:
                 if cfg.gan:
                     losses["loss_gan_g"] = (self.gan_weight, gan_generator_loss(gan_logits(
                         self.fake_score, self.head, fake, labels, *(v[part] for v in draws["gan"]), self.clean_input)))
-                if measure:
-                    norms_sq += self.gradient_norms_sq(losses, fake, (part.stop - part.start) / n)
+                if measure:  # squared gradient norms on the images of the weighted DM term and the GAN term at 1
+                    for i, (key, weight) in enumerate((("loss_dm", cfg.dm_loss_weight), ("loss_gan_g", 1.0))):
+                        grad = torch.autograd.grad(losses[key][1], fake, retain_graph=True)[0]
+                        norms_sq[i] += ((part.stop - part.start) / n * weight * grad).square().sum()
             if cfg.regression_loss_weight > 0:
                 losses["loss_reg"] = (cfg.regression_loss_weight, self.regression_loss(pairs[part]))
             accumulate(losses, part, n, logs, [self.wrapped_generator])
@@ -777,11 +727,10 @@ class Distiller:
                                                    self.step)
         return logs
 
-    def update_ema(self):
-        if self.ema is not None:  # per generator update (deviation: the official code keeps no EMA)
-            with torch.no_grad():  # one foreach kernel for all parameters
-                torch._foreach_lerp_(list(self.ema.parameters()), list(self.generator.parameters()),
-                                     1 - self.cfg.ema_decay)
+    @torch.no_grad()
+    def update_ema(self):  # per generator update, one foreach kernel (deviation: the official code keeps no EMA)
+        if self.ema is not None:
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.generator.parameters()), 1 - self.cfg.ema_decay)
 
     def measuring_gan_weight(self):
         """--gen_cls_loss_weight auto (the maintainer's rule, tianweiy/DMD2#73): the GAN weight at which the GAN
@@ -789,12 +738,6 @@ class Distiller:
         1..AUTO_GAN_UPDATES at GAN weight 0 (update 0: the fake score equals the teacher, the DM gradient is 0)."""
         return self.cfg.gan and self.auto_norms is not None and len(self.auto_norms) < AUTO_GAN_UPDATES and \
             self.step >= self.cfg.dfake_gen_update_ratio
-
-    def gradient_norms_sq(self, losses, fake, share):
-        """Squared norms of the gradients on the generated images of the weighted DM term and the GAN term at 1."""
-        terms = (("loss_dm", self.cfg.dm_loss_weight), ("loss_gan_g", 1.0))
-        grads = [torch.autograd.grad(losses[key][1], fake, retain_graph=True)[0] for key, _ in terms]
-        return torch.stack([(share * weight * grad).square().sum() for (_, weight), grad in zip(terms, grads)])
 
     def record_gradient_norms(self, norms_sq):
         if self.world_size > 1:  # the same weight on every rank: the mean over ranks of the squared norms
@@ -813,13 +756,11 @@ class Distiller:
         output (also the SDXL 1-step pretraining, official main/train_sd_ode.py), by `perceptual` (LPIPS) or MSE."""
         noise, labels, target = (take(v, pairs) for v in self.regression_pairs)
         noise, target, labels = noise.to(self.device), target.to(self.device), self.conditions.encode(labels)
-        sigma = self.step_sigmas[0]
-        x = self.wrapped_generator(pure_noise(self.generator, noise, sigma), sigma.expand(len(noise)), labels).float()
+        x = self.wrapped_generator(*rollout(self.generator, noise, labels, self.step_sigmas, 0), labels).float()
         return (self.perceptual or F.mse_loss)(x, target)
 
     def state_dict(self):
-        """Everything to resume exactly, by torch.distributed.checkpoint's state-dict API for every engine (a sharded
-        network gives this process's shards)."""
+        """Everything to resume exactly, via torch.distributed.checkpoint's state-dict API (sharded: this process's)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
         generator, opt_g = get_state_dict(self.generator, self.opt_g)
         critic, opt_d = get_state_dict(self.critic, self.opt_d)
@@ -859,8 +800,7 @@ def read_checkpoint(path, what="DMD2 checkpoint", fix="Delete it to start over, 
 
 
 class Checkpoint:
-    """A run's checkpoint as one file: written atomically by rank 0 (replicas are equal), read weights-only. A sharded
-    run uses a torch.distributed.checkpoint folder behind the same three methods (ShardedCheckpoint, section 11)."""
+    """A run's checkpoint file, written atomically by rank 0, read weights-only (sharded runs: ShardedCheckpoint)."""
 
     def __init__(self, path, rank=0):
         self.path, self.rank = path, rank
@@ -872,8 +812,7 @@ class Checkpoint:
         if self.rank == 0:
             atomic_save(state, self.path)
 
-    def load(self, state):
-        """The saved state; `state` (the current one) shows what to read."""
+    def load(self, state):  # state: the current one, showing what to read (ShardedCheckpoint)
         return read_checkpoint(self.path)
 
 
@@ -920,9 +859,8 @@ def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on
             lines = [line for line in f if line.strip() and json.loads(line)["step"] < distiller.step]
         with open(log_path, "w") as f:
             f.writelines(lines)
-    quiet = rank != 0 or bool(os.environ.get("TQDM_DISABLE"))  # an explicit disable= overrides tqdm's own TQDM_DISABLE
-    bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), disable=quiet, leave=False,
-               mininterval=2)
+    bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), leave=False, mininterval=2,
+               disable=rank != 0 or bool(os.environ.get("TQDM_DISABLE")))  # tqdm skips TQDM_DISABLE given disable=
     t0 = time.time()
     for step in bar:
         logs = distiller.train_step(next(real_batches) if distiller.needs_real_data else None)
