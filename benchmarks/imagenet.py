@@ -26,7 +26,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--grad_checkpointing", type=dmd2._parse_bool, default=False)
+    parser.add_argument("--grad_checkpointing", type=dmd2.parse_bool, default=False)
     parser.add_argument("--micro_batch", type=int, default=0)
     args = parser.parse_args()
     cfg = dmd2.Config(**{**dmd2.PRESETS["imagenet64"], "dataset": "imagenet64", "batch_size": args.batch,
