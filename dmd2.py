@@ -1925,8 +1925,7 @@ SHAPE_NAMES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond",
 
 
 def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
-    """uint8 images [N, 3, R, R], int64 labels: SHAPE_NAMES at random position, size and small rotation, a bright
-    colour (no class cue) on a dark one, anti-aliased by rendering at supersample x R."""
+    """uint8 [N, 3, R, R] images, int64 labels: SHAPE_NAMES placed, sized, turned, coloured at random; anti-aliased."""
     def hsv_to_rgb(h, s, v):
         k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
         return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
@@ -2081,12 +2080,11 @@ def shapes_classifier(cfg, images, labels):
 
 
 def embedded_rung(cfg):
-    """Device, data, the cached teacher, evaluation noise and class-balanced labels (as official ImageNet evaluation),
-    the metrics and the floor's real data: what every run of an embedded rung shares."""
+    """What every run of an embedded rung shares: device, data, teacher, evaluation noise and labels, metrics, floor."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg)
     n = cfg.eval_samples
-    eval_labels = torch.arange(n) % cfg.num_classes
+    eval_labels = torch.arange(n) % cfg.num_classes  # class-balanced, as the official ImageNet evaluation
     if cfg.dataset == "toy2d":
         sample_shape, batches = (2,), Toy2DBatches  # batches(global_batch, seed)
         metrics = lambda x, labels=eval_labels: toy2d_metrics(x, labels)
@@ -2299,8 +2297,7 @@ class LMDBImageDataset(torch.utils.data.Dataset):
 
 
 def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
-    """A .zip / folder (EDM dataset_tool) or LMDB directory (official DMD2), checked against the model: images
-    num_channels x resolution x resolution, and (if num_classes) labels in 0..num_classes-1."""
+    """An EDM dataset_tool .zip / folder or an official DMD2 LMDB, checked against the model's shape and classes."""
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"dataset {path} not found; prepare it with EDM's dataset_tool: `python dataset_tool.py --source=<image "
@@ -2393,9 +2390,8 @@ def default_cache_dir():
 
 
 def download_cached(url, cache_dir=None, filename=None, flag="--teacher", hash_prefix=None):
-    """Local path of url in the cache, downloaded first if absent into a temp file renamed into place only when complete
-    (urlretrieve raises on a short body; torch.hub's download_url_to_file keeps it) and its SHA-256 starts with
-    hash_prefix. Offline: DownloadError."""
+    """Local path of url in the cache; a download goes to a temp file renamed into place only when complete (urlretrieve
+    raises on a short body, torch.hub's download_url_to_file does not) and its SHA-256 starts with hash_prefix."""
     cache_dir = cache_dir or default_cache_dir()
     filename = filename or os.path.basename(urllib.parse.urlparse(url).path)
     path = os.path.join(cache_dir, filename)
