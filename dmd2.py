@@ -1764,8 +1764,7 @@ TOY2D_MODES = torch.stack([torch.cos(torch.arange(8) * 2 * math.pi / 8),
 
 
 def toy2d_sample(n, rng=None, device="cpu"):
-    """8 Gaussian modes (std 0.08) on the unit circle; class c owns the opposite modes c and c+4 (dropping one is
-    mode collapse)."""
+    """8 Gaussian modes (std 0.08) on the unit circle; class c owns modes c and c+4 (dropping one: mode collapse)."""
     labels = torch.randint(0, 4, (n,), generator=rng, device=device)
     mode = labels + 4 * torch.randint(0, 2, (n,), generator=rng, device=device)
     return TOY2D_MODES.to(device)[mode] + 0.08 * torch.randn(n, 2, generator=rng, device=device), labels
@@ -1775,21 +1774,17 @@ SHAPE_NAMES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond",
 
 
 def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
-    """uint8 images [N, 3, R, R] of the SHAPE_NAMES, int64 labels [N]: random position, size, small rotation, bright
-    colour on a dark background (colour carries no class), anti-aliased by rendering at supersample x R."""
+    """uint8 [N, 3, R, R] images, int64 labels: SHAPE_NAMES placed, sized, turned, coloured at random; anti-aliased."""
     def hsv_to_rgb(h, s, v):
         k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
         return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
-
     rs = np.random.RandomState(seed)
     labels = rs.randint(0, len(SHAPE_NAMES), num_images)
-    s = resolution * supersample
-    grid = (np.arange(s) + 0.5) / s * 2 - 1  # pixel centres in [-1, 1]
+    grid = (np.arange(resolution * supersample) + 0.5) / (resolution * supersample) * 2 - 1  # pixel centres in [-1, 1]
     ys, xs = np.meshgrid(grid, grid, indexing="ij")
     images = np.empty((num_images, 3, resolution, resolution), np.uint8)
     for i, label in enumerate(labels):
-        cx, cy = rs.uniform(-0.25, 0.25), rs.uniform(-0.25, 0.25)
-        size, angle = rs.uniform(0.45, 0.7), rs.uniform(-0.25, 0.25)
+        cx, cy, size, angle = rs.uniform([-0.25, -0.25, 0.45, -0.25], [0.25, 0.25, 0.7, 0.25])
         dx, dy = (xs - cx) / size, (ys - cy) / size
         u, v = math.cos(angle) * dx + math.sin(angle) * dy, math.sin(angle) * dx - math.cos(angle) * dy  # v: up
         r2, au, av = u * u + v * v, np.abs(u), np.abs(v)
@@ -1808,8 +1803,8 @@ def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
 
 
 class InMemoryBatches:
-    """Seeded batches with replacement of tensors or a memory-mapped array with labels (or captions); every rank draws
-    the global index batch and keeps its slice (W processes = one with W times the batch). State: one Generator."""
+    """Seeded batches, with replacement, of tensors or a memory-mapped array and labels (or captions): every rank
+    draws the global batch's indices and keeps its slice (W processes = one with W times the batch)."""
 
     def __init__(self, images, labels, global_batch, seed, rank=0, world_size=1):
         self.images, self.labels = images, labels
@@ -1831,14 +1826,11 @@ class InMemoryBatches:
 
 
 class Toy2DBatches(InMemoryBatches):
-    """Fresh samples of the true 2-D distribution for every batch (the data set is infinite)."""
-
-    def __init__(self, global_batch, seed, rank=0, world_size=1):
-        super().__init__(None, None, global_batch, seed, rank, world_size)
+    """Fresh samples of the true 2-D distribution for every batch: Toy2DBatches(global_batch, seed, rank, world)."""
+    __init__ = functools.partialmethod(InMemoryBatches.__init__, None, None)
 
     def __next__(self):
-        x, y = toy2d_sample(self.global_batch, self.rng)
-        return x.chunk(self.world_size)[self.rank], y.chunk(self.world_size)[self.rank]
+        return tuple(t.chunk(self.world_size)[self.rank] for t in toy2d_sample(self.global_batch, self.rng))
 
 
 class ToyDenoiser(nn.Module):
@@ -1861,25 +1853,9 @@ class ToyDenoiser(nn.Module):
         return h if return_bottleneck else c_skip * x + c_out * self.out(h)
 
 
-class ShapesClassifier(nn.Module):
-    """Small CNN: its pooled features define "FD-cls" (NOT Inception FID); its class accuracy is the analogue of the
-    paper's CLIP score."""
-
-    def __init__(self, num_classes=10, width=32):
-        super().__init__()
-        def block(cin, cout, stride):
-            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
-        self.features = nn.Sequential(*block(3, width, 1), *block(width, 2 * width, 2), *block(2 * width, 2 * width, 1),
-                                      *block(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.features(x))
-
-
 def embedded_teacher(cfg, batches, sample_shape, device):
-    """Train (or load from the cache) the teacher with the EDM loss: Adam, 100 warm-up iterations, EMA half-life
-    min(500 kimg, 5% of the images seen) (EDM: --ema 0.5 Mimg, ema_rampup_ratio 0.05); a partial state every 500."""
+    """Trained (or cached) with the EDM loss: Adam, 100 warm-up iterations, EMA half-life min(500 kimg, 5% of the
+    images seen) (EDM: --ema 0.5 Mimg, ema_rampup_ratio 0.05); a resumable partial state every 500 iterations."""
     spec = (dict(kind="toy", kwargs=dict(num_classes=cfg.num_classes)) if cfg.dataset == "toy2d" else
             dict(kind="edm", kwargs=dict(img_resolution=cfg.resolution, img_channels=sample_shape[0],
                                          label_dim=cfg.num_classes, **cfg.teacher_arch)))
@@ -1910,31 +1886,33 @@ def embedded_teacher(cfg, batches, sample_shape, device):
         loss = denoising_loss(net, x, labels, sigma, torch.randn(x.shape, device=device, generator=rng))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"teacher loss is {loss.item()} at iteration {step}; lower --teacher_lr")
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         scheduler.step()
+        decay = 0.5 ** (cfg.teacher_batch / min(500_000, (step + 1) * cfg.teacher_batch * 0.05))  # half-life: images
         with torch.no_grad():
-            halflife = min(500_000, (step + 1) * cfg.teacher_batch * 0.05)  # in images
-            decay = 0.5 ** (cfg.teacher_batch / halflife)
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
         if (step + 1) % 500 == 0 and step + 1 < cfg.teacher_iters:
             states = {key: obj.state_dict() for key, obj in resumable.items()}
             atomic_save(dict(step=step + 1, rng=rng.get_state(), **states), partial)
-    atomic_save(dict(done=True, ema=ema.state_dict(), spec=spec), path)
+    atomic_save(dict(ema=ema.state_dict()), path)
     if os.path.exists(partial):
         os.remove(partial)
     return ema
 
 
-def shapes_classifier(cfg, images, labels, device):
-    """Train (or load from the cache) the metric's classifier: AdamW 2e-3, 3 epochs, seed 0 whatever --seed is (one
-    fixed yardstick for every run)."""
+def shapes_classifier(cfg, images, labels):
+    """The metric's CNN, trained (or cached) with AdamW 2e-3 for 3 epochs from seed 0 whatever --seed is (one yardstick
+    for every run): its pooled `features` define "FD-cls" (NOT Inception FID), its accuracy stands for CLIP score."""
     path = cache_path(cfg, "classifier-shapes", dict(n=len(labels), resolution=cfg.resolution, seed=0, epochs=3))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        net = ShapesClassifier(cfg.num_classes)
+        net = nn.Sequential()  # net.features, then net.fc
+        net.features = nn.Sequential(*[m for cin, cout, stride in ((3, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2))
+                                       for m in (nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())],
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        net.fc = nn.Linear(128, cfg.num_classes)
     if os.path.exists(path):
         net.load_state_dict(read_checkpoint(path))
         return net.eval()
@@ -1951,12 +1929,11 @@ def shapes_classifier(cfg, images, labels, device):
 
 
 def embedded_rung(cfg):
-    """What every run of an embedded rung shares: device, data, the (cached) teacher, evaluation noise and labels
-    (class-balanced, as the official ImageNet evaluation), the metric and the floor's real data."""
+    """What every run of an embedded rung shares: device, data, teacher, evaluation noise and labels, metrics, floor."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg)
     n = cfg.eval_samples
-    eval_labels = torch.arange(n) % cfg.num_classes
+    eval_labels = torch.arange(n) % cfg.num_classes  # class-balanced, as the official ImageNet evaluation
     if cfg.dataset == "toy2d":
         sample_shape, batches = (2,), Toy2DBatches  # batches(global_batch, seed)
         metrics = lambda x, labels=eval_labels: toy2d_metrics(x, labels)
@@ -1964,7 +1941,7 @@ def embedded_rung(cfg):
     else:
         images, labels = shapes_dataset(20_000, cfg.resolution, seed=0)
         sample_shape, batches = tuple(images.shape[1:]), functools.partial(InMemoryBatches, images, labels)
-        classifier = shapes_classifier(cfg, images, labels, device="cpu")
+        classifier = shapes_classifier(cfg, images, labels)
         reference = shapes_dataset(n, cfg.resolution, seed=1)[0].float() / 127.5 - 1
         ref_features, _ = classifier_features(classifier, reference)
         metrics = lambda x, labels=eval_labels: image_metrics(x, labels, classifier, ref_features)
@@ -1980,8 +1957,7 @@ def embedded_rung(cfg):
 
 
 def floor_row(rung):
-    """The floor of every table: the metric of a real set disjoint from the reference and training sets (no generator
-    is expected below it; the teacher's distance above it is the error a student can correct)."""
+    """The table's floor: the metrics of a real set disjoint from the reference and training sets."""
     return dict(model="real data (second set: the floor)", NFE="", **rung.metrics(*rung.floor_data), images_per_s="")
 
 
@@ -1991,8 +1967,7 @@ def teacher_fingerprint(teacher):
 
 
 def evaluate_teacher(rung):
-    """The teacher's row (EDM Heun, cfg.teacher_eval_steps steps) and samples, cached (images_per_s as first
-    measured)."""
+    """The teacher's row (EDM Heun, cfg.teacher_eval_steps steps) and samples, cached (with the first images_per_s)."""
     cfg, steps = rung.cfg, rung.cfg.teacher_eval_steps
     settings = dict(teacher=teacher_fingerprint(rung.teacher), steps=steps, n=cfg.eval_samples, seed=cfg.seed)
     path = cache_path(cfg, f"teacher-eval-{cfg.dataset}", settings)
@@ -2056,10 +2031,9 @@ def run_embedded(cfg):
 
 
 def teacher_ode_pairs(cfg, teacher, conditions, sample_shape):
-    """Cached (noise, labels or prompts, teacher output) pairs of the teacher's Heun sampler for the original DMD's
-    regression loss (its Sec. 3.3) and the SDXL 1-step pretraining (official: generate_noise_image_pairs_laion_sdxl.py,
-    10k pairs, CFG 8, zero unconditional embeddings). A DDPM teacher starts from x_t = z at t = 999 with CFG
-    --guidance_scale; deviation: our Heun sampler (snapped to the DDPM table), not diffusers' 50-step Euler."""
+    """Cached (noise, labels or prompts, output) pairs of the teacher's Heun sampler: the original DMD's regression
+    loss (its Sec. 3.3), SDXL 1-step pretraining (official: generate_noise_image_pairs_laion_sdxl.py, 10k pairs, CFG 8,
+    zero unconditional embeddings). DDPM teachers start at x_t = z, t = 999; deviation: Heun, not 50-step Euler."""
     captions = getattr(conditions, "captions", None)
     settings = dict(n=cfg.regression_pairs, steps=cfg.teacher_eval_steps, seed=cfg.seed,
                     teacher=teacher_fingerprint(teacher))
@@ -2087,9 +2061,8 @@ def teacher_ode_pairs(cfg, teacher, conditions, sample_shape):
 
 def seed_summary(name, rows, keys):
     """One table row from the rows of several seeds: "mean ± std" (population std over the seeds) of every key."""
-    values = {k: np.array([r[k] for r in rows], dtype=float) for k in keys}
-    return dict(model=f"{name} ({len(rows)} seeds)",
-                **{k: f"{v.mean():.4g} ± {v.std():.2g}" for k, v in values.items()})
+    cols = {k: np.array([r[k] for r in rows], dtype=float) for k in keys}
+    return dict(model=f"{name} ({len(rows)} seeds)", **{k: f"{v.mean():.4g} ± {v.std():.2g}" for k, v in cols.items()})
 
 
 def separated(rows_a, rows_b, key, lower_is_better=True):
@@ -2111,9 +2084,8 @@ def results_table(rows):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 13. Real images: EDM dataset_tool zips / folders and the official DMD2 LMDB
-# Every reader returns (uint8 CHW numpy image, int64 label). Real images feed only the GAN discriminator
-# (official lmdb_dataset.py); there is no augmentation, as in the official pipeline.
+# 13. Real images: EDM dataset_tool zips / folders and the official DMD2 LMDB, read as (uint8 CHW image, int64
+# label); they feed only the GAN discriminator, without augmentation (official lmdb_dataset.py)
 
 
 _LMDB_ENVS = {}  # real path -> (lmdb environment, pid that opened it)
@@ -2147,13 +2119,11 @@ class LMDBImageDataset(torch.utils.data.Dataset):
             labels = [txn.get(f"labels_{i}_data".encode()) for i in range(count)]
         bad = next((i for i, b in enumerate(labels) if b is None or len(b) != 8), None)
         if bad is not None:
-            raise ValueError(f"{path}: labels_{bad}_data is missing or not one int64; the LMDB is corrupt, "
-                             "re-create it")
+            raise ValueError(f"{path}: labels_{bad}_data is missing or not one int64; corrupt LMDB, re-create it")
         self.labels = np.frombuffer(b"".join(labels), dtype=np.int64)
 
     def _environment(self):
-        # LMDB allows one open environment per path and process, and it must not be used across a fork: a
-        # forked worker closes its inherited copy (the parent's stays open) and opens its own
+        # one environment per path and process, never used across a fork: a forked worker closes its inherited copy
         key = os.path.realpath(self.path)
         env, pid = _LMDB_ENVS.get(key, (None, None))
         if pid != os.getpid():
@@ -2176,8 +2146,7 @@ class LMDBImageDataset(torch.utils.data.Dataset):
 
 
 def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
-    """Open a .zip / folder (EDM dataset_tool) or LMDB directory (official DMD2) and check it fits the model:
-    image shape num_channels x resolution x resolution, and (if num_classes) every label in 0..num_classes-1."""
+    """An EDM dataset_tool .zip / folder or an official DMD2 LMDB, checked against the model's shape and classes."""
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"dataset {path} not found; prepare it with EDM's dataset_tool: `python dataset_tool.py --source=<image "
@@ -2189,8 +2158,7 @@ def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
     elif os.path.isdir(path) or path.lower().endswith(".zip"):
         dataset = edm_net.EDMImageDataset(path)
     else:
-        raise ValueError(f"{path} is neither a .zip, a folder of images nor an LMDB directory; "
-                         f"{edm_net.PREPARE_HINT}")
+        raise ValueError(f"{path} is neither a .zip, a folder of images nor an LMDB directory; {edm_net.PREPARE_HINT}")
     shape, expected = "x".join(map(str, dataset.image_shape)), f"{num_channels}x{resolution}x{resolution}"
     if shape != expected:
         raise ValueError(f"{dataset.describe(0)} is {shape} (CxHxW), expected {expected}; re-run dataset_tool with "
@@ -2207,11 +2175,9 @@ def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
 
 
 def real_batches(dataset, batch_size, seed, rank=0, world_size=1, num_workers=0, start_batch=0):
-    """Infinite (images float32 in [-1,1], labels int64) of this rank: epoch e is a permutation seeded seed + e, cut
-    into global batches of world_size x batch_size (the last incomplete one dropped), rank r keeps slice r (W processes
-    read the batches of one process with batch W*B). Official: DataLoader(shuffle=True, drop_last=True, num_workers=12)
-    sharded by accelerate. Batch k depends only on (seed, k, rank, world_size, len(dataset)): resume skips without
-    decoding."""
+    """Infinite (float32 images in [-1, 1], int64 labels) of this rank: epoch e is a permutation seeded seed + e cut
+    into global batches of world_size x batch_size (official: DataLoader(shuffle=True, drop_last=True) sharded by
+    accelerate); batch k depends only on (seed, k, rank, world_size, len(dataset)): resume skips without reading."""
     global_batch = batch_size * world_size
     batches_per_epoch = len(dataset) // global_batch
     if batches_per_epoch == 0:
@@ -2273,9 +2239,8 @@ def default_cache_dir():
 
 
 def download_cached(url, cache_dir=None, filename=None, flag="--teacher", hash_prefix=None):
-    """Local path of url in the cache, downloaded first if absent: urlretrieve into a temp file, renamed into place
-    only when complete (urlretrieve raises on a short body; torch.hub's download_url_to_file keeps it) and its SHA-256
-    starts with hash_prefix. Temp files of killed downloads are deleted once an hour old. Offline -> DownloadError."""
+    """Local path of url in the cache; a download goes to a temp file renamed into place only when complete (urlretrieve
+    raises on a short body, torch.hub's download_url_to_file does not) and its SHA-256 starts with hash_prefix."""
     cache_dir = cache_dir or default_cache_dir()
     filename = filename or os.path.basename(urllib.parse.urlparse(url).path)
     path = os.path.join(cache_dir, filename)
@@ -2310,9 +2275,9 @@ def download_cached(url, cache_dir=None, filename=None, flag="--teacher", hash_p
     return path
 
 
-def resolve_file(spec, default_url, what, flag, cache_dir=None):
-    """spec None -> download default_url; an http(s) URL -> download it; else a local path that must exist."""
-    spec = spec or default_url
+def resolve_file(spec, dataset, cache_dir=None, *, urls, what, flag):
+    """spec None -> download the official file of the dataset; an http(s) URL -> download it; else a local path."""
+    spec = spec or urls.get(dataset)
     if spec is None:
         raise ValueError(f"no official {what} for this dataset; pass {flag} PATH or URL")
     if spec.startswith(("http://", "https://")):
@@ -2322,14 +2287,9 @@ def resolve_file(spec, default_url, what, flag, cache_dir=None):
     return spec
 
 
-def resolve_teacher(spec, dataset, cache_dir=None):
-    """Local path of the EDM teacher pickle: spec (path or URL), or the official one for the dataset."""
-    return resolve_file(spec, EDM_TEACHER_URLS.get(dataset), "teacher", "--teacher", cache_dir)
-
-
-def resolve_fid_ref(spec, dataset, cache_dir=None):
-    """Local path of the EDM FID reference statistics (.npz with mu, sigma) for the dataset."""
-    return resolve_file(spec, EDM_FID_REF_URLS.get(dataset), "FID reference", "--fid_ref", cache_dir)
+# resolve_teacher(spec, dataset, cache_dir=None): the EDM teacher pickle; resolve_fid_ref: its FID statistics (.npz)
+resolve_teacher = functools.partial(resolve_file, urls=EDM_TEACHER_URLS, what="teacher", flag="--teacher")
+resolve_fid_ref = functools.partial(resolve_file, urls=EDM_FID_REF_URLS, what="FID reference", flag="--fid_ref")
 
 
 def download_dmd2(filename, repo=DMD2_HF_REPO, fix="pass its local path instead", cache_dir=None):

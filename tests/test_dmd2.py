@@ -375,7 +375,7 @@ def test_shapes_metric_classifier_is_one_yardstick_for_every_seed(tmp_path):
     for seed, cache in ((10, "a"), (11, "b"), (12, "a")):  # (12, "a"): loaded from the cache seed 10 wrote
         cfg = dmd2.Config(seed=seed, cache_dir=str(tmp_path / cache))
         torch.manual_seed(seed)  # as embedded_rung does before building the classifier
-        weights.append(dmd2.shapes_classifier(cfg, images, labels, "cpu").state_dict())
+        weights.append(dmd2.shapes_classifier(cfg, images, labels).state_dict())
     assert len(os.listdir(tmp_path / "a")) == 1
     for other in weights[1:]:
         assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
