@@ -1323,9 +1323,7 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
                                         fix=f"pass --model {kind}:PATH")
             if lora:
                 fuse_lora(parts, path)
-            elif state:
-                parts.unet.load_state_dict(state)
-            else:
+            else:  # student:PATH without "distiller": a UNet state dict
                 load_unet_weights(parts.unet, path)
         timesteps = [t] if steps == 1 else list(range(999, 0, -(1000 // steps)))[:steps]  # as generator_sigmas
         scheduler = diffusers.LCMScheduler(steps_offset=1)  # unused by LCM; SD v1.5 pipelines warn on 0
@@ -2611,9 +2609,8 @@ def tiny_t2i_parts(sdxl=True, seed=0):
     """Random SD-shaped networks for a CPU (tests, --tiny true): 128 px -> 4 x 16 x 16 latents, character tokenizers."""
     diffusers, transformers = _hf()
     torch.manual_seed(seed)
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
-    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars])}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     tokenizers = (transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
                   transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="!"))
     text = dict(vocab_size=len(vocab), intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
