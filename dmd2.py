@@ -1119,8 +1119,8 @@ def fid_main(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 # 10. Text-to-image evaluation as the paper measures it (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and
 # CLIP score (official: main/coco_eval/coco_evaluator.py, main/sdxl/test_folder_sdxl.py, main/test_folder_sd.py).
-# Centre crop, LANCZOS to eval_res, clean-fid's "clean" resize to 299, TorchScript Inception (else pytorch-fid's
-# weights: README). Every model is a diffusers pipeline; image i's noise from seed + i; PNGs on disk (resumable).
+# Centre crop, LANCZOS to eval_res, clean-fid's "clean" resize to 299, TorchScript Inception; every model is a
+# diffusers pipeline, its PNGs on disk (resumable).
 
 
 T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res, patch_fid, the reference images
@@ -1183,8 +1183,7 @@ def read_coco_captions(coco):
 
 
 def coco_caption_subset(rows, num, seed=COCO_SEED):
-    """num (file_name, caption), one per image, as official data_process.py draws them (shuffle, keep each image's
-    first, take num of a second shuffle: a smaller num gives a prefix of the 10k list)."""
+    """num (file_name, caption), one per image, as official data_process.py draws them (--num N: a prefix of 10k)."""
     rng = np.random.RandomState(seed)
     order = rng.permutation(len(rows))
     _, firsts = np.unique([rows[i][0] for i in order], return_index=True)  # pandas drop_duplicates(keep="first")
@@ -1220,8 +1219,7 @@ def _on_array(array, transform):  # module level: clean-fid's loader workers pic
 
 
 def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", workers=0, refs=None, name=""):
-    """(mu, sigma) of image files after `transform` and clean-fid's "clean" resize, sharded over ranks; with `refs`
-    (a folder) cached in refs/<name>.npz, refused when it holds another protocol name or N."""
+    """(mu, sigma) of image files after `transform` and clean-fid's "clean" resize, over ranks; cached in refs/."""
     cache = refs and os.path.join(refs, name.replace(" ", "_") + ".npz")
     if cache and os.path.isfile(cache):
         with np.load(cache, allow_pickle=False) as f:
@@ -1250,8 +1248,7 @@ def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", work
 
 
 def load_clip(model_name="ViT-g-14", weights="laion2b_s12b_b42k"):
-    """(model, transform, tokenizer), fp32 (official: open_clip ViT-g-14 laion2b_s12b_b42k, .float()); offline fails
-    before the network is built."""
+    """(model, transform, tokenizer) in fp32 (official: open_clip ViT-g-14 laion2b_s12b_b42k, .float())."""
     try:
         import open_clip
     except ImportError:
@@ -1298,9 +1295,8 @@ def _pretrained(cls, model_id, **kwargs):
 
 
 def t2i_pipeline(model, steps, guidance, model_id=""):
-    """(diffusers pipeline, call kwargs) of --model. student:PATH (a run's checkpoint.pt, or a UNet state dict on
-    the base) and the released dmd2-sdxl[-lora] / dmd2-sd15: LCMScheduler on the generator's timesteps, guidance 0;
-    teacher, hf:ID, sdxl-lightning, lcm-sdxl: their own scheduler and CFG (official test_folder_sdxl.py)."""
+    """(diffusers pipeline, call kwargs) of --model: student:PATH, dmd2-sdxl[-lora], dmd2-sd15 on LCMScheduler with the
+    generator's timesteps; teacher, hf:ID, sdxl-lightning, lcm-sdxl their own (official test_folder_sdxl.py)."""
     diffusers, _ = _hf()
     diffusers.utils.logging.get_logger("diffusers.schedulers.scheduling_lcm").setLevel("ERROR")  # our timesteps
     kind, _, arg = model.partition(":")  # are intended (official README), not a per-batch warning
@@ -1348,8 +1344,7 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
 
 @torch.no_grad()
 def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None, rank=0, world_size=1):
-    """Image i of prompts -> out_dir/{i:05d}.png (rank r: the missing ones of r, r + world_size, ...), its noise from a
-    generator seeded seed + i; uint8 = truncation of the [0, 1] output x 255 (official)."""
+    """Missing image i of prompts -> out_dir/{i:05d}.png, i = rank (mod world_size), noise seeded seed + i."""
     os.makedirs(out_dir, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -1363,13 +1358,12 @@ def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None,
                       generator=generators, height=resolution, width=resolution, output_type="np", **call).images
         for i, image in zip(index, images):
             tmp = f"{out_dir}/{i:05d}.tmp{os.getpid()}.png"
-            PIL.Image.fromarray((image * 255).astype(np.uint8)).save(tmp)
+            PIL.Image.fromarray((image * 255).astype(np.uint8)).save(tmp)  # official: truncated, not rounded
             os.replace(tmp, f"{out_dir}/{i:05d}.png")
 
 
 def t2i_evaluate_main(args):
-    """`evaluate --model MODEL --coco DIR` (--model images: the PNGs in --out) -> --out/metrics.json; what can fail
-    (COCO, N, weights, references) fails before generating."""
+    """`evaluate --model MODEL --coco DIR` (images: the PNGs in --out) -> --out/metrics.json, checks first."""
     if not args.coco:
         raise SystemExit("evaluate --model needs --coco DIR (val2014/ and annotations/captions_val2014.json)")
     args.protocol = args.protocol or ("sd15" if args.model.startswith("dmd2-sd15") else "sdxl")
@@ -1429,18 +1423,17 @@ def t2i_evaluate_main(args):
             raise ValueError(f"{out} holds {num - len(missing)} of the {num} images asked (first missing: "
                              f"{missing[0]}): generate them (--model ...) or pass a smaller --num")
         metrics = {"N": num, "N_ref": len(ref_files)}
-        for kind, (transform_name, transform) in kinds.items():
+        for kind, (_, transform) in kinds.items():
             stats = t2i_stats(files, transform, features, dim, device=device, workers=args.workers)
             metrics[kind] = frechet_distance(*stats, *refs_stats[kind])
-            if rank == 0:
-                print(f"{kind.replace('_', ' ')} {metrics[kind]:.3f} (N={num} images of {args.model} vs "
-                      f"N={len(ref_files)} COCO-2014 val images; {args.protocol}, {transform_name}, {extractor})")
         if clip is not None:
             metrics["clip_score"] = clip_score(files, prompts, clip, device=device, workers=args.workers)
-            if rank == 0:
-                print(f"CLIP score {metrics['clip_score']:.4f} (N={num}; open_clip {args.clip_model} "
-                      f"{args.clip_weights})")
         if rank == 0:
+            for kind, (transform_name, _) in kinds.items():
+                print(f"{kind.replace('_', ' ')} {metrics[kind]:.3f} (N={num} images of {args.model} vs "
+                      f"N={len(ref_files)} COCO-2014 val images; {args.protocol}, {transform_name}, {extractor})")
+            if clip is not None:
+                print(f"CLIP score {metrics['clip_score']:.4f} (N={num}; {args.clip_model} {args.clip_weights})")
             with open(os.path.join(out, "metrics.json"), "w") as f:
                 json.dump(dict(metrics, model=args.model, protocol=args.protocol, inception=extractor), f, indent=1)
         return metrics
@@ -2511,8 +2504,7 @@ def run_edm(cfg):
 
 # ----------------------------------------------------------------------------------------------------------------
 # 16. The text-to-image rungs (sdxl, sdxl-1step, sdxl-ode, sd15, sd15-gan): diffusers models, captioned images
-# encoded once into memory-mapped latents, released DMD2 weights. diffusers, transformers and peft
-# (requirements-sdxl.txt) are imported inside the functions: the rest of dmd2.py runs without them.
+# encoded once into memory-mapped latents; diffusers, transformers, peft imported inside (requirements-sdxl.txt).
 
 
 SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # official: --model_id
@@ -2534,8 +2526,7 @@ def _hf():
 
 
 class Prompts:
-    """Captions -> (prompt embeddings, pooled) by the frozen text encoders; generated batches take the training
-    captions (official: the real dataset's captions in denoising mode)."""
+    """Captions -> (prompt embeddings, pooled) by the frozen text encoders; sample() draws real captions (official)."""
 
     def __init__(self, captions, tokenizers, text_encoders):
         self.captions, self.tokenizers, self.text_encoders = captions, tokenizers, text_encoders
