@@ -1170,8 +1170,7 @@ def read_coco_captions(coco):
         raise FileNotFoundError(f"{where}; it must hold val2014/ and annotations/captions_val2014.json: unzip "
                                 "val2014.zip and annotations_trainval2014.zip from http://images.cocodataset.org/")
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.load(open(path))
         captions = {}
         for a in data["annotations"]:
             captions.setdefault(a["image_id"], []).append(str(a["caption"]))
@@ -1376,8 +1375,7 @@ def t2i_evaluate_main(args):
     if args.prompts:  # SD v1.5's references are all of val2014, so any caption list fits them
         if protocol["refs"] != "all":
             raise ValueError("--prompts is for --protocol sd15; SDXL's captions come with their reference images")
-        with open(args.prompts) as f:
-            prompts = [line.rstrip("\n") for line in f][:num]
+        prompts = open(args.prompts).read().splitlines()[:num]
         if len(prompts) < num:
             raise ValueError(f"{args.prompts} holds {len(prompts)} captions, fewer than the {num} asked (--num)")
     else:
@@ -2685,8 +2683,7 @@ def read_captioned_folder(folder):
         caption_file = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
         if not os.path.exists(caption_file):
             raise FileNotFoundError(f"{os.path.join(folder, name)} has no caption: write it to {caption_file}")
-        with open(caption_file, encoding="utf-8") as f:
-            items.append((os.path.join(folder, name), f.read().strip()))
+        items.append((os.path.join(folder, name), open(caption_file, encoding="utf-8").read().strip()))
     return items
 
 
