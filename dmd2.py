@@ -1042,9 +1042,8 @@ def fid_main(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 # 10. Text-to-image evaluation as the paper measures it (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and
 # CLIP score (official: main/coco_eval/coco_evaluator.py, main/sdxl/test_folder_sdxl.py, main/test_folder_sd.py).
-# Images centre-cropped and LANCZOS-resized to eval_res, then clean-fid's "clean" resize to 299 and TorchScript
-# Inception (else pytorch-fid's port of its weights: README). Every model is a diffusers pipeline; sample i draws its
-# noise from seed + i; PNGs on disk (resumable); torchrun processes share the work and sum their statistics.
+# Centre crop, LANCZOS to eval_res, clean-fid's "clean" resize to 299, TorchScript Inception; every model is a
+# diffusers pipeline, its PNGs on disk (resumable).
 
 
 T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res, patch_fid, the reference images
@@ -1087,16 +1086,14 @@ def open_rgb(path):
 
 
 def read_coco_captions(coco):
-    """(rows, image names) of coco/annotations/captions_val2014.json: rows (file_name, caption) of the official
-    data_process.py's left merge of 'images' with 'annotations' on image id, in image then annotation order."""
+    """(rows (file_name, caption), image names): official data_process.py's left merge of images and annotations."""
     path = os.path.join(coco, "annotations", "captions_val2014.json")
     if not os.path.isfile(path):
         where = f"{path}: no such file" if os.path.isdir(coco) else f"{coco}: no such COCO folder"
         raise FileNotFoundError(f"{where}; it must hold val2014/ and annotations/captions_val2014.json: unzip "
                                 "val2014.zip and annotations_trainval2014.zip from http://images.cocodataset.org/")
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.load(open(path))
         captions = {}
         for a in data["annotations"]:
             captions.setdefault(a["image_id"], []).append(str(a["caption"]))
@@ -1108,14 +1105,11 @@ def read_coco_captions(coco):
 
 
 def coco_caption_subset(rows, num, seed=COCO_SEED):
-    """num (file_name, caption) pairs, one per image, drawn as official data_process.py does with pandas after
-    np.random.seed(123): shuffle the rows, keep each image's first, take the first num of a second shuffle (so a
-    smaller num gives a prefix of the 10k list)."""
+    """num (file_name, caption), one per image, as official data_process.py draws them (--num N: a prefix of 10k)."""
     rng = np.random.RandomState(seed)
-    first = {}
-    for i in rng.permutation(len(rows)):
-        first.setdefault(*rows[i])
-    unique = list(first.items())
+    order = rng.permutation(len(rows))
+    _, firsts = np.unique([rows[i][0] for i in order], return_index=True)  # pandas drop_duplicates(keep="first")
+    unique = [rows[order[i]] for i in sorted(firsts)]
     if num > len(unique):
         raise ValueError(f"the COCO annotations hold {len(unique)} images, fewer than the {num} asked (--num)")
     subset = [unique[i] for i in rng.permutation(len(unique))[:num]]
@@ -1125,8 +1119,7 @@ def coco_caption_subset(rows, num, seed=COCO_SEED):
 
 
 def t2i_inception(path=None, cache_dir=None, device="cpu"):
-    """(name, features: float [N, 3, 299, 299] in [0, 255] -> [N, 2048]): clean-fid's TorchScript Inception (a .pt
-    path, else found in the cache or clean-fid's /tmp) called as its InceptionV3W does, else pytorch-fid's weights."""
+    """(name, [N, 3, 299, 299] in [0, 255] -> [N, 2048]): clean-fid's TorchScript Inception, else pytorch-fid's."""
     name = "inception-2015-12-05.pt"
     found = [path] if path else [os.path.join(cache_dir or default_cache_dir(), name), os.path.join("/tmp", name)]
     script = next((p for p in found if p.endswith(".pt") and os.path.isfile(p)), None)
@@ -1143,21 +1136,19 @@ def t2i_inception(path=None, cache_dir=None, device="cpu"):
     return "torchscript-inception", lambda x: layers((x.to(device) - 128) / 128).reshape(len(x), -1)
 
 
-def _on_array(array, transform):
+def _on_array(array, transform):  # module level: clean-fid's loader workers pickle it
     return np.asarray(transform(PIL.Image.fromarray(array)))
 
 
-def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", workers=0, cache=None, protocol=""):
-    """(mu, sigma) of image files after `transform` (PIL -> PIL, picklable for `workers`) and clean-fid's "clean"
-    resize (get_files_features: PIL bicubic in float to 299); rank r reads files r, r + world, ..., sums reduced.
-    `cache` (reference images): an .npz read when it holds this protocol name and N, else written with them."""
+def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", workers=0, refs=None, name=""):
+    """(mu, sigma) of image files after `transform` and clean-fid's "clean" resize, over ranks; cached in refs/."""
+    cache = refs and os.path.join(refs, name.replace(" ", "_") + ".npz")
     if cache and os.path.isfile(cache):
         with np.load(cache, allow_pickle=False) as f:
             stored = (str(f["protocol"]), int(f["num"])) if {"protocol", "num"} <= set(f.files) else None
-        if stored != (protocol, len(paths)):
-            found = f"{stored[0]!r} with N={stored[1]}" if stored else "no protocol name or N"
-            raise ValueError(f"{cache}: reference statistics of {found}; this evaluation needs {protocol!r} with "
-                             f"N={len(paths)}: delete the file or pass another --refs folder")
+        if stored != (name, len(paths)):
+            raise ValueError(f"{cache}: reference statistics of {stored or 'no protocol name or N'}; this evaluation "
+                             f"needs {(name, len(paths))}: delete the file or pass another --refs folder")
         return edm_net.load_stats(cache, dim)
     missing = [p for p in paths if not os.path.isfile(p)] if cache else []
     if missing:
@@ -1174,21 +1165,20 @@ def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", work
                                      custom_image_tranform=functools.partial(_on_array, transform=transform)))
     mu, sigma = stats.all_reduce().mu_sigma()
     if cache and rank == 0:
-        edm_net.save_stats(cache, mu, sigma, protocol=protocol, num=len(paths))
+        edm_net.save_stats(cache, mu, sigma, protocol=name, num=len(paths))
     return mu, sigma
 
 
 def load_clip(model_name="ViT-g-14", weights="laion2b_s12b_b42k"):
-    """(model, eval transform, tokenizer) of open_clip, fp32 on the CPU (official: ViT-g-14 laion2b_s12b_b42k,
-    .float()); weights is a tag or a file. Offline, one line names the file, before the network is built."""
+    """(model, transform, tokenizer) in fp32 (official: open_clip ViT-g-14 laion2b_s12b_b42k, .float())."""
     try:
         import open_clip
     except ImportError:
         raise ImportError("CLIP score needs open_clip_torch: pip install -r requirements-sdxl.txt") from None
+    pretrained = open_clip.pretrained
     try:
-        if open_clip.pretrained.is_pretrained_cfg(model_name, weights):
-            weights = open_clip.pretrained.download_pretrained(open_clip.pretrained.get_pretrained_cfg(model_name,
-                                                                                                      weights))
+        if pretrained.is_pretrained_cfg(model_name, weights):
+            weights = pretrained.download_pretrained(pretrained.get_pretrained_cfg(model_name, weights))
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights)
     except (OSError, RuntimeError) as error:
         raise RuntimeError(f"cannot load open_clip {model_name} {weights} ({str(error).splitlines()[0]}): download "
@@ -1196,23 +1186,22 @@ def load_clip(model_name="ViT-g-14", weights="laion2b_s12b_b42k"):
     return model.float().eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
-def _clip_batch(items, preprocess):
+def _clip_batch(items, preprocess):  # module level: the DataLoader's workers pickle it
     return torch.stack([preprocess(crop_resize(open_rgb(p), CLIP_RES)) for p, _ in items]), [c for _, c in items]
 
 
 @torch.inference_mode()
 def clip_score(paths, captions, clip, batch=32, device="cpu", workers=0):
-    """Mean cosine of open_clip's image (crop + LANCZOS 256, its eval transform) and text ("A photo depicts " +
-    caption) embeddings over ranks; tokenising the prefixed text equals the official token insertion (tested)."""
+    """Mean cosine of image and "A photo depicts " + caption embeddings (equal to the official token insertion)."""
     model, preprocess, tokenizer = clip
+    model.to(device)
     rank, world = edm_net.rank_world()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     loader = torch.utils.data.DataLoader(list(zip(paths, captions))[rank::world], batch, num_workers=workers,
                                          collate_fn=functools.partial(_clip_batch, preprocess=preprocess))
     for images, texts in loader:
-        text = tokenizer([CLIP_PREFIX + c for c in texts])
         cos = F.cosine_similarity(model.encode_image(images.to(device)).float(),
-                                  model.encode_text(text.to(device)).float(), dim=1)
+                                  model.encode_text(tokenizer([CLIP_PREFIX + c for c in texts]).to(device)).float())
         total += torch.stack([cos.double().sum(), torch.tensor(len(cos), dtype=torch.float64, device=device)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
@@ -1228,12 +1217,8 @@ def _pretrained(cls, model_id, **kwargs):
 
 
 def t2i_pipeline(model, steps, guidance, model_id=""):
-    """(diffusers pipeline, call kwargs) for --model, the one generation path of every model:
-      student:PATH    a text-to-image run's checkpoint.pt, or a UNet state dict (its unet.bin) on the SDXL base:
-                      LCMScheduler on the generator's timesteps (equal to our sampler), guidance 0
-      dmd2-sdxl[-lora], dmd2-sd15   released DMD2 weights (SDXL 1 / 4 steps, 4-step LoRA; SD v1.5 1 step at t = 999)
-      teacher, hf:ID  SDXL base, or any text-to-image pipeline by Hugging Face id, with its own scheduler and CFG
-      sdxl-lightning, lcm-sdxl   SDXL base with their UNet and scheduler (official test_folder_sdxl.py)"""
+    """(diffusers pipeline, call kwargs) of --model: student:PATH, dmd2-sdxl[-lora], dmd2-sd15 on LCMScheduler with the
+    generator's timesteps; teacher, hf:ID, sdxl-lightning, lcm-sdxl their own (official test_folder_sdxl.py)."""
     diffusers, _ = _hf()
     diffusers.utils.logging.get_logger("diffusers.schedulers.scheduling_lcm").setLevel("ERROR")  # our timesteps
     kind, _, arg = model.partition(":")  # are intended (official README), not a per-batch warning
@@ -1256,9 +1241,7 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
                                         fix=f"pass --model {kind}:PATH")
             if lora:
                 fuse_lora(parts, path)
-            elif state:
-                parts.unet.load_state_dict(state)
-            else:
+            else:  # student:PATH without "distiller": a UNet state dict
                 load_unet_weights(parts.unet, path)
         timesteps = [t] if steps == 1 else list(range(999, 0, -(1000 // steps)))[:steps]  # as generator_sigmas
         scheduler = diffusers.LCMScheduler(steps_offset=1)  # unused by LCM; SD v1.5 pipelines warn on 0
@@ -1283,8 +1266,7 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
 
 @torch.no_grad()
 def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None, rank=0, world_size=1):
-    """Image i of prompts -> out_dir/{i:05d}.png, rank r making the missing ones of r, r + world_size, ...; all noise
-    of image i from a generator seeded seed + i. uint8 = truncation of the [0, 1] output x 255 (official)."""
+    """Missing image i of prompts -> out_dir/{i:05d}.png, i = rank (mod world_size), noise seeded seed + i."""
     os.makedirs(out_dir, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -1298,13 +1280,12 @@ def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None,
                       generator=generators, height=resolution, width=resolution, output_type="np", **call).images
         for i, image in zip(index, images):
             tmp = f"{out_dir}/{i:05d}.tmp{os.getpid()}.png"
-            PIL.Image.fromarray((image * 255).astype(np.uint8)).save(tmp)
+            PIL.Image.fromarray((image * 255).astype(np.uint8)).save(tmp)  # official: truncated, not rounded
             os.replace(tmp, f"{out_dir}/{i:05d}.png")
 
 
 def t2i_evaluate_main(args):
-    """`evaluate --model MODEL --coco DIR` (--model images: those in --out): images, FID, patch FID (SDXL) and CLIP
-    score into --out/metrics.json; what can fail fast (COCO, N, weights, references) does so before generating."""
+    """`evaluate --model MODEL --coco DIR` (images: the PNGs in --out) -> --out/metrics.json, checks first."""
     if not args.coco:
         raise SystemExit("evaluate --model needs --coco DIR (val2014/ and annotations/captions_val2014.json)")
     args.protocol = args.protocol or ("sd15" if args.model.startswith("dmd2-sd15") else "sdxl")
@@ -1317,8 +1298,7 @@ def t2i_evaluate_main(args):
     if args.prompts:  # SD v1.5's references are all of val2014, so any caption list fits them
         if protocol["refs"] != "all":
             raise ValueError("--prompts is for --protocol sd15; SDXL's captions come with their reference images")
-        with open(args.prompts) as f:
-            prompts = [line.rstrip("\n") for line in f][:num]
+        prompts = open(args.prompts).read().splitlines()[:num]
         if len(prompts) < num:
             raise ValueError(f"{args.prompts} holds {len(prompts)} captions, fewer than the {num} asked (--num)")
     else:
@@ -1342,13 +1322,11 @@ def t2i_evaluate_main(args):
         extractor, features = t2i_inception(args.inception, args.cache_dir, device)
         dim = features(torch.zeros(1, 3, 299, 299)).shape[1]  # 2048; run once now so a bad file fails early
         clip = None if args.no_clip else load_clip(args.clip_model, args.clip_weights)
+        refs = args.refs or os.path.join(args.cache_dir or default_cache_dir(), "coco_refs")
         subset_name = f"{num}-of-seed{COCO_SEED}" if protocol["refs"] == "subset" else "all"
-        refs_stats = {}
-        for kind, (transform_name, transform) in kinds.items():
-            name = f"coco2014-val {subset_name} {transform_name} clean299 {extractor}"
-            cache = os.path.join(args.refs or os.path.join(args.cache_dir or default_cache_dir(), "coco_refs"),
-                                 name.replace(" ", "_") + ".npz")
-            refs_stats[kind] = t2i_stats(ref_files, transform, features, dim, 32, device, args.workers, cache, name)
+        refs_stats = {kind: t2i_stats(ref_files, transform, features, dim, 32, device, args.workers, refs,
+                                      f"coco2014-val {subset_name} {transform_name} clean299 {extractor}")
+                      for kind, (transform_name, transform) in kinds.items()}
         if args.model != "images":
             pipe, call = t2i_pipeline(args.model, steps, guidance, args.model_id)
             pipe.to(device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
@@ -1366,22 +1344,21 @@ def t2i_evaluate_main(args):
             raise ValueError(f"{out} holds {num - len(missing)} of the {num} images asked (first missing: "
                              f"{missing[0]}): generate them (--model ...) or pass a smaller --num")
         metrics = {"N": num, "N_ref": len(ref_files)}
-        for kind, (transform_name, transform) in kinds.items():
-            stats = t2i_stats(files, transform, features, dim, 32, device, args.workers)
+        for kind, (_, transform) in kinds.items():
+            stats = t2i_stats(files, transform, features, dim, device=device, workers=args.workers)
             metrics[kind] = frechet_distance(*stats, *refs_stats[kind])
-            if rank == 0:
+        if clip is not None:
+            metrics["clip_score"] = clip_score(files, prompts, clip, device=device, workers=args.workers)
+        if rank == 0:
+            for kind, (transform_name, _) in kinds.items():
                 print(f"{kind.replace('_', ' ')} {metrics[kind]:.3f} (N={num} images of {args.model} vs "
                       f"N={len(ref_files)} COCO-2014 val images; {args.protocol}, {transform_name}, {extractor})")
-        if clip is not None:
-            metrics["clip_score"] = clip_score(files, prompts, (clip[0].to(device), *clip[1:]), 32, device,
-                                               args.workers)
-            if rank == 0:
-                print(f"CLIP score {metrics['clip_score']:.4f} (N={num}; open_clip {args.clip_model} "
-                      f"{args.clip_weights})")
-        if rank == 0:
+            if clip is not None:
+                print(f"CLIP score {metrics['clip_score']:.4f} (N={num}; {args.clip_model} {args.clip_weights})")
             with open(os.path.join(out, "metrics.json"), "w") as f:
                 json.dump(dict(metrics, model=args.model, protocol=args.protocol, inception=extractor), f, indent=1)
         return metrics
+
 
 # ================================================================================================================
 # PART III. THE HARNESS: devices, embedded rungs, real data, downloads, EDM and text-to-image runs, command line
@@ -2372,8 +2349,7 @@ def run_edm(cfg):
 
 # ----------------------------------------------------------------------------------------------------------------
 # 16. The text-to-image rungs (sdxl, sdxl-1step, sdxl-ode, sd15, sd15-gan): diffusers models, captioned images
-# encoded once into memory-mapped latents, released DMD2 weights. diffusers, transformers and peft (pip install -r
-# requirements-sdxl.txt) are imported inside the functions: the rest of dmd2.py runs without them.
+# encoded once into memory-mapped latents; diffusers, transformers, peft imported inside (requirements-sdxl.txt).
 
 
 SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # official: --model_id
@@ -2395,8 +2371,7 @@ def _hf():
 
 
 class Prompts:
-    """Text conditions: captions -> (prompt embeddings, pooled) by the teacher's frozen text encoders. Generated
-    batches take the training captions (official: the real dataset's captions in denoising mode)."""
+    """Captions -> (prompt embeddings, pooled) by the frozen text encoders; sample() draws real captions (official)."""
 
     def __init__(self, captions, tokenizers, text_encoders):
         self.captions, self.tokenizers, self.text_encoders = captions, tokenizers, text_encoders
@@ -2467,13 +2442,11 @@ def load_t2i(model_id, sdxl=True):
 
 
 def tiny_t2i_parts(sdxl=True, seed=0):
-    """Random SD-shaped networks for a CPU (tests, --tiny true): SD's conditioning layout, a factor-8 VAE with 4
-    latent channels (128 px -> 16 x 16 latents), character-level tokenizers (the second pads with "!" as SDXL's)."""
+    """Random SD-shaped networks for a CPU (tests, --tiny true): 128 px -> 4 x 16 x 16 latents, character tokenizers."""
     diffusers, transformers = _hf()
     torch.manual_seed(seed)
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
-    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars])}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     tokenizers = (transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
                   transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="!"))
     text = dict(vocab_size=len(vocab), intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -2504,17 +2477,14 @@ def t2i_parts(spec):
 
 
 def load_unet_weights(unet, path):
-    """Strictly load a UNet state dict (.safetensors, or .bin read weights-only: the released
-    dmd2_sdxl_4step_unet_fp16.bin) into `unet`, keeping its dtype."""
+    """Strictly load a UNet state dict (.safetensors, or .bin such as dmd2_sdxl_4step_unet_fp16.bin) into `unet`."""
     from safetensors.torch import load_file
     unet.load_state_dict(load_file(path) if path.endswith(".safetensors") else
                          torch.load(path, map_location="cpu", weights_only=True))
-    return unet
 
 
 def add_generator_lora(unet, rank=64, alpha=8):
-    """LoRA on the generator only, the base weights frozen (official: --generator_lora, LoraConfig(r=64,
-    lora_alpha=8, lora_dropout=0) on SDXL_LORA_TARGETS)."""
+    """LoRA, base weights frozen (official: --generator_lora, LoraConfig(r=64, lora_alpha=8) on SDXL_LORA_TARGETS)."""
     _hf()
     from peft import LoraConfig
     unet.requires_grad_(False)
@@ -2542,12 +2512,10 @@ def t2i_pipe(parts, scheduler):
 
 
 def fuse_lora(parts, path):
-    """Fuse a LoRA file into parts.unet as the official README does: load_lora_weights, fuse_lora(lora_scale=1.0)
-    (diffusers converts the released kohya-style dmd2_sdxl_4step_lora file)."""
+    """Fuse a LoRA file into parts.unet (official README: load_lora_weights, fuse_lora(lora_scale=1.0))."""
     pipe = t2i_pipe(parts, _hf()[0].LCMScheduler())
     pipe.load_lora_weights(path)
     pipe.fuse_lora(lora_scale=1.0)
-    return parts.unet
 
 
 def read_captioned_folder(folder):
@@ -2562,8 +2530,7 @@ def read_captioned_folder(folder):
         caption_file = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
         if not os.path.exists(caption_file):
             raise FileNotFoundError(f"{os.path.join(folder, name)} has no caption: write it to {caption_file}")
-        with open(caption_file, encoding="utf-8") as f:
-            items.append((os.path.join(folder, name), f.read().strip()))
+        items.append((os.path.join(folder, name), open(caption_file, encoding="utf-8").read().strip()))
     return items
 
 
@@ -2576,7 +2543,7 @@ def load_image(path, resolution):
 @torch.no_grad()
 def encode_latents(folder, vae, resolution, batch_size=8):
     """(latents, captions) of a captioned folder, encoded once (official generate_vae_latents.py: latent_dist.sample()
-    * scaling_factor) into fp16 .dmd2_latents_<res>/latents.npy, memory-mapped; redone when files or captions change."""
+    * scaling_factor) into .dmd2_latents_<res>/, memory-mapped; redone when files or captions change."""
     items = read_captioned_folder(folder)
     key = dict(files=[f"{os.path.basename(p)}:{os.path.getsize(p)}" for p, _ in items],
                captions=[c for _, c in items], resolution=resolution)
@@ -2605,14 +2572,12 @@ def encode_latents(folder, vae, resolution, batch_size=8):
 
 
 def decode_latents(vae, latents):
-    """Latents -> images in [-1, 1], float32: vae.decode(z / scaling_factor) (official; the SDXL VAE stays fp32, it
-    overflows in fp16). With gradient when `latents` have one."""
+    """Latents -> images in [-1, 1] (official: vae.decode(z / scaling_factor); the SDXL VAE overflows in fp16)."""
     return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
 
 
 def run_t2i(cfg):
-    """Distil SD v1.5 or SDXL (presets sdxl, sdxl-1step, sdxl-ode, sd15, sd15-gan) on the captioned images of
-    --data_path as the EDM rungs are run; at the end rank 0 exports the generator."""
+    """Distil SD v1.5 or SDXL on the captioned images of --data_path; at the end rank 0 exports the generator."""
     sdxl = cfg.dataset.startswith("sdxl")
     spec = dict(model_id=cfg.model_id or (SDXL_MODEL_ID if sdxl else SD15_MODEL_ID), sdxl=sdxl, tiny=cfg.tiny,
                 seed=cfg.seed)
@@ -2645,8 +2610,7 @@ def run_t2i(cfg):
 
 
 def export_generator(weights, unet_config, cfg, run_dir, sdxl=True):
-    """The generator as diffusers loads it: unet.bin (the released dmd2_sdxl_*_unet layout) and unet/ (from_pretrained);
-    a LoRA run writes its adapters instead, pytorch_lora_weights.safetensors (load_lora_weights(run_dir))."""
+    """unet.bin (the released dmd2_sdxl_*_unet layout) and unet/ (from_pretrained), or a LoRA run's adapters."""
     diffusers, _ = _hf()
     unet = diffusers.UNet2DConditionModel.from_config(unet_config)
     if cfg.lora_rank:
