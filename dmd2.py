@@ -1494,8 +1494,7 @@ def prepare_network(net, cfg, device):
     if isinstance(net, edm_net.EDMPrecond):
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
-        if cfg.grad_checkpointing:
-            edm_net.set_gradient_checkpointing(net, True)
+        edm_net.set_gradient_checkpointing(net, cfg.grad_checkpointing)
     elif cfg.grad_checkpointing and hasattr(net, "unet"):
         net.unet.enable_gradient_checkpointing()
     return net
@@ -1539,11 +1538,9 @@ def engine(cfg, world_size, device):
         return (lambda net: net) if world_size == 1 else lambda net: nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     from torch.distributed.device_mesh import init_device_mesh
-    if cfg.engine == "hsdp":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        mesh = init_device_mesh(device.type, (world_size // local, local), mesh_dim_names=("replicate", "shard"))
-    else:
-        mesh = init_device_mesh(device.type, (world_size,))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    shape = (world_size // local, local) if cfg.engine == "hsdp" else (world_size,)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
     return functools.partial(shard, mesh=mesh, bf16_params=cfg.fsdp_bf16_params)
 
 
