@@ -1409,33 +1409,28 @@ def prepare_network(net, cfg, device):
     if isinstance(net, edm_net.EDMPrecond):
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
-        if cfg.grad_checkpointing:
-            edm_net.set_gradient_checkpointing(net, True)
+        edm_net.set_gradient_checkpointing(net, cfg.grad_checkpointing)
     elif cfg.grad_checkpointing and hasattr(net, "unet"):
         net.unet.enable_gradient_checkpointing()
     return net
 
 
 def compile_networks(*networks, **compile_kwargs):
-    """--compile: regional compilation, each repeated block of the networks compiled in place (EDM's UNetBlock,
-    the blocks a diffusers model lists in _repeated_blocks; a network without them whole), fullgraph: a graph break
-    raises. The blocks share one forward's code, which dynamo counts as recompiles: past the limit it would silently
-    run eager, so the limit is raised and hitting it raises too. Weights and state-dict names stay as they are."""
+    """--compile: each repeated block (EDM's UNetBlock, diffusers' _repeated_blocks, else the network) compiled in
+    place, fullgraph; past dynamo's recompile limit the blocks would run eager, so it is raised and made to raise."""
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, 1024)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
     config.fail_on_recompile_limit_hit = True
     for net in networks:
         kinds = {edm_net.UNetBlock.__name__, *[b for m in net.modules() for b in getattr(m, "_repeated_blocks", ())]}
-        blocks = [m for m in net.modules() if type(m).__name__ in kinds] or [net]
-        for block in blocks:
+        for block in [m for m in net.modules() if type(m).__name__ in kinds] or [net]:
             block.compile(fullgraph=True, **compile_kwargs)
 
 
 @contextlib.contextmanager
 def distributed(device, timeout_minutes=30.0):
-    """(rank, world_size, local_rank) under torchrun, else (0, 1, 0): NCCL on CUDA, else gloo, collectives timing out
-    after timeout_minutes (not NCCL's 10); the group is destroyed on the way out, error or not."""
+    """(rank, world_size, local_rank) of torchrun's group (NCCL on CUDA, else gloo; ended on exit), else (0, 1, 0)."""
     world_size, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", 0))
     if world_size == 1 or dist.is_initialized():  # one process, or a group the caller made
         yield (dist.get_rank(), dist.get_world_size(), local_rank) if world_size > 1 else (0, 1, 0)
@@ -1452,29 +1447,22 @@ def distributed(device, timeout_minutes=30.0):
 
 
 def engine(cfg, world_size, device):
-    """Distiller's `wrap` (network -> the module that trains it, with no_sync()): ddp: DistributedDataParallel
-    (official: accelerate's DDP); fsdp: FSDP2 over all processes; hsdp: sharded within a node, replicated across
-    nodes (official SDXL: accelerate FSDP HYBRID_SHARD)."""
-    if cfg.engine == "ddp" and world_size == 1:
-        return lambda net: net
+    """Distiller's `wrap` (network -> module with no_sync()): ddp (official: accelerate's DDP), fsdp: FSDP2 over all
+    processes, hsdp: sharded within a node, replicated across nodes (official SDXL: accelerate FSDP HYBRID_SHARD)."""
     if cfg.engine == "ddp":  # buffers are constants here: synced at init, not per forward
-        return lambda net: nn.parallel.DistributedDataParallel(
+        return (lambda net: net) if world_size == 1 else lambda net: nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     from torch.distributed.device_mesh import init_device_mesh
-    if cfg.engine == "hsdp":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        mesh = init_device_mesh(device.type, (world_size // local, local), mesh_dim_names=("replicate", "shard"))
-    else:
-        mesh = init_device_mesh(device.type, (world_size,))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    shape = (world_size // local, local) if cfg.engine == "hsdp" else (world_size,)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
     return functools.partial(shard, mesh=mesh, bf16_params=cfg.fsdp_bf16_params)
 
 
 def shard(module, mesh, bf16_params=False):
-    """FSDP2 (fully_shard) on each block, then the root (official: FSDP, size-based wrapping); fp32 parameters and
-    reductions as the official run, or with bf16_params (--fsdp_bf16_params) bf16 gathers and compute."""
+    """FSDP2 on each block, then the root (official: FSDP, size-based wrapping); fp32, or bf16 gathers and compute."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params else \
-        MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(**dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params else {})
     blocks = []
     if hasattr(module, "unet"):  # EpsDenoiser: the diffusers UNet's down, mid and up blocks, then the UNet
         blocks = [*module.unet.down_blocks, module.unet.mid_block, *module.unet.up_blocks, module.unet]
@@ -1496,8 +1484,7 @@ def shard(module, mesh, bf16_params=False):
 
 
 def agree_on_checkpoint(path, world_size=1):
-    """Whether a run resumes from path: rank 0 decides; a rank that sees another file or none (e.g. node-local run
-    folders) stops every rank with one line, before a collective of training could hang or mix states."""
+    """Whether a run resumes from path, as rank 0 sees it; a rank seeing another file or none stops all in one line."""
     mine = "none"
     if os.path.exists(path):  # size, SHA-256 of the first and last MiB (a torch zip ends with its records' CRC-32s)
         size, chunk = os.path.getsize(path), 1 << 20
@@ -1508,8 +1495,8 @@ def agree_on_checkpoint(path, world_size=1):
     digests = [mine] * world_size
     if world_size > 1:
         dist.all_gather_object(digests, mine)
-    resume, others = digests[0] != "none", [r for r, d in enumerate(digests) if d != digests[0]]
-    if others:
+    resume = digests[0] != "none"
+    if others := [r for r, d in enumerate(digests) if d != digests[0]]:
         seen = "another checkpoint" if digests[others[0]] != "none" else "none"
         raise SystemExit(f"{path}: ranks {others} see {seen} than rank 0 ({'resuming' if resume else 'starting fresh'})"
                          "; put --out_dir on a filesystem shared by every node, or copy the run folder to each node.")
@@ -1585,16 +1572,6 @@ def checkpoint_path(run_dir, cfg):
     return os.path.join(run_dir, "checkpoint.pt" if cfg.engine == "ddp" else "checkpoint")
 
 
-def saved_config(run_dir):
-    """The config a run folder's checkpoint (either kind) was written with, or None; no networks read."""
-    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-        return read_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["config"]
-    if os.path.exists(os.path.join(run_dir, "checkpoint", "run.json")):
-        with open(os.path.join(run_dir, "checkpoint", "run.json")) as f:
-            return json.load(f)["config"]
-    return None
-
-
 def generator_weights(distiller):
     """The generator's (or its EMA's) whole float32 weights on the CPU; sharded, every process must call this."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -1607,26 +1584,25 @@ def load_weights(module, state, path, prefix=""):
     """Strictly load state's entries under prefix (removed) into module (FSDP2: every process keeps its shards)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    missing, unexpected = set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True,
-                                                                                      strict=False))
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    missing, unexpected = set_model_state_dict(module, state, options=options)
     if missing or unexpected:
         raise ValueError(f"{path}: does not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]}, "
                          f"prefix {prefix!r}); is it a checkpoint of the same architecture?")
 
 
 def initialise_from(distiller, generator_path="", guidance_path=""):
-    """Earlier weights, fresh optimisers (official --generator_ckpt_path / --ckpt_only_path, e.g. the FID 1.28
-    continuation): the generator from a released state dict (EDM keys model.*, or a dmd2_sdxl_*_unet UNet), the fake
-    score and GAN head from a DMD2 guidance file (fake_unet.*, cls_pred_branch.*), or either from a run's checkpoint."""
+    """Earlier weights, fresh optimisers (official --generator_ckpt_path / --ckpt_only_path, e.g. the FID 1.28 run),
+    from a run's checkpoint, a released generator (model.*, or a UNet) or guidance (fake_unet.*, cls_pred_branch.*)."""
     if generator_path:
-        state = read_run(generator_path)
+        state, net = read_run(generator_path), distiller.generator
         if state.get("sharded"):
-            load_weights(distiller.generator, gather_sharded(generator_path, "distiller.generator."), generator_path)
+            state = gather_sharded(generator_path, "distiller.generator.")
         elif "distiller" in state:  # its EMA if kept
-            load_weights(distiller.generator, state["distiller"]["ema"] or state["distiller"]["generator"],
-                         generator_path)
+            state = state["distiller"]["ema"] or state["distiller"]["generator"]
         else:  # a released file: the EDMPrecond's or the diffusers UNet's state dict
-            load_weights(getattr(distiller.generator, "unet", distiller.generator), state, generator_path)
+            net = getattr(net, "unet", net)
+        load_weights(net, state, generator_path)
         if distiller.ema is not None:  # the EMA starts from the loaded generator, not from the teacher
             distiller.ema.load_state_dict(distiller.generator.state_dict())
     if guidance_path:
@@ -1656,12 +1632,12 @@ def plot_curves(records, path):
     keys = [k for k in ("loss_dm", "loss_fake", "loss_gan_g", "loss_gan_d", "loss_reg", "grad_norm_g")
             if any(k in r for r in records)]
     fig = Figure(figsize=(3.2 * len(keys), 2.6))
-    axes = fig.subplots(1, len(keys), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        ax.plot(*zip(*[(r["step"], r[key]) for r in records if key in r]), lw=1)
+    for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
+        steps, values = zip(*[(r["step"], r[key]) for r in records if key in r])
+        ax.plot(steps, values, lw=1)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
-        if key in ("loss_fake", "grad_norm_g"):
+        if key in ("loss_fake", "grad_norm_g") and min(values) > 0:  # a log scale needs positive values
             ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -1695,16 +1671,14 @@ def build_network(spec):
 
 def run_training(cfg, teacher, real, sample_shape, run_dir, device="cpu", rank=0, world_size=1, conditions=None,
                  decode=None, regression_pairs=None, perceptual=None, show=None):
-    """train() as every rung runs it (engine, checkpoint, LoRA, --generator_init): sample grids of the generator (EMA
-    if kept) every sample_every via `show` (default save_samples; `decode`: latents -> images), curves at the end."""
+    """train() as every rung runs it (engine, checkpoint, LoRA, inits); grids to `show` (decode: latents -> images)."""
     sharded = cfg.engine != "ddp" and world_size > 1
     generator = lora_generator(teacher.to(device), cfg) if cfg.lora_rank else None
     distiller = Distiller(cfg, teacher, sample_shape, conditions, generator, engine(cfg, world_size, device),
                           regression_pairs, perceptual, device, rank, world_size)
     if cfg.compile:
         compile_networks(distiller.real_score, distiller.fake_score, distiller.generator)
-    path = checkpoint_path(run_dir, cfg)
-    checkpoint = (ShardedCheckpoint if sharded else GroupCheckpoint)(path, rank, world_size)
+    checkpoint = (ShardedCheckpoint if sharded else GroupCheckpoint)(checkpoint_path(run_dir, cfg), rank, world_size)
     show_noise = torch.randn((16, *sample_shape), generator=torch.Generator().manual_seed(cfg.seed + 1))
     show_labels = distiller.conditions.examples(16)
 
@@ -2310,11 +2284,12 @@ def start_run(cfg):
     if cfg.engine != "ddp" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise SystemExit(f"--engine {cfg.engine} shards the networks over processes: launch with torchrun "
                          "--nproc_per_node N (N >= 2), or use --engine ddp")
-    if (saved := saved_config(run_dir)) is not None:
-        check_resumable(saved, cfg, run_dir)
+    pt, folder = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "checkpoint")
+    saved = read_checkpoint(pt) if os.path.exists(pt) else read_run(folder) if os.path.exists(folder) else None
+    if saved is not None:  # either kind of checkpoint, read without its networks
+        check_resumable(saved["config"], cfg, run_dir)
     device = resolve_device(cfg)
-    if device.type == "cuda":  # official: TF32 matmul and cuDNN for training
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"  # official: TF32
     return run_dir, device
 
 
@@ -2327,8 +2302,7 @@ def run_edm(cfg):
         raise SystemExit(f"--dataset {cfg.dataset} trains its GAN on real images: pass --data_path (an EDM dataset_tool"
                          f" zip or folder, or the official DMD2 LMDB), or --gan false. {edm_net.PREPARE_HINT}")
     dataset = open_image_dataset(cfg.data_path, cfg.resolution, 3, cfg.num_classes) if needs_real else None
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # official: cuDNN picks its fastest kernels
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # official: cuDNN picks its fastest kernels
     with distributed(device, cfg.dist_timeout) as (rank, world_size, local_rank):
         torch.manual_seed(cfg.seed)
         path = once_per_node(local_rank, resolve_teacher, cfg.teacher or None, cfg.dataset, cfg.cache_dir or None)
