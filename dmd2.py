@@ -35,15 +35,12 @@ from tqdm import tqdm
 
 import edm_net
 
-
 # ================================================================================================================
 # PART I. THE METHOD: config, noise, losses, GAN head, generators, the denoiser adapter, the distiller
 # ================================================================================================================
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Config and presets: every field is a flag (--name value), its comment the flag's help
-
 
 @dataclass
 class Config:
@@ -121,7 +118,6 @@ class Config:
     eval_samples: int = 1000  # embedded rungs: samples the table is computed on
     eval_batch: int = 250  # embedded rungs: sampling batch
 
-
 # Text-to-image (sections 6, 16), the official experiments/ scripts per process (official: x 64 GPUs), bf16: the fake
 # score's unweighted epsilon MSE (sigma_data = inf), classifier GAN weight 1e-2 (official --guidance_cls_loss_weight).
 T2I = dict(sigma_data=float("inf"), cls_loss_weight=1e-2, log_every=10, ckpt_every=500, sample_every=500)
@@ -164,7 +160,6 @@ PRESETS = {
                     sample_every=500, eval_samples=50_000, eval_batch=250),
 }
 
-
 def field_help():
     """{field: its comment in Config's source, continuation lines included}: the flags' help texts."""
     helps, name = {}, None
@@ -176,19 +171,16 @@ def field_help():
             helps[name] += " " + line.strip(" #")
     return helps
 
-
 def parse_bool(text):
     if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return text.lower() in ("1", "true", "yes", "on")
-
 
 def float_or_auto(text):
     try:
         return text if text == "auto" else float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
-
 
 def parse_config(argv):
     """Config from a preset (--dataset) and flags (--iters 100 --gan false ...); check_config (section 17) checks it."""
@@ -207,10 +199,8 @@ def parse_config(argv):
         parser.error(f"unknown dataset {dataset!r}; choose one of {', '.join(PRESETS)}")
     return Config(**{**PRESETS[dataset], **given})
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Noise levels and conditions: one 1000-level grid shared by every loss (Karras for EDM, DDPM's table for SD)
-
 
 def karras_sigmas(num_levels=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """The Karras grid, ascending (official: get_sigmas_karras(n=1000, 0.002, 80, rho=7) flipped, EDMGuidance)."""
@@ -218,21 +208,17 @@ def karras_sigmas(num_levels=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return ((inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho).flip(0).float()  # k-diffusion's, flipped
 
-
 def noise_grid(cfg, teacher):
     """The 1000 levels every loss draws from: the denoiser's own (EpsDenoiser's DDPM table), else cfg's Karras grid."""
     own = getattr(teacher, "sigmas", None)
     return own if own is not None else karras_sigmas(cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
 
-
 def _per_sample(sigma, x):  # [B] -> [B, 1, ...], broadcasting against x
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
-
 
 def onehot(labels, num_classes):
     """Integer labels -> one-hot float rows (official: eye(label_dim)[labels])."""
     return F.one_hot(labels, num_classes).float()
-
 
 class ClassLabels:
     """One-hot class conditions, uniform for generated batches (official: randint(0, label_dim)); text's: Prompts."""
@@ -252,7 +238,6 @@ class ClassLabels:
     def examples(self, n):  # the labels of sample grids
         return torch.arange(n) % self.num_classes
 
-
 def take(cond, index):
     """Rows `index` (slice or index tensor) of a condition: a tensor, a tuple of tensors or a list of captions."""
     if isinstance(cond, tuple):
@@ -261,10 +246,8 @@ def take(cond, index):
         return [cond[i] for i in range(len(cond))[index]] if isinstance(index, slice) else [cond[i] for i in index]
     return cond[index]
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Losses
-
 
 def dm_loss(x, pred_real, pred_fake):
     """Distribution matching loss from x0-predictions (official: compute_distribution_matching_loss). Sec. 3, eq. 2:
@@ -277,7 +260,6 @@ def dm_loss(x, pred_real, pred_fake):
         grad = torch.nan_to_num((p_real - p_fake) / weight)  # official: torch.nan_to_num(grad)
     return 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
 
-
 def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
     """DM loss of a generated batch x (with grad) at per-sample sigma [B] (Distiller.generator_turn). Both scores
     run without gradient, in their output dtype (EpsDenoiser: float64, official .double() predictions)."""
@@ -288,7 +270,6 @@ def distribution_matching_loss(x, labels, real_score, fake_score, sigma, noise):
         pred_fake = fake_score(noisy, sigma, labels).to(pred_real.dtype)
     return dm_loss(x.to(pred_real.dtype), pred_real, pred_fake).float()
 
-
 def denoising_loss(net, x, labels, sigma, noise, sigma_data=0.5):
     """EDM's lambda(sigma) |D(x + sigma n) - x|^2, lambda = 1/sigma^2 + 1/sigma_data^2 (EDM Table 1): trains the
     embedded teachers and the fake score on DETACHED generator output, sigma index-uniform (official:
@@ -298,20 +279,16 @@ def denoising_loss(net, x, labels, sigma, noise, sigma_data=0.5):
     weight = 1 / sigma ** 2 + 1 / sigma_data ** 2
     return (weight * (net(x + sigma * noise, sigma, labels) - x) ** 2).mean().float()
 
-
 def gan_generator_loss(logits_fake):
     """Non-saturating GAN loss for G: softplus(-D(G(z))) = -log sigmoid(D) (official: gen_cls_loss)."""
     return F.softplus(-logits_fake).mean()
-
 
 def gan_discriminator_loss(logits_real, logits_fake):
     """Logistic GAN loss for the classifier: softplus(D(fake)) + softplus(-D(real)) (official: guidance_cls_loss)."""
     return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 4. GAN classifier head on the fake score's bottleneck, with diffusion-GAN noising (Sec. 4.3)
-
 
 class GANHead(nn.Sequential):
     """One logit per image from the fake score's bottleneck (official: EDMGuidance.cls_pred_branch). ImageNet-64's
@@ -334,7 +311,6 @@ class GANHead(nn.Sequential):
             features = features[:, :, None, None]
         return super().forward(features.float()).flatten(1)  # official: head runs in fp32 on .float() features
 
-
 def gan_logits(fake_score, head, images, labels, sigma, noise, clean_input=None):
     """Classifier logits [B, 1] of images noised at per-sample sigma (official: compute_cls_logits); the diffusion GAN
     draws sigma = sigmas[randint(0, 1000)], without it clean images (clean_input: how the denoiser reads them)."""
@@ -343,10 +319,8 @@ def gan_logits(fake_score, head, images, labels, sigma, noise, clean_input=None)
     sigma = _per_sample(sigma, images)
     return head(fake_score(images + sigma * noise, sigma, labels, return_bottleneck=True))
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Generators: one-step, few-step (Sec. 4.4), backward simulation (Sec. 4.5)
-
 
 def generator_sigmas(num_steps, sigmas, conditioning_timestep=999):
     """Input sigmas of a K-step generator. K=1: [sigmas[conditioning_timestep]] (80 on the Karras grid, official EDM:
@@ -357,12 +331,10 @@ def generator_sigmas(num_steps, sigmas, conditioning_timestep=999):
     levels = torch.arange(len(sigmas) - 1, 0, -(len(sigmas) // num_steps))[:num_steps]
     return sigmas[levels.to(sigmas.device)]
 
-
 def pure_noise(denoiser, noise, sigma):
     """A generator's first input from unit noise z: sigma z on EDM teachers (official: 80 z), else the denoiser's."""
     own = getattr(denoiser, "pure_noise", None)
     return own(noise, sigma) if own is not None else noise * sigma
-
 
 def rollout(generator, noise, cond, step_sigmas, k, randn=torch.randn):
     """(x_k, sigma_k) of a K-step generator: x = pure noise, then k times x0 = G(x, sigma_j, cond) re-noised to
@@ -373,11 +345,9 @@ def rollout(generator, noise, cond, step_sigmas, k, randn=torch.randn):
         x = x0.float() + step_sigmas[j + 1] * randn(x.shape, device=x.device)
     return x, step_sigmas[k].expand(x.shape[0])
 
-
 def generate(generator, noise, cond, step_sigmas, randn=torch.randn):
     """Sample with a K-step generator: the last x0 of the rollout. K=1: G(80 z, 80, y) (official demo)."""
     return generator(*rollout(generator, noise, cond, step_sigmas, len(step_sigmas) - 1, randn), cond)
-
 
 @torch.no_grad()
 def backward_simulation(generator, cond, step_sigmas, k, shape, randn=torch.randn):
@@ -386,28 +356,23 @@ def backward_simulation(generator, cond, step_sigmas, k, shape, randn=torch.rand
     broadcast from rank 0); the generator then runs once with gradient on it, so only that step is trained."""
     return rollout(generator, randn(shape, device=step_sigmas.device), cond, step_sigmas, k, randn)
 
-
 def noised_real_inputs(generator, real, step_sigmas, k, noise):
     """Table 4's ablation: real data noised to level k [B], k = 0: pure noise (official: prepare_denoising_data)."""
     sigma = step_sigmas[k]
     start = pure_noise(generator, noise, step_sigmas[0])
     return torch.where(_per_sample(k == 0, real), start, real + _per_sample(sigma, real) * noise), sigma
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 6. Text-to-image teachers (SD v1.5, SDXL): an epsilon-prediction UNet as an EDM denoiser D(x, sigma, cond) -> x0
 # What differs from EDMPrecond is looked up on any teacher (EDM's take defaults): sigmas, pure_noise, clean_input, ...
-
 
 def ddpm_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
     """SD v1.5 / SDXL's alphas_cumprod ("scaled_linear" betas) as diffusers computes it, as float64 (official)."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, dim=0).double()
 
-
 class _MidBlockReached(Exception):
     """Raised by mid_block_output's hook, carrying the mid block's output."""
-
 
 class EpsDenoiser(nn.Module):
     """A diffusers UNet2DConditionModel predicting epsilon as an EDM denoiser D(x, sigma, cond) -> x0 (as k-diffusion's
@@ -481,10 +446,8 @@ class EpsDenoiser(nn.Module):
                 eps = self.unet_eps(x_t, t, cond)
         return (x_t.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 7. The two time-scale update rule (Sec. 4.2): optimisers, one iteration, checkpoints, train()
-
 
 def make_optimizer(params, lr, fused=None):
     """AdamW(betas 0.9/0.999, weight decay 0.01) (official: train_edm.py), fused when on one CUDA device."""
@@ -494,12 +457,10 @@ def make_optimizer(params, lr, fused=None):
             type(p.data) is torch.Tensor for p in params)  # not the DTensors of a sharded engine
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01, fused=fused or None)
 
-
 def warmup_scheduler(optimizer, warmup_steps):
     """Constant LR after a linear warm-up from 0 (official: diffusers "constant_with_warmup")."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer,
                                              lambda step: 1.0 if step >= warmup_steps else step / warmup_steps)
-
 
 class SharedNoise:
     """Noise for the GLOBAL batch, drawn alike on every rank, each keeping its slice: W processes of batch B draw what
@@ -520,12 +481,10 @@ class SharedNoise:
     def shared_randint(self, low, high):  # one integer, the same on every rank (official: the backward-simulation k)
         return int(torch.randint(low, high, (1,), generator=self.gen, device=self.device))
 
-
 def micro_batches(batch_size, micro_batch):
     """Slices of the per-process batch run one at a time (--micro_batch; 0: the whole batch)."""
     size = micro_batch or batch_size
     return [slice(i, i + size) for i in range(0, batch_size, size)]
-
 
 def accumulate(losses, part, batch_size, logs, trained):
     """Backward of a micro-batch's {key: (weight, loss)} by its share of the batch, no_sync() before the last one."""
@@ -536,7 +495,6 @@ def accumulate(losses, part, batch_size, logs, trained):
         (share * sum(weight * loss for weight, loss in losses.values())).backward()
     for key, (_, loss) in losses.items():
         logs[key] = logs.get(key, 0.0) + share * loss.detach().float()
-
 
 def optimizer_step(params, optimizer, cfg, logs, name, step):
     """Clip (official: max_grad_norm 10) and step; one host transfer, and a non-finite loss stops training before it."""
@@ -551,7 +509,6 @@ def optimizer_step(params, optimizer, cfg, logs, name, step):
     optimizer.zero_grad(set_to_none=True)
     return dict(zip(logs, values)), values[-1]
 
-
 def trainable_copy(denoiser):
     """A trainable copy of the teacher without CFG (official: --initialie_generator; CFG on the real score only)."""
     net = copy.deepcopy(denoiser).train().requires_grad_(True)
@@ -559,9 +516,7 @@ def trainable_copy(denoiser):
         net.guidance_scale = 1.0
     return net
 
-
 AUTO_GAN_UPDATES = 10  # generator updates measured by --gen_cls_loss_weight auto (Distiller.measuring_gan_weight)
-
 
 class Distiller:
     """The three networks of DMD2 and one TTUR iteration (official: EDMUniModel + Trainer.train_one_step). real_score:
@@ -780,13 +735,11 @@ class Distiller:
         self.noise.gen.set_state(state["noise"])
         self.step, self.gan_weight, self.auto_norms = state["step"], state["gan_weight"], state["auto_norms"]
 
-
 def atomic_save(obj, path):
     """torch.save to a temp file in the same folder, then rename: a kill never leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
 
 def read_checkpoint(path, what="DMD2 checkpoint", fix="Delete it to start over, or pass another --run_name.",
                     error=RuntimeError):
@@ -797,7 +750,6 @@ def read_checkpoint(path, what="DMD2 checkpoint", fix="Delete it to start over, 
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
     except Exception as e:
         raise error(f"{path}: not a readable {what} ({type(e).__name__}: {e}). {fix}") from None
-
 
 class Checkpoint:
     """A run's checkpoint file, written atomically by rank 0, read weights-only (sharded runs: ShardedCheckpoint)."""
@@ -815,11 +767,9 @@ class Checkpoint:
     def load(self, state):  # state: the current one, showing what to read (ShardedCheckpoint)
         return read_checkpoint(self.path)
 
-
 RESUME_FREE_FIELDS = {"iters", "log_every", "ckpt_every", "sample_every", "eval_samples", "eval_batch", "students",
                       "no_gan_student", "device", "out_dir", "cache_dir", "data_path", "teacher", "num_workers",
                       "dist_timeout", "channels_last", "compile"}
-
 
 def check_resumable(saved, cfg, path):
     """A run folder resumes only the config that made it (except the fields that don't change the trajectory)."""
@@ -829,7 +779,6 @@ def check_resumable(saved, cfg, path):
     if diff:
         raise ValueError(f"{path} was written with another config ({'; '.join(diff[:4])}). Resume with the same "
                          f"flags, pass another --run_name, or delete the folder.")
-
 
 def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on_sample=None, rank=0):
     """Train `distiller` to cfg.iters iterations, writing checkpoint and log.jsonl into run_dir; a checkpoint there is
@@ -876,7 +825,6 @@ def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on
             checkpoint.save(run_state())
     return distiller
 
-
 # ================================================================================================================
 # PART II. EVALUATION: sampling, metrics, FID (ImageNet-64 protocol), text-to-image protocol
 # ================================================================================================================
@@ -886,10 +834,8 @@ import warnings
 import PIL.Image
 import scipy.linalg
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 8. Sampling and the embedded rungs' metrics
-
 
 @torch.no_grad()
 def sample_student(generator, noise, labels, step_sigmas, conditions, batch=256):
@@ -904,7 +850,6 @@ def sample_student(generator, noise, labels, step_sigmas, conditions, batch=256)
     generator.train(was_training)
     return torch.cat(out)
 
-
 @torch.no_grad()
 def sample_teacher(teacher, noise, labels, conditions, num_steps=18, batch=256):
     """Teacher samples with EDM's Heun sampler (NFE = 2 num_steps - 1); a DDPM teacher's steps land on its table."""
@@ -912,7 +857,6 @@ def sample_teacher(teacher, noise, labels, conditions, num_steps=18, batch=256):
     out = [edm_net.edm_sampler(teacher, noise[i:i + batch].to(device), conditions.encode(labels[i:i + batch]),
                                num_steps=num_steps).float().cpu() for i in range(0, len(labels), batch)]
     return torch.cat(out)
-
 
 def save_samples(samples, labels, path):
     """A PNG of samples: an image grid (one row per 8) or, for 2-D points, a scatter coloured by class."""
@@ -925,7 +869,6 @@ def save_samples(samples, labels, path):
     ax.scatter(samples[:, 0], samples[:, 1], c=labels, cmap="tab10", s=2, vmin=0, vmax=9)
     ax.set(xlim=(-1.6, 1.6), ylim=(-1.6, 1.6), aspect="equal")
     ax.figure.savefig(path, dpi=100)
-
 
 def toy2d_metrics(x, labels, seed=123):
     """2-D samples against FRESH true samples: sliced Wasserstein-1 (128 directions), MMD^2 (RBF, bandwidth 0.1),
@@ -941,14 +884,12 @@ def toy2d_metrics(x, labels, seed=123):
     accuracy = ((mode % 4 == labels) & (dist < 0.24)).float().mean()
     return {"SWD": float(swd), "MMD": float(mmd), "modes": covered, "accuracy": float(accuracy)}
 
-
 @torch.no_grad()
 def classifier_features(classifier, images, batch=500):
     """Pooled features and predicted labels of the shapes classifier for float images in [-1, 1]."""
     x = edm_net.images_to_uint8(images).float() / 127.5 - 1  # the evaluated images are the saved uint8 ones
     feats = torch.cat([classifier.features(x[i:i + batch]) for i in range(0, len(x), batch)])
     return feats.double().numpy(), classifier.fc(feats).argmax(1)
-
 
 def image_metrics(images, labels, classifier, ref_features):
     """FD-cls (Frechet distance in the shapes classifier's features, NOT Inception FID) and class accuracy."""
@@ -957,14 +898,11 @@ def image_metrics(images, labels, classifier, ref_features):
                           np.cov(ref_features, rowvar=False))
     return {"FD-cls": float(fd), "accuracy": float((preds == labels).float().mean())}
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 9. FID: EDM's protocol (edm_net: Inception, statistics, ImageNet-64 sampling), its weights, the Frechet distance.
 
-
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                  "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's FID_WEIGHTS_URL; 6726825d: SHA-256 prefix
-
 
 def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
     """edm_net.InceptionV3 with pytorch-fid's weights from `path`, else the cache, else downloaded into the cache."""
@@ -979,7 +917,6 @@ def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
     except (RuntimeError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not pytorch-fid's Inception state dict ({' '.join(str(error).split())[:300]}); "
                          f"expected the file {INCEPTION_URL}") from None
-
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64 (EDM fid.py / TTUR). As pytorch-fid:
@@ -998,7 +935,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
-
 def fid_of_generator(generate_fn, ref_path, inception=None, feature_dim=2048, device="cpu", **protocol):
     """FID of generate_fn(noise, labels) -> [-1, 1] images against EDM-layout reference statistics (EDM's
     imagenet-64x64.npz for the paper's numbers); `protocol`: edm_net.generator_stats's arguments. Same on every rank."""
@@ -1006,7 +942,6 @@ def fid_of_generator(generate_fn, ref_path, inception=None, feature_dim=2048, de
     inception = inception or load_inception(device=device)
     stats = edm_net.generator_stats(generate_fn, inception, feature_dim=feature_dim, device=device, **protocol)
     return frechet_distance(*stats.mu_sigma(), ref_mu, ref_sigma)
-
 
 def fid_main(argv=None):
     """Inception FID (EDM protocol) of an image folder / zip against reference statistics (returned), or reference
@@ -1038,13 +973,11 @@ def fid_main(argv=None):
         print(message)
     return fid
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 10. Text-to-image evaluation as the paper measures it (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and
 # CLIP score (official: main/coco_eval/coco_evaluator.py, main/sdxl/test_folder_sdxl.py, main/test_folder_sd.py).
 # Centre crop, LANCZOS to eval_res, clean-fid's "clean" resize to 299, TorchScript Inception; every model is a
 # diffusers pipeline, its PNGs on disk (resumable).
-
 
 T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res, patch_fid, the reference images
     "sdxl": dict(num=10_000, eval_res=512, patch_fid=True, refs="subset"),  # the captions' images (COCO-10k)
@@ -1060,22 +993,18 @@ SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # official: runwa
 DMD2_SD15_FILE = ("model/sdv1.5/laion6.25_sd_baseline_8node_guidance1.75_lr5e-7_seed10_dfake10_diffusion1000_gan1e-3_"
                   "resume_fid8.35_checkpoint_model_041000/pytorch_model.bin")  # released SD v1.5 one-step, FID 8.35
 
-
 def center_crop(image, size):
     """Centre size x size crop of a PIL image, offsets rounded as torchvision's center_crop (Python round)."""
     left, top = int(round((image.width - size) / 2)), int(round((image.height - size) / 2))
     return image.crop((left, top, left + size, top + size))
 
-
 def crop_resize(image, res):
     """Centre crop of the long edge, then PIL LANCZOS to res x res (official CenterCropLongEdge + resize)."""
     return center_crop(image, min(image.size)).resize((res, res), PIL.Image.LANCZOS)
 
-
 def patch_crop(image, size=299):
     """Patch FID: the centre 299 x 299 crop, no resize; smaller images pass unchanged (official patch_fid=True)."""
     return center_crop(image, size) if min(image.size) >= size else image
-
 
 def open_rgb(path):
     try:
@@ -1083,7 +1012,6 @@ def open_rgb(path):
             return image.convert("RGB")
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
-
 
 def read_coco_captions(coco):
     """(rows (file_name, caption), image names): official data_process.py's left merge of images and annotations."""
@@ -1103,7 +1031,6 @@ def read_coco_captions(coco):
                          "[{id, file_name}] and 'annotations' [{image_id, caption}]") from None
     return rows, list(dict.fromkeys(name for name, _ in rows))
 
-
 def coco_caption_subset(rows, num, seed=COCO_SEED):
     """num (file_name, caption), one per image, as official data_process.py draws them (--num N: a prefix of 10k)."""
     rng = np.random.RandomState(seed)
@@ -1116,7 +1043,6 @@ def coco_caption_subset(rows, num, seed=COCO_SEED):
     if any(caption is None for _, caption in subset):
         raise ValueError("a sampled COCO image has no caption in the annotation file")
     return subset
-
 
 def t2i_inception(path=None, cache_dir=None, device="cpu"):
     """(name, [N, 3, 299, 299] in [0, 255] -> [N, 2048]): clean-fid's TorchScript Inception, else pytorch-fid's."""
@@ -1135,10 +1061,8 @@ def t2i_inception(path=None, cache_dir=None, device="cpu"):
                          f"get {CLEANFID_INCEPTION_URL}") from None
     return "torchscript-inception", lambda x: layers((x.to(device) - 128) / 128).reshape(len(x), -1)
 
-
 def _on_array(array, transform):  # module level: clean-fid's loader workers pickle it
     return np.asarray(transform(PIL.Image.fromarray(array)))
-
 
 def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", workers=0, refs=None, name=""):
     """(mu, sigma) of image files after `transform` and clean-fid's "clean" resize, over ranks; cached in refs/."""
@@ -1168,7 +1092,6 @@ def t2i_stats(paths, transform, features, dim=2048, batch=32, device="cpu", work
         edm_net.save_stats(cache, mu, sigma, protocol=name, num=len(paths))
     return mu, sigma
 
-
 def load_clip(model_name="ViT-g-14", weights="laion2b_s12b_b42k"):
     """(model, transform, tokenizer) in fp32 (official: open_clip ViT-g-14 laion2b_s12b_b42k, .float())."""
     try:
@@ -1185,10 +1108,8 @@ def load_clip(model_name="ViT-g-14", weights="laion2b_s12b_b42k"):
                            f"{CLIP_URL} and pass --clip_weights PATH") from None
     return model.float().eval(), preprocess, open_clip.get_tokenizer(model_name)
 
-
 def _clip_batch(items, preprocess):  # module level: the DataLoader's workers pickle it
     return torch.stack([preprocess(crop_resize(open_rgb(p), CLIP_RES)) for p, _ in items]), [c for _, c in items]
-
 
 @torch.inference_mode()
 def clip_score(paths, captions, clip, batch=32, device="cpu", workers=0):
@@ -1207,14 +1128,12 @@ def clip_score(paths, captions, clip, batch=32, device="cpu", workers=0):
         dist.all_reduce(total)
     return float(total[0] / total[1])
 
-
 def _pretrained(cls, model_id, **kwargs):
     try:
         return cls.from_pretrained(model_id, **kwargs)
     except OSError as error:
         raise RuntimeError(f"cannot load {model_id} ({str(error).splitlines()[0]}). On a machine with internet run "
                            f"`hf download {model_id} --local-dir DIR` and pass DIR in its place") from None
-
 
 def t2i_pipeline(model, steps, guidance, model_id=""):
     """(diffusers pipeline, call kwargs) of --model: student:PATH, dmd2-sdxl[-lora], dmd2-sd15 on LCMScheduler with the
@@ -1263,7 +1182,6 @@ def t2i_pipeline(model, steps, guidance, model_id=""):
                          "hf:ID, sdxl-lightning or lcm-sdxl")
     return t2i_pipe(parts, scheduler), call
 
-
 @torch.no_grad()
 def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None, rank=0, world_size=1):
     """Missing image i of prompts -> out_dir/{i:05d}.png, i = rank (mod world_size), noise seeded seed + i."""
@@ -1282,7 +1200,6 @@ def t2i_generate(pipe, call, prompts, out_dir, seed=0, batch=4, resolution=None,
             tmp = f"{out_dir}/{i:05d}.tmp{os.getpid()}.png"
             PIL.Image.fromarray((image * 255).astype(np.uint8)).save(tmp)  # official: truncated, not rounded
             os.replace(tmp, f"{out_dir}/{i:05d}.png")
-
 
 def t2i_evaluate_main(args):
     """`evaluate --model MODEL --coco DIR` (images: the PNGs in --out) -> --out/metrics.json, checks first."""
@@ -1359,7 +1276,6 @@ def t2i_evaluate_main(args):
                 json.dump(dict(metrics, model=args.model, protocol=args.protocol, inception=extractor), f, indent=1)
         return metrics
 
-
 # ================================================================================================================
 # PART III. THE HARNESS: devices, embedded rungs, real data, downloads, EDM and text-to-image runs, command line
 # ================================================================================================================
@@ -1381,16 +1297,13 @@ try:  # optional: only the released DMD2 checkpoints need it
 except ImportError:
     huggingface_hub = None
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 11. Devices, precision, engines, checkpoints of process groups, the runs around train(), the cache
-
 
 def resolve_device(cfg):
     """--device auto: CUDA if there, else the CPU; CUDA means this process's GPU (LOCAL_RANK under torchrun)."""
     name = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
-
 
 def use_bf16(cfg, device):
     """bf16 where the hardware has it (official --use_fp16 = bf16 compute with fp32 master weights)."""
@@ -1399,7 +1312,6 @@ def use_bf16(cfg, device):
     if device.type == "cuda":  # native bf16 only (Ampere and newer), not the emulated kind of older GPUs
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
 
 def prepare_network(net, cfg, device):
     """Device, bf16 (use_fp16), channels_last, gradient checkpointing (official SD: generator, fake UNet in loss)."""
@@ -1414,7 +1326,6 @@ def prepare_network(net, cfg, device):
         net.unet.enable_gradient_checkpointing()
     return net
 
-
 def compile_networks(*networks, **compile_kwargs):
     """--compile: each repeated block (EDM's UNetBlock, diffusers' _repeated_blocks, else the network) compiled in
     place, fullgraph; past dynamo's recompile limit the blocks would run eager, so it is raised and made to raise."""
@@ -1426,7 +1337,6 @@ def compile_networks(*networks, **compile_kwargs):
         kinds = {edm_net.UNetBlock.__name__, *[b for m in net.modules() for b in getattr(m, "_repeated_blocks", ())]}
         for block in [m for m in net.modules() if type(m).__name__ in kinds] or [net]:
             block.compile(fullgraph=True, **compile_kwargs)
-
 
 @contextlib.contextmanager
 def distributed(device, timeout_minutes=30.0):
@@ -1445,7 +1355,6 @@ def distributed(device, timeout_minutes=30.0):
     finally:
         dist.destroy_process_group()
 
-
 def engine(cfg, world_size, device):
     """Distiller's `wrap` (network -> module with no_sync()): ddp (official: accelerate's DDP), fsdp: FSDP2 over all
     processes, hsdp: sharded within a node, replicated across nodes (official SDXL: accelerate FSDP HYBRID_SHARD)."""
@@ -1457,7 +1366,6 @@ def engine(cfg, world_size, device):
     shape = (world_size // local, local) if cfg.engine == "hsdp" else (world_size,)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
     return functools.partial(shard, mesh=mesh, bf16_params=cfg.fsdp_bf16_params)
-
 
 def shard(module, mesh, bf16_params=False):
     """FSDP2 on each block, then the root (official: FSDP, size-based wrapping); fp32, or bf16 gathers and compute."""
@@ -1482,7 +1390,6 @@ def shard(module, mesh, bf16_params=False):
     module.no_sync = no_sync
     return module
 
-
 def agree_on_checkpoint(path, world_size=1):
     """Whether a run resumes from path, as rank 0 sees it; a rank seeing another file or none stops all in one line."""
     mine = "none"
@@ -1502,7 +1409,6 @@ def agree_on_checkpoint(path, world_size=1):
                          "; put --out_dir on a filesystem shared by every node, or copy the run folder to each node.")
     return resume
 
-
 class GroupCheckpoint(Checkpoint):
     """checkpoint.pt of DDP replicas: every rank must see the same file (agree_on_checkpoint)."""
 
@@ -1513,13 +1419,11 @@ class GroupCheckpoint(Checkpoint):
     def exists(self):
         return agree_on_checkpoint(self.path, self.world_size)
 
-
 def recover_checkpoint(path):
     """After a kill between ShardedCheckpoint.save's two renames, the newest complete folder (run.json) back as path."""
     for candidate in (path + ".tmp", path + ".old"):
         if not os.path.exists(path) and os.path.exists(os.path.join(candidate, "run.json")):
             os.replace(candidate, path)
-
 
 class ShardedCheckpoint(GroupCheckpoint):
     """A torch.distributed.checkpoint folder of every process's shards, complete with run.json (written last), only
@@ -1566,11 +1470,9 @@ class ShardedCheckpoint(GroupCheckpoint):
                                "folder to start over, or pass another --run_name") from None
         return dict(state, config=info["config"])
 
-
 def checkpoint_path(run_dir, cfg):
     """A run folder's checkpoint: checkpoint.pt, or with a sharded engine the folder checkpoint/ (with run.json)."""
     return os.path.join(run_dir, "checkpoint.pt" if cfg.engine == "ddp" else "checkpoint")
-
 
 def generator_weights(distiller):
     """The generator's (or its EMA's) whole float32 weights on the CPU; sharded, every process must call this."""
@@ -1578,7 +1480,6 @@ def generator_weights(distiller):
     net = distiller.ema or distiller.generator
     weights = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.float().cpu() for k, v in weights.items()}
-
 
 def load_weights(module, state, path, prefix=""):
     """Strictly load state's entries under prefix (removed) into module (FSDP2: every process keeps its shards)."""
@@ -1589,7 +1490,6 @@ def load_weights(module, state, path, prefix=""):
     if missing or unexpected:
         raise ValueError(f"{path}: does not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]}, "
                          f"prefix {prefix!r}); is it a checkpoint of the same architecture?")
-
 
 def initialise_from(distiller, generator_path="", guidance_path=""):
     """Earlier weights, fresh optimisers (official --generator_ckpt_path / --ckpt_only_path, e.g. the FID 1.28 run),
@@ -1618,13 +1518,11 @@ def initialise_from(distiller, generator_path="", guidance_path=""):
         if any(k.startswith("head.") for k in state):
             load_weights(distiller.head, state, guidance_path, "head.")
 
-
 def read_log(path):
     if not os.path.exists(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
 
 def plot_curves(records, path):
     """Loss curves, one panel per logged quantity, on a bare Figure (no pyplot: a notebook's backend is left alone)."""
@@ -1641,7 +1539,6 @@ def plot_curves(records, path):
             ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-
 
 def perceptual_loss(kind, device, decode=None):
     """The regression loss's distance: LPIPS(VGG) for lpips, or auto with torchvision's VGG16 weights on disk (original
@@ -1661,13 +1558,11 @@ def perceptual_loss(kind, device, decode=None):
         return net(F.interpolate(x, size, mode="bilinear"), F.interpolate(target, size, mode="bilinear")).mean()
     return distance
 
-
 def build_network(spec):
     """A network from the spec checkpoints carry (`sample` rebuilds the generator): kind edm or toy, and kwargs."""
     net = edm_net.EDMPrecond(**spec["kwargs"]) if spec["kind"] == "edm" else ToyDenoiser(**spec["kwargs"])
     net.spec = spec
     return net
-
 
 def run_training(cfg, teacher, real, sample_shape, run_dir, device="cpu", rank=0, world_size=1, conditions=None,
                  decode=None, regression_pairs=None, perceptual=None, show=None):
@@ -1696,7 +1591,6 @@ def run_training(cfg, teacher, real, sample_shape, run_dir, device="cpu", rank=0
         plot_curves(read_log(os.path.join(run_dir, "log.jsonl")), os.path.join(run_dir, "curves.png"))
     return distiller
 
-
 def cache_path(cfg, kind, settings):
     """A file in the cache named by what made it (so a changed recipe never reuses a stale file)."""
     folder = cfg.cache_dir or default_cache_dir()
@@ -1704,15 +1598,12 @@ def cache_path(cfg, kind, settings):
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(folder, f"{kind}-{digest}.pt")
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 12. The embedded rungs: data made in code (seeded, nothing to download), a teacher and a classifier trained here
 # (and cached), then students, then the table
 
-
 TOY2D_MODES = torch.stack([torch.cos(torch.arange(8) * 2 * math.pi / 8),
                            torch.sin(torch.arange(8) * 2 * math.pi / 8)], 1)  # the 8 mode centres
-
 
 def toy2d_sample(n, rng=None, device="cpu"):
     """8 Gaussian modes (std 0.08) on the unit circle; class c owns modes c and c+4 (dropping one: mode collapse)."""
@@ -1720,9 +1611,7 @@ def toy2d_sample(n, rng=None, device="cpu"):
     mode = labels + 4 * torch.randint(0, 2, (n,), generator=rng, device=device)
     return TOY2D_MODES.to(device)[mode] + 0.08 * torch.randn(n, 2, generator=rng, device=device), labels
 
-
 SHAPE_NAMES = ["disk", "square", "triangle", "ring", "plus", "cross", "diamond", "bars", "half-disk", "frame"]
-
 
 def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
     """uint8 [N, 3, R, R] images, int64 labels: SHAPE_NAMES placed, sized, turned, coloured at random; anti-aliased."""
@@ -1752,7 +1641,6 @@ def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
         images[i] = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
-
 class InMemoryBatches:
     """Seeded batches, with replacement, of tensors or a memory-mapped array and labels (or captions): every rank
     draws the global batch's indices and keeps its slice (W processes = one with W times the batch)."""
@@ -1775,14 +1663,12 @@ class InMemoryBatches:
         images = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()  # official: x/255*2-1
         return images, take(self.labels, idx)
 
-
 class Toy2DBatches(InMemoryBatches):
     """Fresh samples of the true 2-D distribution for every batch: Toy2DBatches(global_batch, seed, rank, world)."""
     __init__ = functools.partialmethod(InMemoryBatches.__init__, None, None)
 
     def __next__(self):
         return tuple(t.chunk(self.world_size)[self.rank] for t in toy2d_sample(self.global_batch, self.rng))
-
 
 class ToyDenoiser(nn.Module):
     """MLP denoiser of 2-D points, EDM-preconditioned; return_bottleneck=True: the last hidden layer (GAN head)."""
@@ -1802,7 +1688,6 @@ class ToyDenoiser(nn.Module):
         angles = c_noise * self.freqs * 100
         h = self.trunk(torch.cat([c_in * x, angles.cos(), angles.sin(), class_labels.float()], dim=1))
         return h if return_bottleneck else c_skip * x + c_out * self.out(h)
-
 
 def embedded_teacher(cfg, batches, sample_shape, device):
     """Trained (or cached) with the EDM loss: Adam, 100 warm-up iterations, EMA half-life min(500 kimg, 5% of the
@@ -1852,7 +1737,6 @@ def embedded_teacher(cfg, batches, sample_shape, device):
         os.remove(partial)
     return ema
 
-
 def shapes_classifier(cfg, images, labels):
     """The metric's CNN, trained (or cached) with AdamW 2e-3 for 3 epochs from seed 0 whatever --seed is (one yardstick
     for every run): its pooled `features` define "FD-cls" (NOT Inception FID), its accuracy stands for CLIP score."""
@@ -1877,7 +1761,6 @@ def shapes_classifier(cfg, images, labels):
             optimizer.step()
     atomic_save(net.state_dict(), path)
     return net.eval()
-
 
 def embedded_rung(cfg):
     """What every run of an embedded rung shares: device, data, teacher, evaluation noise and labels, metrics, floor."""
@@ -1906,16 +1789,13 @@ def embedded_rung(cfg):
                                  real_batches=lambda batch_size: batches(batch_size, cfg.seed + 3),
                                  eval_noise=eval_noise, eval_labels=eval_labels, floor_data=floor_data)
 
-
 def floor_row(rung):
     """The table's floor: the metrics of a real set disjoint from the reference and training sets."""
     return dict(model="real data (second set: the floor)", NFE="", **rung.metrics(*rung.floor_data), images_per_s="")
 
-
 def teacher_fingerprint(teacher):
     """A cache key for a teacher's weights (their sum in float64): cached results of another teacher are not reused."""
     return sum(float(p.double().sum()) for p in teacher.parameters())
-
 
 def evaluate_teacher(rung):
     """The teacher's row (EDM Heun, cfg.teacher_eval_steps steps) and samples, cached (with the first images_per_s)."""
@@ -1933,7 +1813,6 @@ def evaluate_teacher(rung):
     atomic_save(dict(row=row, samples=samples), path)
     return row, samples
 
-
 def distil(cfg, rung, run_dir, name=None, show=None):
     """Train (or resume, or reload) one student with cfg and evaluate it: (results row, its samples, the Distiller)."""
     pairs = teacher_ode_pairs(cfg, rung.teacher, ClassLabels(cfg.num_classes, rung.device),
@@ -1948,7 +1827,6 @@ def distil(cfg, rung, run_dir, name=None, show=None):
     row = dict(model=name or f"DMD2 student, {steps} step{'s' * (steps > 1)}", NFE=steps, **rung.metrics(samples),
                images_per_s=len(samples) / (time.time() - start))
     return row, samples, distiller
-
 
 def run_embedded(cfg):
     """Teacher, one student per cfg.students, the table (out_dir/<dataset>/results.md and results.json)."""
@@ -1980,7 +1858,6 @@ def run_embedded(cfg):
             f.write(text)
     return rows
 
-
 def teacher_ode_pairs(cfg, teacher, conditions, sample_shape):
     """Cached (noise, labels or prompts, output) pairs of the teacher's Heun sampler: the original DMD's regression
     loss (its Sec. 3.3), SDXL 1-step pretraining (official: generate_noise_image_pairs_laion_sdxl.py, 10k pairs, CFG 8,
@@ -2009,12 +1886,10 @@ def teacher_ode_pairs(cfg, teacher, conditions, sample_shape):
     atomic_save(dict(noise=noise, labels=labels, target=target), path)
     return noise, labels, target
 
-
 def seed_summary(name, rows, keys):
     """One table row from the rows of several seeds: "mean ± std" (population std over the seeds) of every key."""
     cols = {k: np.array([r[k] for r in rows], dtype=float) for k in keys}
     return dict(model=f"{name} ({len(rows)} seeds)", **{k: f"{v.mean():.4g} ± {v.std():.2g}" for k, v in cols.items()})
-
 
 def separated(rows_a, rows_b, key, lower_is_better=True):
     """"better" / "worse" when the seed ranges of a and b in key do not overlap, else "not separated"."""
@@ -2022,7 +1897,6 @@ def separated(rows_a, rows_b, key, lower_is_better=True):
     if max(a) < min(b) or min(a) > max(b):
         return "better" if (max(a) < min(b)) == lower_is_better else "worse"
     return "not separated"
-
 
 def results_table(rows):
     """A markdown table of result rows (one column per key; floats to 4 significant digits)."""
@@ -2033,14 +1907,11 @@ def results_table(rows):
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 13. Real images: EDM dataset_tool zips / folders and the official DMD2 LMDB, read as (uint8 CHW image, int64
 # label); they feed only the GAN discriminator, without augmentation (official lmdb_dataset.py)
 
-
 _LMDB_ENVS = {}  # real path -> (lmdb environment, pid that opened it)
-
 
 class LMDBImageDataset(torch.utils.data.Dataset):
     """The official DMD2 LMDB (main/data/create_imagenet_lmdb.py; reference 1.4): keys `images_{i}_data` (raw
@@ -2095,7 +1966,6 @@ class LMDBImageDataset(torch.utils.data.Dataset):
             data = txn.get(f"images_{index}_data".encode())
         return np.frombuffer(data, np.uint8).reshape(self.image_shape).copy(), self.labels[index]  # copy: writable
 
-
 def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
     """An EDM dataset_tool .zip / folder or an official DMD2 LMDB, checked against the model's shape and classes."""
     if not os.path.exists(path):
@@ -2124,7 +1994,6 @@ def open_image_dataset(path, resolution, num_channels=3, num_classes=None):
                          f"({len(bad)} such images); the data does not match the preset's {num_classes} classes")
     return dataset
 
-
 def real_batches(dataset, batch_size, seed, rank=0, world_size=1, num_workers=0, start_batch=0):
     """Infinite (float32 images in [-1, 1], int64 labels) of this rank: epoch e is a permutation seeded seed + e cut
     into global batches of world_size x batch_size (official: DataLoader(shuffle=True, drop_last=True) sharded by
@@ -2144,7 +2013,6 @@ def real_batches(dataset, batch_size, seed, rank=0, world_size=1, num_workers=0,
             yield images.to(torch.float32) / 127.5 - 1, labels.to(torch.int64)  # official: x/255*2-1
         epoch, skip = epoch + 1, 0
 
-
 class FileBatches:
     """real_batches with a state for checkpoints: the number of batches consumed (a resumed run reads on exactly)."""
 
@@ -2163,10 +2031,8 @@ class FileBatches:
         self.consumed = state["consumed"]
         self.batches = self.read(start_batch=self.consumed)
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 14. Downloads: teacher pickles, FID statistics, released DMD2 checkpoints
-
 
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm"  # reference edm_fid.md 2.4
 EDM_TEACHER_URLS = {"imagenet64": f"{EDM_URL}/pretrained/edm-imagenet-64x64-cond-adm.pkl",
@@ -2180,14 +2046,11 @@ DMD2_IMAGENET_RUNS = {  # folder under model/imagenet/ -> ImageNet-64 FID (offic
     "imagenet_gan_classifier_genloss3e-3_diffusion1000_lr5e-7_resume_fid1.28_checkpoint_model_548000": 1.28,
 }
 
-
 class DownloadError(RuntimeError):
     pass
 
-
 def default_cache_dir():
     return os.environ.get("DMD2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmd2")
-
 
 def download_cached(url, cache_dir=None, filename=None, flag="--teacher", hash_prefix=None):
     """Local path of url in the cache; a download goes to a temp file renamed into place only when complete (urlretrieve
@@ -2225,7 +2088,6 @@ def download_cached(url, cache_dir=None, filename=None, flag="--teacher", hash_p
             os.remove(tmp)
     return path
 
-
 def resolve_file(spec, dataset, cache_dir=None, *, urls, what, flag):
     """spec None -> download the official file of the dataset; an http(s) URL -> download it; else a local path."""
     spec = spec or urls.get(dataset)
@@ -2237,11 +2099,9 @@ def resolve_file(spec, dataset, cache_dir=None, *, urls, what, flag):
         raise FileNotFoundError(f"{what} {spec} not found; pass {flag} with an existing file or an http(s) URL")
     return spec
 
-
 # resolve_teacher(spec, dataset, cache_dir=None): the EDM teacher pickle; resolve_fid_ref: its FID statistics (.npz)
 resolve_teacher = functools.partial(resolve_file, urls=EDM_TEACHER_URLS, what="teacher", flag="--teacher")
 resolve_fid_ref = functools.partial(resolve_file, urls=EDM_FID_REF_URLS, what="FID reference", flag="--fid_ref")
-
 
 def download_dmd2(filename, repo=DMD2_HF_REPO, fix="pass its local path instead", cache_dir=None):
     """Local path of a file of a Hugging Face repo (default: the released DMD2 checkpoints), downloaded if absent."""
@@ -2254,17 +2114,14 @@ def download_dmd2(filename, repo=DMD2_HF_REPO, fix="pass its local path instead"
         raise DownloadError(f"could not fetch {filename} from Hugging Face repo {repo} ({type(e).__name__}). If "
                             f"offline, download {url} elsewhere (`hf download {repo} {filename}`) and {fix}") from None
 
-
 def download_dmd2_checkpoint(run_name, cache_dir=None):
     """Local path of a released DMD2 ImageNet-64 generator (plain EDMPrecond state dict, keys model.*)."""
     if run_name not in DMD2_IMAGENET_RUNS:
         raise ValueError(f'unknown DMD2 run {run_name!r}; known: {", ".join(DMD2_IMAGENET_RUNS)}')
     return download_dmd2(f"model/imagenet/{run_name}/pytorch_model.bin", cache_dir=cache_dir)
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 15. The EDM rungs (cifar10, imagenet64): official teacher, real data on disk, one or many processes
-
 
 def once_per_node(local_rank, fn, *args):
     """fn(*args) on every process, first on the node's local rank 0 while the others wait (downloads, caches)."""
@@ -2273,7 +2130,6 @@ def once_per_node(local_rank, fn, *args):
     if dist.is_initialized():
         dist.barrier()
     return fn(*args)
-
 
 def start_run(cfg):
     """(run folder, device) of a rung on real data, after the checks due before any process group or download."""
@@ -2291,7 +2147,6 @@ def start_run(cfg):
     device = resolve_device(cfg)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"  # official: TF32
     return run_dir, device
-
 
 def run_edm(cfg):
     """Distil the official EDM teacher (--teacher path or URL, default NVIDIA's pickle) on real data in one process
@@ -2320,18 +2175,15 @@ def run_edm(cfg):
                   f"--generator {run_dir}/pytorch_model.bin --dataset {cfg.dataset}")
     return distiller
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 16. The text-to-image rungs (sdxl, sdxl-1step, sdxl-ode, sd15, sd15-gan): diffusers models, captioned images
 # encoded once into memory-mapped latents; diffusers, transformers, peft imported inside (requirements-sdxl.txt).
-
 
 SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # official: --model_id
 DMD2_SDXL_FILES = {4: "dmd2_sdxl_4step_unet_fp16.bin", 1: "dmd2_sdxl_1step_unet_fp16.bin",
                    "lora": "dmd2_sdxl_4step_lora_fp16.safetensors"}
 SDXL_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                      "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # official
-
 
 def _hf():
     try:
@@ -2342,7 +2194,6 @@ def _hf():
         raise ImportError(f"the text-to-image path needs diffusers, transformers, peft and safetensors ({e}): "
                           "pip install -r requirements-sdxl.txt") from None
     return diffusers, transformers
-
 
 class Prompts:
     """Captions -> (prompt embeddings, pooled) by the frozen text encoders; sample() draws real captions (official)."""
@@ -2369,7 +2220,6 @@ class Prompts:
 
     def examples(self, n):  # the prompts of sample grids
         return [self.captions[i % len(self.captions)] for i in range(n)]
-
 
 @dataclass
 class T2IParts:
@@ -2399,7 +2249,6 @@ class T2IParts:
             module.to(device)
         return self
 
-
 def load_t2i(model_id, sdxl=True):
     """SD v1.5 or SDXL from a Hugging Face id or a diffusers folder, frozen, fp32 (official: .float())."""
     diffusers, transformers = _hf()
@@ -2413,7 +2262,6 @@ def load_t2i(model_id, sdxl=True):
     for module in (unet, vae, *encoders):
         module.requires_grad_(False).eval()
     return T2IParts(unet, encoders, tokenizers, vae, scheduler.alphas_cumprod.double())
-
 
 def tiny_t2i_parts(sdxl=True, seed=0):
     """Random SD-shaped networks for a CPU (tests, --tiny true): 128 px -> 4 x 16 x 16 latents, character tokenizers."""
@@ -2444,18 +2292,15 @@ def tiny_t2i_parts(sdxl=True, seed=0):
         module.requires_grad_(False).eval()
     return T2IParts(unet, encoders, tokenizers[:len(encoders)], vae, ddpm_alphas_cumprod())
 
-
 def t2i_parts(spec):
     """The model a run was made with, from its spec {"model_id", "sdxl", "tiny", "seed"} (checkpoints keep it)."""
     return tiny_t2i_parts(spec["sdxl"], spec["seed"]) if spec["tiny"] else load_t2i(spec["model_id"], spec["sdxl"])
-
 
 def load_unet_weights(unet, path):
     """Strictly load a UNet state dict (.safetensors, or .bin such as dmd2_sdxl_4step_unet_fp16.bin) into `unet`."""
     from safetensors.torch import load_file
     unet.load_state_dict(load_file(path) if path.endswith(".safetensors") else
                          torch.load(path, map_location="cpu", weights_only=True))
-
 
 def add_generator_lora(unet, rank=64, alpha=8):
     """LoRA, base weights frozen (official: --generator_lora, LoraConfig(r=64, lora_alpha=8) on SDXL_LORA_TARGETS)."""
@@ -2465,13 +2310,11 @@ def add_generator_lora(unet, rank=64, alpha=8):
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=SDXL_LORA_TARGETS))
     return unet
 
-
 def lora_generator(teacher, cfg):
     """The generator of a LoRA run (--lora_rank): a trainable copy of the teacher with adapters."""
     generator = trainable_copy(teacher)
     add_generator_lora(generator.unet, cfg.lora_rank, cfg.lora_alpha)
     return generator
-
 
 def t2i_pipe(parts, scheduler):
     """A diffusers pipeline (SD v1.5 or SDXL) around the parts."""
@@ -2484,13 +2327,11 @@ def t2i_pipe(parts, scheduler):
     return diffusers.StableDiffusionPipeline(safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False, **common)
 
-
 def fuse_lora(parts, path):
     """Fuse a LoRA file into parts.unet (official README: load_lora_weights, fuse_lora(lora_scale=1.0))."""
     pipe = t2i_pipe(parts, _hf()[0].LCMScheduler())
     pipe.load_lora_weights(path)
     pipe.fuse_lora(lora_scale=1.0)
-
 
 def read_captioned_folder(folder):
     """[(image path, caption)]: every png/jpg/jpeg/webp/bmp in `folder` with its caption in a same-named .txt."""
@@ -2507,12 +2348,10 @@ def read_captioned_folder(folder):
         items.append((os.path.join(folder, name), open(caption_file, encoding="utf-8").read().strip()))
     return items
 
-
 def load_image(path, resolution):
     """An RGB image as [3, res, res] in [-1, 1]: centre square crop, LANCZOS resize (official latents: /255*2-1)."""
     image = crop_resize(open_rgb(path), resolution)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
-
 
 @torch.no_grad()
 def encode_latents(folder, vae, resolution, batch_size=8):
@@ -2544,11 +2383,9 @@ def encode_latents(folder, vae, resolution, batch_size=8):
     os.replace(tmp + ".json", index_path)
     return np.load(array_path, mmap_mode="r"), key["captions"]
 
-
 def decode_latents(vae, latents):
     """Latents -> images in [-1, 1] (official: vae.decode(z / scaling_factor); the SDXL VAE overflows in fp16)."""
     return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
-
 
 def run_t2i(cfg):
     """Distil SD v1.5 or SDXL on the captioned images of --data_path; at the end rank 0 exports the generator."""
@@ -2582,7 +2419,6 @@ def run_t2i(cfg):
             export_generator(weights, distiller.real_score.unet.config, cfg, run_dir, parts.sdxl)
     return distiller
 
-
 def export_generator(weights, unet_config, cfg, run_dir, sdxl=True):
     """unet.bin (the released dmd2_sdxl_*_unet layout) and unet/ (from_pretrained), or a LoRA run's adapters."""
     diffusers, _ = _hf()
@@ -2601,10 +2437,8 @@ def export_generator(weights, unet_config, cfg, run_dir, sdxl=True):
     print(f"generator UNet written to {run_dir}/unet.bin and {run_dir}/unet/; sample it with: python dmd2.py sample "
           f"--checkpoint {checkpoint_path(run_dir, cfg)} --prompt TEXT")
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # 17. Command line: python dmd2.py [--dataset NAME] [--flag value ...] | sample | evaluate | fid
-
 
 def check_config(cfg):
     """Combinations and ranges refused before any work, all named in one line."""
@@ -2650,7 +2484,6 @@ def check_config(cfg):
     if problems:
         raise SystemExit("config error: " + "; ".join(problems))
 
-
 def read_run(path):
     """A run's checkpoint.pt, or a sharded run's checkpoint/ folder (its run.json; load_student gathers the rest)."""
     if not os.path.isdir(path):
@@ -2663,7 +2496,6 @@ def read_run(path):
     return dict(config=info["config"], arch=info["arch"], sharded=path,
                 distiller=dict(step=info["step"], ema=None, generator=None))
 
-
 def gather_sharded(path, prefix):
     """The whole tensors named prefix* of a sharded checkpoint folder, prefix removed, in this one process."""
     import torch.distributed.checkpoint as dcp
@@ -2672,7 +2504,6 @@ def gather_sharded(path, prefix):
                if k.startswith(prefix) and hasattr(m, "size")}
     dcp.load(tensors, checkpoint_id=path, no_dist=True)
     return {k[len(prefix):]: v for k, v in tensors.items()}
-
 
 def load_student(state):
     """(generator, Config, text-to-image parts or None) of read_run's checkpoint: the student (its EMA if kept)."""
@@ -2685,7 +2516,6 @@ def load_student(state):
     generator.load_state_dict(weights or gather_sharded(state["sharded"], "distiller.generator."))
     return generator.eval(), cfg, parts
 
-
 def load_generator(path, dataset):
     """(generator, steps) of our checkpoint.pt, or of a plain state dict (keys model.*: the released DMD2
     pytorch_model.bin, run_edm's) in the dataset's official architecture, dropout 0."""
@@ -2697,7 +2527,6 @@ def load_generator(path, dataset):
     if dataset not in config:
         raise SystemExit(f"{path} is a plain state dict: pass --dataset imagenet64 or cifar10 for its architecture")
     return edm_net.load_edm_state_dict(state, config[dataset], name=path).eval(), 1
-
 
 def sample_main(argv):
     """A run's student with our sampler (a grid PNG), or a text-to-image model through its diffusers pipeline
@@ -2743,7 +2572,6 @@ def sample_main(argv):
     save_samples(decode_latents(parts.vae, samples) if parts else samples, labels, out)
     print(f"wrote {out}: {len(labels)} samples of a {cfg.generator_steps}-step student at iteration "
           f"{state['distiller']['step']}")
-
 
 def evaluate_main(argv):
     """--released / --generator: a one-step EDM generator's sample grid and FID under the ImageNet-64 protocol (50
@@ -2800,7 +2628,6 @@ def evaluate_main(argv):
     with distributed(device) as (rank, _, local_rank):
         return evaluate_generator(args, device, rank, local_rank)
 
-
 def evaluate_generator(args, device, rank=0, local_rank=0):
     """`evaluate --released / --generator` on one process of the group: downloads once per node, a grid, the FID."""
     path = args.generator or once_per_node(local_rank, download_dmd2_checkpoint, args.released, args.cache_dir)
@@ -2829,7 +2656,6 @@ def evaluate_generator(args, device, rank=0, local_rank=0):
         print(f"FID {fid:.4f} ({args.num} samples, {path} against {ref})")
     return fid
 
-
 def main(argv):
     commands = {"sample": sample_main, "evaluate": evaluate_main, "fid": fid_main}
     if argv and argv[0] in commands:
@@ -2839,7 +2665,6 @@ def main(argv):
     if cfg.dataset in ("toy2d", "shapes"):
         return run_embedded(cfg)
     return run_t2i(cfg) if cfg.dataset.startswith(("sdxl", "sd15")) else run_edm(cfg)
-
 
 def cli(argv):
     """The one error path: a user error (bad flag, missing or malformed file, offline download, non-finite loss) is
@@ -2856,7 +2681,6 @@ def cli(argv):
             raise
         print(f"dmd2.py: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
-
 
 if __name__ == "__main__":
     cli(sys.argv[1:])
