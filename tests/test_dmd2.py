@@ -241,9 +241,14 @@ def tiny_image_teacher():
 
 @pytest.mark.parametrize("setting", ["toy2d", "toy2d 4-step", "toy2d regression", "edm 8px"])
 @pytest.mark.parametrize("micro_batch", [1, 2])
-def test_micro_batching_equals_the_whole_batch(setting, micro_batch):
-    cfg = tiny_cfg(batch_size=4, warmup_steps=0, diffusion_gan=True, gan=True,
-                   generator_steps=4 if "4-step" in setting else 1)
+def test_micro_batching_equals_the_whole_batch(setting, micro_batch, monkeypatch):
+    """Micro-batches accumulate the whole batch's gradients. The networks update with SGD here: AdamW's first steps
+    divide each gradient by its own size, so a component that cancels to ~0 would step by +-lr on round-off alone
+    (its sign set by the summation order, i.e. the CPU's kernels); SGD keeps a gradient's round-off a round-off."""
+    monkeypatch.setattr(dmd2, "make_optimizer", lambda params, lr: torch.optim.SGD(
+        [p for p in params if p.requires_grad], lr=lr))
+    cfg = tiny_cfg(batch_size=4, warmup_steps=0, diffusion_gan=True, gan=True, generator_lr=0.05, guidance_lr=0.05,
+                   generator_steps=4 if "4-step" in setting else 1)  # SGD steps large enough to see a wrong gradient
     if "regression" in setting:
         pairs = (torch.randn(8, 2), torch.arange(8) % 4, torch.randn(8, 2))
         cfg = dataclasses.replace(cfg, regression_loss_weight=0.25, regression_pairs=8, regression_loss="mse")
