@@ -60,3 +60,32 @@ def test_runs_top_to_bottom_quickly(path, tmp_path, monkeypatch):
         assert "stand-ins used: teacher, generator, Inception and reference statistics" in text
         fid = float(re.search(r"FID ([\d.]+) over", text).group(1))
         assert fid > 0  # a random generator is far from the reference set
+
+
+WALKTHROUGHS_WITH_SWEEP = ["02_table3_one_step.ipynb", "03_table4_few_step.ipynb"]
+
+
+@pytest.mark.parametrize("name", ["01_dmd_gradient.ipynb", *WALKTHROUGHS_WITH_SWEEP])
+def test_stored_outputs_carry_no_warnings(name):
+    nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
+    streams = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "stream"]
+    assert not [o.text for o in streams if o.name == "stderr"], f"{name}: stderr (warnings) in the stored outputs"
+    assert "Warning" not in stdout_of(nb)
+    assert "runtime" in nb.cells[0].source.lower() and "DMD2_NOTEBOOK_FAST" in nb.cells[0].source  # stated at the top
+
+
+def test_the_stored_sweep_has_five_seeds_per_row_and_a_paired_test():
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(NOTEBOOK_DIR), "benchmarks"))
+    import ablations
+    for table in ablations.TABLES:
+        _, rows = ablations.load(table)
+        assert set(rows) == set(ablations.TABLES[table]["rows"])
+        for row, runs in rows.items():
+            assert len(runs) >= 5, f"{table} {row}: {len(runs)} seeds"
+            assert all(r["final"]["iters"] == ablations.TABLES[table]["iters"] for r in runs)
+    # the test: better in every seed AND beyond the paired t quantile; a single bad seed or a tiny t -> not separated
+    assert ablations.paired_test([1, 2, 3, 4, 5], [2, 3, 4, 5, 7])[0] == "better"
+    assert ablations.paired_test([1, 2, 3, 4, 5], [2, 3, 4, 5, 4.9])[0] == "not separated"
+    assert ablations.paired_test([1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0])[0] == "not separated"  # < 5 seeds
+    assert ablations.paired_test([0.9, 0.8, 0.85, 0.95, 0.9], 0.7, lower_is_better=False)[0] == "better"
