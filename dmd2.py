@@ -1886,18 +1886,6 @@ def teacher_ode_pairs(cfg, teacher, conditions, sample_shape):
     atomic_save(dict(noise=noise, labels=labels, target=target), path)
     return noise, labels, target
 
-def seed_summary(name, rows, keys):
-    """One table row from the rows of several seeds: "mean ± std" (population std over the seeds) of every key."""
-    cols = {k: np.array([r[k] for r in rows], dtype=float) for k in keys}
-    return dict(model=f"{name} ({len(rows)} seeds)", **{k: f"{v.mean():.4g} ± {v.std():.2g}" for k, v in cols.items()})
-
-def separated(rows_a, rows_b, key, lower_is_better=True):
-    """"better" / "worse" when the seed ranges of a and b in key do not overlap, else "not separated"."""
-    a, b = [r[key] for r in rows_a], [r[key] for r in rows_b]
-    if max(a) < min(b) or min(a) > max(b):
-        return "better" if (max(a) < min(b)) == lower_is_better else "worse"
-    return "not separated"
-
 def results_table(rows):
     """A markdown table of result rows (one column per key; floats to 4 significant digits)."""
     keys = [k for k in rows[0] if k != "model"]
