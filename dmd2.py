@@ -23,6 +23,8 @@ import json
 import math
 import os
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -182,22 +184,41 @@ def float_or_auto(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (a pointer to --help, no usage dump) that takes "--lr -1e-3" as a value."""
+
+    def error(self, message):
+        raise SystemExit(f"{message} (see python {self.prog} --help)")
+
+    def parse_args(self, argv):
+        argv, joined = list(argv), []
+        while argv:  # argparse reads only -N and -N.N as numbers: "--flag -1e-3" would be a missing value
+            arg = argv.pop(0)
+            number = argv and re.fullmatch(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf", argv[0], re.I)
+            joined.append(f"{arg}={argv.pop(0)}" if arg.startswith("--") and "=" not in arg and number else arg)
+        return super().parse_args(joined)
+
 def parse_config(argv):
-    """Config from a preset (--dataset) and flags (--iters 100 --gan false ...); check_config (section 17) checks it."""
-    parser = argparse.ArgumentParser(prog="dmd2.py", description="DMD2 distillation (python dmd2.py [--dataset NAME] "
-                                     "[--flag value ...]; subcommands: sample, evaluate, fid)")
+    """Config from a preset (--dataset) and flags (--iters 100 --gan false ...); check_config (section 17) checks it.
+    `--dataset NAME --help` lists the flags with that preset's values as their defaults."""
+    dataset = argparse.ArgumentParser(add_help=False)
+    dataset.add_argument("--dataset", default=Config.dataset)
+    name = dataset.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0].dataset
+    parser = ArgumentParser(prog="dmd2.py", usage="python dmd2.py [--dataset NAME] [--flag value ...] | sample | "
+                            "evaluate | fid ...", description=f"DMD2 distillation. Datasets (presets): {', '.join(PRESETS)} (default {Config.dataset}: nothing "
+                            "to download). Subcommands: sample, evaluate, fid (python dmd2.py sample --help). The "
+                            "defaults shown are the preset's: python dmd2.py --dataset NAME --help.")
+    if name not in PRESETS:
+        parser.error(f"unknown dataset {name!r}; choose one of {', '.join(PRESETS)}")
     kinds = {"bool": dict(type=parse_bool, metavar="true|false"), "list": dict(type=int, nargs="+"),
              "dict": dict(type=json.loads, metavar="JSON"), "int": dict(type=int), "float": dict(type=float),
              "float | str": dict(type=float_or_auto, metavar="FLOAT|auto"), "str": dict(type=str)}
-    helps = field_help()
+    helps, preset = field_help(), Config(**PRESETS[name], dataset=name)
     for f in dataclasses.fields(Config):
-        kind = getattr(f.type, "__name__", str(f.type))  # bool, int, ..., or "float | str"
-        parser.add_argument(f"--{f.name}", help=helps.get(f.name), **kinds[kind])
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    dataset = given.get("dataset", Config.dataset)
-    if dataset not in PRESETS:
-        parser.error(f"unknown dataset {dataset!r}; choose one of {', '.join(PRESETS)}")
-    return Config(**{**PRESETS[dataset], **given})
+        kind, default = getattr(f.type, "__name__", str(f.type)), getattr(preset, f.name)  # bool, ..., "float | str"
+        text = f"{helps.get(f.name)} (default: {json.dumps(default) if kind in ('list', 'dict') else default})"
+        parser.add_argument(f"--{f.name}", default=default, help=text.replace("%", "%%"), **kinds[kind])
+    return Config(**vars(parser.parse_args(argv)))
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Noise levels and conditions: one 1000-level grid shared by every loss (Karras for EDM, DDPM's table for SD)
@@ -780,9 +801,34 @@ def check_resumable(saved, cfg, path):
         raise ValueError(f"{path} was written with another config ({'; '.join(diff[:4])}). Resume with the same "
                          f"flags, pass another --run_name, or delete the folder.")
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM in a training loop, raised at the next iteration boundary once the checkpoint is written."""
+
+@contextlib.contextmanager
+def deferred_signals():
+    """While a training loop runs, SIGINT / SIGTERM are only noted (the list yielded) so that it can checkpoint."""
+    caught = []
+    if threading.current_thread() is not threading.main_thread():  # handlers can be set in the main thread only
+        yield caught
+        return
+    previous = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+def interrupted(caught, device):
+    """The signal number if any process of the group caught one, else 0: every process stops at the same iteration."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return caught[0] if caught else 0
+    flag = torch.tensor([caught[0] if caught else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
 def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on_sample=None, rank=0):
     """Train `distiller` to cfg.iters iterations, writing checkpoint and log.jsonl into run_dir; a checkpoint there is
-    resumed exactly, else start(distiller) may load earlier weights. on_sample(distiller, iteration) every
+    resumed exactly, else start(distiller) may load earlier weights; Ctrl-C / SIGTERM checkpoints, then Interrupted. on_sample(distiller, iteration) every
     sample_every, on every rank. real_batches: an iterator with state_dict / load_state_dict, or None."""
     os.makedirs(run_dir, exist_ok=True)
     checkpoint = checkpoint or Checkpoint(os.path.join(run_dir, "checkpoint.pt"), rank)
@@ -811,18 +857,22 @@ def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on
     bar = tqdm(range(distiller.step, cfg.iters), desc=os.path.basename(run_dir), leave=False, mininterval=2,
                disable=rank != 0 or bool(os.environ.get("TQDM_DISABLE")))  # tqdm skips TQDM_DISABLE given disable=
     t0 = time.time()
-    for step in bar:
-        logs = distiller.train_step(next(real_batches) if distiller.needs_real_data else None)
-        done = step + 1 == cfg.iters
-        if rank == 0 and (step % cfg.log_every == 0 or done):
-            record = dict(step=step, seconds=round(time.time() - t0, 3), lr_g=distiller.sched_g.get_last_lr()[0])
-            with open(log_path, "a") as f:
-                f.write(json.dumps({**record, **logs}) + "\n")
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
-        if on_sample is not None and ((step + 1) % cfg.sample_every == 0 or done):
-            on_sample(distiller, step + 1)
-        if (step + 1) % cfg.ckpt_every == 0 or done:
-            checkpoint.save(run_state())
+    with deferred_signals() as caught:
+        for step in bar:
+            logs = distiller.train_step(next(real_batches) if distiller.needs_real_data else None)
+            done, signum = step + 1 == cfg.iters, interrupted(caught, distiller.device)
+            if rank == 0 and (step % cfg.log_every == 0 or done):
+                record = dict(step=step, seconds=round(time.time() - t0, 3), lr_g=distiller.sched_g.get_last_lr()[0])
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({**record, **logs}) + "\n")
+                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
+            if on_sample is not None and ((step + 1) % cfg.sample_every == 0 or done):
+                on_sample(distiller, step + 1)
+            if (step + 1) % cfg.ckpt_every == 0 or done or signum:
+                checkpoint.save(run_state())
+            if signum:
+                raise Interrupted(f"interrupted at iteration {step + 1} of {run_dir}; run the same command to resume",
+                                  signum)
     return distiller
 
 # ================================================================================================================
@@ -1318,9 +1368,9 @@ def prepare_network(net, cfg, device):
     net = net.to(device)
     if hasattr(net, "use_fp16"):
         net.use_fp16 = use_bf16(cfg, device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     if isinstance(net, edm_net.EDMPrecond):
-        if cfg.channels_last:
-            net = net.to(memory_format=torch.channels_last)
         edm_net.set_gradient_checkpointing(net, cfg.grad_checkpointing)
     elif cfg.grad_checkpointing and hasattr(net, "unet"):
         net.unet.enable_gradient_checkpointing()
@@ -1714,24 +1764,32 @@ def embedded_teacher(cfg, batches, sample_shape, device):
             obj.load_state_dict(state[key])
         rng.set_state(state["rng"])
         start = state["step"]
-    for step in tqdm(range(start, cfg.teacher_iters), desc="teacher (EDM loss)", initial=start,
-                     total=cfg.teacher_iters, leave=False, mininterval=2):
-        x, labels = next(batches)
-        x, labels = x.to(device), onehot(labels.to(device), cfg.num_classes)
-        sigma = (torch.randn(x.shape[0], device=device, generator=rng) * 1.2 - 1.2).exp()  # EDM P_mean, P_std
-        loss = denoising_loss(net, x, labels, sigma, torch.randn(x.shape, device=device, generator=rng))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"teacher loss is {loss.item()} at iteration {step}; lower --teacher_lr")
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        decay = 0.5 ** (cfg.teacher_batch / min(500_000, (step + 1) * cfg.teacher_batch * 0.05))  # half-life: images
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
-        if (step + 1) % 500 == 0 and step + 1 < cfg.teacher_iters:
-            states = {key: obj.state_dict() for key, obj in resumable.items()}
-            atomic_save(dict(step=step + 1, rng=rng.get_state(), **states), partial)
+    if cfg.compile:
+        compile_networks(net)
+    print(f"training the {cfg.dataset} teacher: {cfg.teacher_iters} iterations" + (f", from {start}" if start else "")
+          + f" (cached for later runs in {path})")
+    with deferred_signals() as caught:
+        for step in tqdm(range(start, cfg.teacher_iters), desc="teacher (EDM loss)", initial=start,
+                         total=cfg.teacher_iters, leave=False, mininterval=2):
+            x, labels = next(batches)
+            x, labels = x.to(device), onehot(labels.to(device), cfg.num_classes)
+            sigma = (torch.randn(x.shape[0], device=device, generator=rng) * 1.2 - 1.2).exp()  # EDM P_mean, P_std
+            loss = denoising_loss(net, x, labels, sigma, torch.randn(x.shape, device=device, generator=rng))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"teacher loss is {loss.item()} at iteration {step}; lower --teacher_lr")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            decay = 0.5 ** (cfg.teacher_batch / min(500_000, (step + 1) * cfg.teacher_batch * 0.05))  # half-life
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
+            if caught or ((step + 1) % 500 == 0 and step + 1 < cfg.teacher_iters):
+                states = {key: obj.state_dict() for key, obj in resumable.items()}
+                atomic_save(dict(step=step + 1, rng=rng.get_state(), **states), partial)
+            if caught:
+                raise Interrupted(f"interrupted at teacher iteration {step + 1}; run the same command to resume",
+                                  caught[0])
     atomic_save(dict(ema=ema.state_dict()), path)
     if os.path.exists(partial):
         os.remove(partial)
@@ -1751,6 +1809,7 @@ def shapes_classifier(cfg, images, labels):
     if os.path.exists(path):
         net.load_state_dict(read_checkpoint(path))
         return net.eval()
+    print(f"training the metric's classifier: 3 epochs (cached for later runs in {path})")
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
     rng = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -1773,6 +1832,7 @@ def embedded_rung(cfg):
         metrics = lambda x, labels=eval_labels: toy2d_metrics(x, labels)
         floor_data = toy2d_sample(n, torch.Generator().manual_seed(cfg.seed + 5))
     else:
+        print(f"making the shapes data: 20,000 training images of {cfg.resolution} px, {n} + {n} for the metrics")
         images, labels = shapes_dataset(20_000, cfg.resolution, seed=0)
         sample_shape, batches = tuple(images.shape[1:]), functools.partial(InMemoryBatches, images, labels)
         classifier = shapes_classifier(cfg, images, labels)
@@ -1815,6 +1875,7 @@ def evaluate_teacher(rung):
 
 def distil(cfg, rung, run_dir, name=None, show=None):
     """Train (or resume, or reload) one student with cfg and evaluate it: (results row, its samples, the Distiller)."""
+    print(f"{run_dir}: a {cfg.generator_steps}-step student, {cfg.iters} iterations" + " without GAN" * (not cfg.gan))
     pairs = teacher_ode_pairs(cfg, rung.teacher, ClassLabels(cfg.num_classes, rung.device),
                               rung.sample_shape) if cfg.regression_loss_weight > 0 else None
     distiller = run_training(cfg, copy.deepcopy(rung.teacher), rung.real_batches(cfg.batch_size), rung.sample_shape,
@@ -1822,6 +1883,7 @@ def distil(cfg, rung, run_dir, name=None, show=None):
                              perceptual=perceptual_loss(cfg.regression_loss, rung.device) if pairs else None,
                              show=show)  # a copy of the teacher: the Distiller owns the one it gets
     start, steps = time.time(), cfg.generator_steps
+    print(f"{run_dir}: {distiller.step} iterations trained; sampling {cfg.eval_samples} for its row")
     samples = sample_student(distiller.ema or distiller.generator, rung.eval_noise, rung.eval_labels,
                              distiller.step_sigmas, distiller.conditions, cfg.eval_batch)
     row = dict(model=name or f"DMD2 student, {steps} step{'s' * (steps > 1)}", NFE=steps, **rung.metrics(samples),
@@ -1831,18 +1893,22 @@ def distil(cfg, rung, run_dir, name=None, show=None):
 def run_embedded(cfg):
     """Teacher, one student per cfg.students, the table (out_dir/<dataset>/results.md and results.json)."""
     root = os.path.join(cfg.out_dir, cfg.dataset)
-    os.makedirs(root, exist_ok=True)
-    rung = embedded_rung(cfg)
-    t0, cpu0 = time.time(), time.process_time()
-    row, samples = evaluate_teacher(rung)
-    print(f"teacher row ready ({time.time() - t0:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU)")
-    rows = [row]
-    save_samples(samples[:64], rung.eval_labels[:64], os.path.join(root, "teacher_samples.png"))
     students = [(cfg.run_name or f"student_{k}step", dataclasses.replace(cfg, generator_steps=k), None)
                 for k in cfg.students]
     if cfg.no_gan_student:  # the same 1-step student without real data: how much of its gain the GAN brings
         students.append(((cfg.run_name or "student_1step") + "_no_gan",
                          dataclasses.replace(cfg, generator_steps=1, gan=False), "DMD without GAN, 1 step"))
+    for folder, student_cfg, _ in students:  # a run folder of another config is refused before any work
+        if os.path.exists(path := os.path.join(root, folder, "checkpoint.pt")):
+            check_resumable(read_checkpoint(path)["config"], student_cfg, path)
+    os.makedirs(root, exist_ok=True)
+    rung = embedded_rung(cfg)
+    t0, cpu0 = time.time(), time.process_time()
+    print(f"the teacher's row: EDM Heun, {cfg.teacher_eval_steps} steps, {cfg.eval_samples} samples")
+    row, samples = evaluate_teacher(rung)
+    print(f"teacher row ready ({time.time() - t0:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU)")
+    rows = [row]
+    save_samples(samples[:64], rung.eval_labels[:64], os.path.join(root, "teacher_samples.png"))
     for folder, student_cfg, name in students:
         run_dir = os.path.join(root, folder)
         t0, cpu0 = time.time(), time.process_time()
@@ -2428,19 +2494,67 @@ def export_generator(weights, unet_config, cfg, run_dir, sdxl=True):
 # ----------------------------------------------------------------------------------------------------------------
 # 17. Command line: python dmd2.py [--dataset NAME] [--flag value ...] | sample | evaluate | fid
 
+def no_gpu(device, flag="--device"):
+    return f"{flag} {device}: this machine has no CUDA GPU; use {flag} cpu" if (
+        device.startswith("cuda") and not torch.cuda.is_available()) else None
+
+def unwritable(path, flag):
+    """Why `path` (a file or folder to be made) could not be written, or None: checked before any work."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent != os.path.abspath(path) and (not os.path.isdir(parent) or not os.access(parent, os.W_OK)):
+        return f"{flag} {path}: cannot be written ({parent} is not a writable folder)"
+
 def check_config(cfg):
-    """Combinations and ranges refused before any work, all named in one line."""
-    text_to_image = cfg.dataset.startswith(("sdxl", "sd15"))
-    misplaced = [flag for flag, used in (("--guidance_scale", cfg.guidance_scale != 1), ("--tiny", cfg.tiny),
-                                         ("--lora_rank", cfg.lora_rank != 0), ("--model_id", cfg.model_id)) if used]
-    one_step = cfg.generator_steps == 1 and cfg.students == [1] and cfg.regression_pairs >= 1
+    """Every flag is honoured on the rung it is given to or refused here, with every range, before any work; the
+    problems in one line. A flag counts as given when it differs from the preset."""
+    preset = Config(**PRESETS[cfg.dataset], dataset=cfg.dataset)
+    embedded, t2i = cfg.dataset in ("toy2d", "shapes"), cfg.dataset.startswith(("sdxl", "sd15"))
+    regression, steps = cfg.regression_loss_weight > 0, cfg.students if embedded else [cfg.generator_steps]
+    unused = [  # (flags, meaningless when, why)
+        ("generator_steps", embedded, "the embedded main job trains one student per entry: use --students 4"),
+        ("data_path teacher", embedded, "the embedded rungs make their data in code and train their own teacher"),
+        ("num_workers dist_timeout", embedded, "the embedded rungs run in one process and read no files"),
+        ("num_classes", embedded, f"the {cfg.dataset} data has {preset.num_classes} classes"),
+        ("teacher_arch precision resolution channels_last grad_checkpointing", cfg.dataset == "toy2d",
+         "toy2d's networks are fp32 MLPs on 2-D points"),
+        ("students no_gan_student eval_samples teacher_iters teacher_batch teacher_lr teacher_arch", not embedded,
+         "only for the embedded main job (toy2d, shapes): use --generator_steps K, and `python dmd2.py evaluate`"),
+        ("eval_batch teacher_eval_steps", not embedded and not regression,
+         "only for the embedded rungs' table and the regression loss's teacher ODE pairs"),
+        ("regression_loss_weight", not embedded and not t2i, "teacher ODE pairs are made on toy2d, shapes, sdxl.."),
+        ("regression_pairs regression_loss", not regression, "only with --regression_loss_weight > 0"),
+        ("teacher resolution num_classes sigma_min sigma_max rho num_workers", t2i, "a text-to-image teacher is "
+         "--model_id, with its own resolution, prompts and DDPM noise table; its latents are held in memory"),
+        ("cache_dir", t2i and not regression, "text-to-image models download into the Hugging Face cache (HF_HOME)"),
+        ("guidance_scale tiny lora_rank model_id", not t2i, "only for text-to-image teachers (--dataset sdxl, "
+         "sdxl-1step, sdxl-ode, sd15, sd15-gan); the EDM teachers have no unconditional branch or LoRA here"),
+        ("lora_alpha", cfg.lora_rank == 0, "only with --lora_rank > 0"),
+        ("backward_simulation", max(steps) == 1, "it makes the inputs of few-step students (--students 4 or "
+         "--generator_steps 4)"),
+        ("cls_loss_weight gen_cls_loss_weight diffusion_gan diffusion_gan_max_timestep", not cfg.gan,
+         "a GAN setting, with --gan false"),
+        ("min_step_percent max_step_percent sigma_data num_train_timesteps", cfg.dm_loss_weight <= 0 and not cfg.gan,
+         "no DM loss and no GAN: the fake score is not trained"),
+    ]
+    problems = []
+    for names, refused, why in unused:
+        given = [f"--{k}" for k in names.split() if getattr(cfg, k) != getattr(preset, k)]
+        if refused and given:
+            problems.append(f"{', '.join(given)}: {why}")
+    auto_gan = cfg.gan and cfg.gen_cls_loss_weight == "auto"
     rules = [  # (refused when, why)
-        (cfg.regression_loss_weight > 0 and not one_step,
+        (regression and (max(steps) > 1 or cfg.regression_pairs < 1),
          "the regression loss is for one-step students: use --students 1 and --regression_pairs N"),
         (cfg.gan and cfg.cls_loss_weight <= 0, "--gan true needs --cls_loss_weight > 0"),
-        (cfg.gen_cls_loss_weight == "auto" and cfg.gan and cfg.dm_loss_weight <= 0,
+        (auto_gan and cfg.dm_loss_weight <= 0,
          "--gen_cls_loss_weight auto matches the DM term's gradient norm: it needs --dm_loss_weight > 0"),
-        (cfg.dm_loss_weight <= 0 and not cfg.gan and cfg.regression_loss_weight <= 0,
+        (auto_gan and cfg.iters < 2 * AUTO_GAN_UPDATES * cfg.dfake_gen_update_ratio, f"--gen_cls_loss_weight auto "
+         f"is measured over the first {AUTO_GAN_UPDATES} generator updates: --iters {cfg.iters} would train with "
+         f"GAN weight 0 for most of the run; use --iters >= {2 * AUTO_GAN_UPDATES * cfg.dfake_gen_update_ratio} "
+         "or a number (e.g. 3e-3)"),
+        (cfg.dm_loss_weight <= 0 and not cfg.gan and not regression,
          "the generator has no loss: enable the DM loss, the GAN or the regression loss"),
         (cfg.micro_batch < 0 or (cfg.micro_batch and cfg.batch_size % cfg.micro_batch),
          f"--micro_batch {cfg.micro_batch} must divide --batch_size {cfg.batch_size} (or be 0: no micro-batching)"),
@@ -2450,25 +2564,47 @@ def check_config(cfg):
         (cfg.engine not in ("ddp", "fsdp", "hsdp"), f"--engine {cfg.engine} is not one of ddp, fsdp, hsdp"),
         (cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"),
          f"--device {cfg.device} is not one of auto, cpu, cuda, cuda:N"),
+        (cfg.regression_loss not in ("auto", "lpips", "mse"), f"--regression_loss {cfg.regression_loss} is not one "
+         "of auto, lpips, mse"),
         (not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1,
          "--min_step_percent and --max_step_percent must satisfy 0 <= min < max <= 1"),
         (not 0 <= cfg.conditioning_timestep < cfg.num_train_timesteps,
          f"--conditioning_timestep {cfg.conditioning_timestep} is not a grid level 0..{cfg.num_train_timesteps - 1}"),
-        (misplaced and not text_to_image, f"{', '.join(misplaced)}: only for text-to-image teachers (--dataset sdxl, "
-         "sdxl-1step, sdxl-ode, sd15, sd15-gan); the EDM teachers have no unconditional branch or LoRA here"),
-        (cfg.engine in ("fsdp", "hsdp") and (cfg.ema_decay > 0 or cfg.dataset in ("toy2d", "shapes")),
-         f"--engine {cfg.engine}: not with --ema_decay (the EMA copy is not sharded) nor on the embedded rungs "
-         "(one process)"),
-        (cfg.fsdp_bf16_params and (cfg.engine == "ddp" or not text_to_image),
-         "--fsdp_bf16_params is for sharded text-to-image runs: --engine fsdp or hsdp, --dataset sdxl.."),
+        (not 1 <= cfg.diffusion_gan_max_timestep <= cfg.num_train_timesteps, f"--diffusion_gan_max_timestep "
+         f"{cfg.diffusion_gan_max_timestep} must be in 1..--num_train_timesteps {cfg.num_train_timesteps}"),
+        (not 0 < cfg.sigma_min < cfg.sigma_max < math.inf,
+         f"--sigma_min {cfg.sigma_min} and --sigma_max {cfg.sigma_max} must be finite with 0 < min < max"),
+        (not 0 <= cfg.ema_decay < 1, f"--ema_decay {cfg.ema_decay} must be in [0, 1) (0 = no EMA)"),
+        (cfg.gen_cls_loss_weight != "auto" and not cfg.gen_cls_loss_weight >= 0,
+         f"--gen_cls_loss_weight {cfg.gen_cls_loss_weight} must be >= 0 or auto"),
+        (embedded and cfg.teacher_iters < 1, f"--teacher_iters {cfg.teacher_iters} must be >= 1: an untrained "
+         "teacher would be distilled"),
+        (embedded and cfg.eval_samples < 100 * (1 + (cfg.dataset == "shapes")), f"--eval_samples {cfg.eval_samples}: "
+         "the metrics need at least 100 samples (shapes: 200, more than its classifier's 128 features)"),
+        (cfg.dataset == "shapes" and (cfg.resolution < 8 or cfg.resolution % 2 ** (len(cfg.teacher_arch.get(
+            "channel_mult", [1])) - 1)), f"--resolution {cfg.resolution}: shapes' U-Net needs >= 8 pixels, divisible "
+         "by 2 per downsampling (channel_mult)"),
+        (os.path.basename(cfg.run_name) != cfg.run_name or cfg.run_name in (".", ".."),
+         f"--run_name {cfg.run_name}: a folder name (no / or ..): a run stays inside --out_dir"),
+        *[(bool(why), why) for why in (no_gpu(cfg.device), unwritable(cfg.out_dir, "--out_dir"))],
     ]
-    problems = [why for refused, why in rules if refused]
+    problems += [why for refused, why in rules if refused]
     bounds = [("must be a positive integer", lambda v: v >= 1, "batch_size iters log_every ckpt_every sample_every "
-               "eval_samples eval_batch teacher_batch num_train_timesteps"),
-              ("must be > 0", lambda v: v > 0, "generator_lr guidance_lr dist_timeout"),
-              ("must be >= 0", lambda v: v >= 0, "teacher_iters warmup_steps num_workers lora_rank")]
+               "eval_samples eval_batch teacher_batch num_train_timesteps teacher_eval_steps num_classes"),
+              ("must be a finite number > 0", lambda v: 0 < v < math.inf, "generator_lr guidance_lr teacher_lr "
+               "dist_timeout lora_alpha rho"),
+              ("must be > 0", lambda v: v > 0, "max_grad_norm sigma_data"),
+              ("must be >= 1 (1 = no guidance)", lambda v: v >= 1, "guidance_scale"),
+              ("must be >= 0", lambda v: v >= 0, "warmup_steps num_workers lora_rank seed dm_loss_weight "
+               "cls_loss_weight regression_loss_weight regression_pairs")]
     problems += [f"--{k} {getattr(cfg, k)} {why}" for why, ok, names in bounds for k in names.split()
                  if not ok(getattr(cfg, k))]
+    if embedded and cfg.dataset == "shapes" and not problems:
+        try:  # a wrong key or shape of --teacher_arch, found now rather than after the data and classifier
+            build_network(dict(kind="edm", kwargs=dict(img_resolution=cfg.resolution, img_channels=3,
+                                                       label_dim=cfg.num_classes, **cfg.teacher_arch)))
+        except Exception as e:
+            problems.append(f"--teacher_arch {json.dumps(cfg.teacher_arch)}: {type(e).__name__}: {e}")
     if problems:
         raise SystemExit("config error: " + "; ".join(problems))
 
@@ -2656,9 +2792,16 @@ def main(argv):
 
 def cli(argv):
     """The one error path: a user error (bad flag, missing or malformed file, offline download, non-finite loss) is
-    one line on stderr naming cause and fix, exit status 2, no traceback (DMD2_DEBUG=1 shows it)."""
+    one line on stderr naming cause and fix, exit status 2, no traceback (DMD2_DEBUG=1 shows it); Ctrl-C / SIGTERM
+    one line too, exit status 128 + the signal's number, after the training loop has written its checkpoint."""
     try:
         main(argv)
+    except Interrupted as e:  # the checkpoint is written
+        print(f"dmd2.py: {e.args[0]}", file=sys.stderr)
+        sys.exit(128 + e.args[1])
+    except KeyboardInterrupt:
+        print("dmd2.py: interrupted before any training began (nothing to save)", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except SystemExit as e:
         if not isinstance(e.code, str):
             raise  # argparse's own exits (--help: 0, usage errors: 2) and exits with a status
