@@ -993,10 +993,14 @@ def fid_of_generator(generate_fn, ref_path, inception=None, feature_dim=2048, de
     stats = edm_net.generator_stats(generate_fn, inception, feature_dim=feature_dim, device=device, **protocol)
     return frechet_distance(*stats.mu_sigma(), ref_mu, ref_sigma)
 
+def few_images_warning(count):
+    print(f"warning: FID of {count} images: fewer than Inception's 2048 features, the covariance is singular and the "
+          "value biased high; use >= 2048 (EDM's protocol: 50,000)", file=sys.stderr)
+
 def fid_main(argv=None):
     """Inception FID (EDM protocol) of an image folder / zip against reference statistics (returned), or reference
     statistics of a dataset (returns None)."""
-    parser = argparse.ArgumentParser(prog="dmd2.py fid", description=fid_main.__doc__)
+    parser = ArgumentParser(prog="dmd2.py fid", description=fid_main.__doc__)
     parser.add_argument("--images", help="folder or zip of generated PNG/JPG images")
     parser.add_argument("--ref", help="reference statistics .npz (mu, sigma), e.g. EDM's imagenet-64x64.npz")
     parser.add_argument("--ref_from", "--ref-from", help="statistics of this dataset (dataset_tool zip or folder)")
@@ -1005,18 +1009,26 @@ def fid_main(argv=None):
                         f"else downloaded from {INCEPTION_URL})")
     parser.add_argument("--cache_dir", "--cache-dir", help="weights cache (default $DMD2_CACHE or ~/.cache/dmd2)")
     parser.add_argument("--mode", default="edm", choices=["edm", "pytorch-fid"], help="preprocessing (default edm)")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     if not ((args.images and args.ref and not args.ref_from) or (args.ref_from and args.out and not args.images)):
         parser.error("use either --images DIR_or_ZIP --ref REF.npz, or --ref-from DATASET --out REF.npz")
-    ref = None if args.ref_from else edm_net.load_stats(args.ref)  # a bad --ref fails before the weights are read
+    source = args.images or args.ref_from
+    problems = [why for why in (no_gpu(args.device), args.out and output_problem(args.out, "--out", args.overwrite),
+                                not os.path.exists(source) and f"{source}: no such folder or zip of images") if why]
+    if problems:  # all before the weights are read or downloaded
+        raise SystemExit("; ".join(problems))
+    ref = None if args.ref_from else edm_net.load_stats(args.ref)
     inception = load_inception(args.inception, args.cache_dir, args.mode, args.device)
     if args.ref_from:
         edm_net.compute_reference_stats(args.ref_from, args.out, inception, args.batch, device=args.device)
         fid, message = None, f"saved reference statistics of {args.ref_from} to {args.out}"
     else:
         stats = edm_net.image_stats(args.images, inception, args.batch, device=args.device)
+        if stats.count < 2048:
+            few_images_warning(stats.count)
         fid = frechet_distance(*stats.mu_sigma(), *ref)
         message = f"FID {fid:.4f} ({stats.count} images from {args.images}; reference {args.ref}; mode {args.mode})"
     if edm_net.rank_world()[0] == 0:
@@ -1770,7 +1782,8 @@ def embedded_teacher(cfg, batches, sample_shape, device):
           + f" (cached for later runs in {path})")
     with deferred_signals() as caught:
         for step in tqdm(range(start, cfg.teacher_iters), desc="teacher (EDM loss)", initial=start,
-                         total=cfg.teacher_iters, leave=False, mininterval=2):
+                         total=cfg.teacher_iters, leave=False, mininterval=2,
+                         disable=bool(os.environ.get("TQDM_DISABLE"))):
             x, labels = next(batches)
             x, labels = x.to(device), onehot(labels.to(device), cfg.num_classes)
             sigma = (torch.randn(x.shape[0], device=device, generator=rng) * 1.2 - 1.2).exp()  # EDM P_mean, P_std
@@ -1898,9 +1911,10 @@ def run_embedded(cfg):
     if cfg.no_gan_student:  # the same 1-step student without real data: how much of its gain the GAN brings
         students.append(((cfg.run_name or "student_1step") + "_no_gan",
                          dataclasses.replace(cfg, generator_steps=1, gan=False), "DMD without GAN, 1 step"))
-    for folder, student_cfg, _ in students:  # a run folder of another config is refused before any work
+    for folder, student_cfg, _ in students:  # a run folder of another config, or a bad start file: before any work
         if os.path.exists(path := os.path.join(root, folder, "checkpoint.pt")):
             check_resumable(read_checkpoint(path)["config"], student_cfg, path)
+    [read_run(path) for path in (cfg.generator_init, cfg.guidance_init) if path]
     os.makedirs(root, exist_ok=True)
     rung = embedded_rung(cfg)
     t0, cpu0 = time.time(), time.process_time()
@@ -2506,6 +2520,17 @@ def unwritable(path, flag):
     if parent != os.path.abspath(path) and (not os.path.isdir(parent) or not os.access(parent, os.W_OK)):
         return f"{flag} {path}: cannot be written ({parent} is not a writable folder)"
 
+def positive_int(text):
+    if not re.fullmatch(r"\d+", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+def output_problem(path, flag, overwrite=False):
+    """Why an output file cannot be written (it exists and no --overwrite; no writable folder), or None."""
+    if os.path.exists(path) and not overwrite:
+        return f"{flag} {path} exists: pass --overwrite to replace it, or another {flag}"
+    return unwritable(path, flag)
+
 def check_config(cfg):
     """Every flag is honoured on the rung it is given to or refused here, with every range, before any work; the
     problems in one line. A flag counts as given when it differs from the preset."""
@@ -2564,6 +2589,10 @@ def check_config(cfg):
         (cfg.engine not in ("ddp", "fsdp", "hsdp"), f"--engine {cfg.engine} is not one of ddp, fsdp, hsdp"),
         (cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"),
          f"--device {cfg.device} is not one of auto, cpu, cuda, cuda:N"),
+        (cfg.engine in ("fsdp", "hsdp") and (cfg.ema_decay > 0 or embedded), f"--engine {cfg.engine}: not with "
+         "--ema_decay (the EMA copy is not sharded) nor on the embedded rungs (one process)"),
+        (cfg.fsdp_bf16_params and (cfg.engine == "ddp" or not t2i),
+         "--fsdp_bf16_params is for sharded text-to-image runs: --engine fsdp or hsdp, --dataset sdxl.."),
         (cfg.regression_loss not in ("auto", "lpips", "mse"), f"--regression_loss {cfg.regression_loss} is not one "
          "of auto, lpips, mse"),
         (not 0 <= cfg.min_step_percent < cfg.max_step_percent <= 1,
@@ -2584,6 +2613,8 @@ def check_config(cfg):
         (cfg.dataset == "shapes" and (cfg.resolution < 8 or cfg.resolution % 2 ** (len(cfg.teacher_arch.get(
             "channel_mult", [1])) - 1)), f"--resolution {cfg.resolution}: shapes' U-Net needs >= 8 pixels, divisible "
          "by 2 per downsampling (channel_mult)"),
+        *[(path and not os.path.exists(path), f"--{k} {path}: no such file") for k, path in (
+            ("generator_init", cfg.generator_init), ("guidance_init", cfg.guidance_init))],
         (os.path.basename(cfg.run_name) != cfg.run_name or cfg.run_name in (".", ".."),
          f"--run_name {cfg.run_name}: a folder name (no / or ..): a run stays inside --out_dir"),
         *[(bool(why), why) for why in (no_gpu(cfg.device), unwritable(cfg.out_dir, "--out_dir"))],
@@ -2655,27 +2686,37 @@ def load_generator(path, dataset):
 def sample_main(argv):
     """A run's student with our sampler (a grid PNG), or a text-to-image model through its diffusers pipeline
     (t2i_pipeline; released DMD2 weights from Hugging Face), one PNG per image in the folder --out."""
-    parser = argparse.ArgumentParser(prog="dmd2.py sample", description=sample_main.__doc__)
+    parser = ArgumentParser(prog="dmd2.py sample", description=sample_main.__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint.pt of a dmd2.py run")
     source.add_argument("--model", help="a text-to-image model, as `evaluate --model`")
     parser.add_argument("--prompt", action="append", default=[], help="text-to-image: a prompt (repeat for more)")
-    parser.add_argument("--num", type=int, help="images (default 64), or images per prompt (default 1)")
-    parser.add_argument("--steps", type=int, default=4, help="--model: sampling steps")
+    parser.add_argument("--num", type=positive_int, help="images (default 64), or images per prompt (default 1)")
+    parser.add_argument("--steps", type=positive_int, default=4, help="--model: sampling steps")
     parser.add_argument("--model_id", default="", help="--model: base model id or folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="", help="grid PNG (default samples.png), or folder for --model")
+    parser.add_argument("--out", default="", help="grid PNG or a folder for it (default samples.png); --model: the "
+                        "images' folder (default samples)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing images")
     args = parser.parse_args(argv)
     prompts = [p for p in args.prompt for _ in range(args.num or 1)]
+    out = args.out or ("samples" if args.model else "samples.png")
+    if not args.model and os.path.isdir(out):
+        out = os.path.join(out, "samples.png")
+    problems = [why for why in (
+        args.model and not prompts and "sample --model needs --prompt TEXT",
+        not args.model and not out.lower().endswith(".png") and f"--out {out}: a .png file or an existing folder",
+        args.model and os.path.isdir(out) and os.listdir(out) and not args.overwrite and
+        f"--out {out} has files: pass --overwrite to replace its images, or another --out",
+        output_problem(out, "--out", args.overwrite or bool(args.model)),
+        args.checkpoint and not os.path.exists(args.checkpoint) and
+        f"{args.checkpoint}: no such checkpoint (it is run_dir/checkpoint.pt of a dmd2.py run)") if why]
+    if problems:
+        raise SystemExit("; ".join(problems))
     if args.model:
-        if not prompts:
-            raise SystemExit("sample --model needs --prompt TEXT")
-        out = args.out or "samples"
         t2i_generate(*t2i_pipeline(args.model, args.steps, 0.0, args.model_id), prompts, out, args.seed)
         print(f"wrote {len(prompts)} images to {out}/")
         return
-    if not os.path.exists(args.checkpoint):
-        raise SystemExit(f"{args.checkpoint}: no such checkpoint (it is run_dir/checkpoint.pt of a dmd2.py run)")
     state = read_run(args.checkpoint)
     if not {"config", "distiller", "arch"} <= set(state):
         raise ValueError(f"{args.checkpoint} is a torch file but not a dmd2.py run checkpoint (it has "
@@ -2692,7 +2733,6 @@ def sample_main(argv):
     noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(args.seed))
     step_sigmas = generator_sigmas(cfg.generator_steps, noise_grid(cfg, generator), cfg.conditioning_timestep)
     samples = sample_student(generator, noise, labels, step_sigmas, conditions)
-    out = args.out or "samples.png"
     save_samples(decode_latents(parts.vae, samples) if parts else samples, labels, out)
     print(f"wrote {out}: {len(labels)} samples of a {cfg.generator_steps}-step student at iteration "
           f"{state['distiller']['step']}")
@@ -2701,15 +2741,15 @@ def evaluate_main(argv):
     """--released / --generator: a one-step EDM generator's sample grid and FID under the ImageNet-64 protocol (50
     per class, per-sample seeds, EDM's uint8 mapping and Inception preprocessing), sharded under torchrun.
     --model: a text-to-image model on COCO-2014 (FID, patch FID, CLIP score; section 10)."""
-    parser = argparse.ArgumentParser(prog="dmd2.py evaluate", description=evaluate_main.__doc__)
+    parser = ArgumentParser(prog="dmd2.py evaluate", description=evaluate_main.__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--released", choices=sorted(DMD2_IMAGENET_RUNS), help="a released DMD2 ImageNet run")
     source.add_argument("--generator", help="our checkpoint.pt or a plain generator state dict (keys model.*)")
     source.add_argument("--model", help="student:PATH, dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15, teacher, hf:ID, "
                         "sdxl-lightning, lcm-sdxl (t2i_pipeline), or images: evaluate the PNGs already in --out")
-    parser.add_argument("--num", type=int, help="samples (default 50,000, a multiple of the class count; --model: "
+    parser.add_argument("--num", type=positive_int, help="samples (default 50,000, a multiple of the class count; --model: "
                         "10k for sdxl, 30k for sd15, a prefix of the list)")
-    parser.add_argument("--batch", type=int, help="batch (default 128, official --eval_batch_size; --model: 4)")
+    parser.add_argument("--batch", type=positive_int, help="batch (default 128, official --eval_batch_size; --model: 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: cache); "
                         "--model: also clean-fid's inception-2015-12-05.pt")
@@ -2718,6 +2758,7 @@ def evaluate_main(argv):
     edm.add_argument("--dataset", choices=["imagenet64", "cifar10"], help="default imagenet64")
     edm.add_argument("--ref", help="reference statistics .npz (default: EDM's for the dataset, downloaded)")
     edm.add_argument("--grid", help="sample grid PNG (default generator_grid.png)")
+    edm.add_argument("--overwrite", action="store_true", help="replace an existing --grid")
     t2i = parser.add_argument_group("--model only")
     t2i.add_argument("--coco", help="folder with val2014/ and annotations/captions_val2014.json")
     t2i.add_argument("--protocol", choices=sorted(T2I_PROTOCOLS), help="default sd15 for dmd2-sd15, else sdxl")
@@ -2725,7 +2766,7 @@ def evaluate_main(argv):
                      "main/coco_eval/captions_coco14_test.txt)")
     t2i.add_argument("--out", help="image folder (default runs/eval/<model>)")
     t2i.add_argument("--refs", help="reference statistics cache (default <cache>/coco_refs)")
-    t2i.add_argument("--steps", type=int, help="sampling steps (default 4; teacher 100 as in the paper)")
+    t2i.add_argument("--steps", type=positive_int, help="sampling steps (default 4; teacher 100 as in the paper)")
     t2i.add_argument("--guidance", type=float, help="CFG scale (default 0; teacher 6, official --guidance_scale)")
     t2i.add_argument("--model_id", help="base model id or folder (default SDXL / SD v1.5 base)")
     t2i.add_argument("--resolution", type=int, help="generated image size (default: the pipeline's)")
@@ -2748,6 +2789,16 @@ def evaluate_main(argv):
         return t2i_evaluate_main(args)
     args.num, args.batch = args.num or 50_000, args.batch or 128
     args.dataset, args.grid = args.dataset or "imagenet64", args.grid or "generator_grid.png"
+    problems = [why for why in (
+        args.released and args.dataset != "imagenet64" and f"--dataset {args.dataset}: the released DMD2 generators "
+        "are ImageNet-64 ones", output_problem(args.grid, "--grid", args.overwrite),
+        *[path and not path.startswith(("http://", "https://")) and not os.path.exists(path) and
+          f"{flag} {path}: no such file" for flag, path in (("--generator", args.generator), ("--ref", args.ref),
+                                                              ("--inception", args.inception))]) if why]
+    if problems:  # before any download
+        raise SystemExit("; ".join(problems))
+    if args.num < 2048:
+        few_images_warning(args.num)
     device = resolve_device(Config(device="auto"))
     with distributed(device) as (rank, _, local_rank):
         return evaluate_generator(args, device, rank, local_rank)
@@ -2758,6 +2809,7 @@ def evaluate_generator(args, device, rank=0, local_rank=0):
     ref = once_per_node(local_rank, resolve_fid_ref, args.ref, args.dataset, args.cache_dir)
     generator, steps = load_generator(path, args.dataset)
     generator = generator.to(device)
+    generator.use_fp16 = use_bf16(Config(), device)  # the official configs' fp16: bf16 where the hardware has it
     num_classes, res = generator.label_dim, generator.img_resolution
     step_sigmas = generator_sigmas(steps, karras_sigmas().to(device))
 

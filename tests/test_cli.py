@@ -25,7 +25,7 @@ def error_line(argv, capsys):
     (["--precision", "fp8"], "--precision fp8 is not one of auto, bf16, fp32"),
     (["--batch_size", "0"], "--batch_size 0 must be a positive integer"),
     (["--iters", "-5"], "--iters -5 must be a positive integer"),
-    (["--generator_lr", "0"], "--generator_lr 0.0 must be > 0"),
+    (["--generator_lr", "0"], "--generator_lr 0.0 must be a finite number > 0"),
     (["--max_step_percent", "1.5"], "0 <= min < max <= 1"),
     (["--device", "gpu"], "--device gpu is not one of"),
     (["--dataset", "imagenet64", "--data_path", "/nonexistent/imagenet.zip"], "imagenet.zip not found"),
