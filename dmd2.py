@@ -1014,10 +1014,12 @@ def fid_main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     if not ((args.images and args.ref and not args.ref_from) or (args.ref_from and args.out and not args.images)):
-        parser.error("use either --images DIR_or_ZIP --ref REF.npz, or --ref-from DATASET --out REF.npz")
+        parser.error("use either --images DIR_or_ZIP --ref REF.npz, or --ref_from DATASET --out REF.npz")
     source = args.images or args.ref_from
     problems = [why for why in (no_gpu(args.device), args.out and output_problem(args.out, "--out", args.overwrite),
-                                not os.path.exists(source) and f"{source}: no such folder or zip of images") if why]
+                                not os.path.exists(source) and f"{source}: no such folder or zip of images",
+                                os.path.isdir(source) and not any(files for _, _, files in os.walk(source)) and
+                                f"{source}: an empty folder (no images)") if why]
     if problems:  # all before the weights are read or downloaded
         raise SystemExit("; ".join(problems))
     ref = None if args.ref_from else edm_net.load_stats(args.ref)
@@ -2806,8 +2808,8 @@ def evaluate_main(argv):
 def evaluate_generator(args, device, rank=0, local_rank=0):
     """`evaluate --released / --generator` on one process of the group: downloads once per node, a grid, the FID."""
     path = args.generator or once_per_node(local_rank, download_dmd2_checkpoint, args.released, args.cache_dir)
+    generator, steps = load_generator(path, args.dataset)  # a bad file is found before the reference is fetched
     ref = once_per_node(local_rank, resolve_fid_ref, args.ref, args.dataset, args.cache_dir)
-    generator, steps = load_generator(path, args.dataset)
     generator = generator.to(device)
     generator.use_fp16 = use_bf16(Config(), device)  # the official configs' fp16: bf16 where the hardware has it
     num_classes, res = generator.label_dim, generator.img_resolution
