@@ -539,8 +539,12 @@ def test_cli_argument_errors(tmp_path):
     for argv in ([], ["--images", "x"], ["--ref-from", "x"], ["--images", "x", "--ref", "r", "--ref-from", "y"]):
         with pytest.raises(SystemExit):
             fid_main(argv)
-    with pytest.raises(FileNotFoundError, match="absent.npz"):
-        fid_main(["--images", str(tmp_path), "--ref", str(tmp_path / "absent.npz")])
+    write_images(tmp_path / "imgs")
+    with pytest.raises(FileNotFoundError, match="absent.npz: reference statistics not found"):
+        fid_main(["--images", str(tmp_path / "imgs"), "--ref", str(tmp_path / "absent.npz")])
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(SystemExit, match="an empty folder"):
+        fid_main(["--images", str(tmp_path / "empty"), "--ref", str(tmp_path / "absent.npz")])
 
 
 @pytest.mark.slow
