@@ -1038,10 +1038,9 @@ def fid_main(argv=None):
     return fid
 
 # ----------------------------------------------------------------------------------------------------------------
-# 10. Text-to-image evaluation as the paper measures it (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and
-# CLIP score (official: main/coco_eval/coco_evaluator.py, main/sdxl/test_folder_sdxl.py, main/test_folder_sd.py).
-# Centre crop, LANCZOS to eval_res, clean-fid's "clean" resize to 299, TorchScript Inception; every model is a
-# diffusers pipeline, its PNGs on disk (resumable).
+# 10. Text-to-image evaluation (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and CLIP score (official:
+# main/coco_eval/coco_evaluator.py, main/sdxl/test_folder_sdxl.py, main/test_folder_sd.py). Centre crop, LANCZOS to
+# eval_res, clean-fid's "clean" resize to 299, TorchScript Inception; diffusers pipelines, PNGs on disk (resumable).
 
 T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res, patch_fid, the reference images
     "sdxl": dict(num=10_000, eval_res=512, patch_fid=True, refs="subset"),  # the captions' images (COCO-10k)
@@ -1276,15 +1275,12 @@ def t2i_evaluate_main(args):
     guidance = args.guidance if args.guidance is not None else 6.0 if teacher else 0.0
     out = args.out or os.path.join("runs", "eval", args.model.replace(":", "_").replace("/", "_"))
     rows, all_images = read_coco_captions(args.coco)
-    if args.prompts:  # SD v1.5's references are all of val2014, so any caption list fits them
-        if protocol["refs"] != "all":
-            raise ValueError("--prompts is for --protocol sd15; SDXL's captions come with their reference images")
-        prompts = open(args.prompts).read().splitlines()[:num]
-        if len(prompts) < num:
-            raise ValueError(f"{args.prompts} holds {len(prompts)} captions, fewer than the {num} asked (--num)")
-    else:
-        subset = coco_caption_subset(rows, num)
-        prompts = [caption for _, caption in subset]
+    if args.prompts and protocol["refs"] != "all":  # SD v1.5's references are all of val2014: any caption list fits
+        raise ValueError("--prompts is for --protocol sd15; SDXL's captions come with their reference images")
+    subset = [] if args.prompts else coco_caption_subset(rows, num)  # num (image, caption) pairs
+    prompts = open(args.prompts).read().splitlines()[:num] if args.prompts else [caption for _, caption in subset]
+    if len(prompts) < num:
+        raise ValueError(f"{args.prompts} holds {len(prompts)} captions, fewer than the {num} asked (--num)")
     ref_names = all_images if protocol["refs"] == "all" else [name for name, _ in subset]
     ref_files = [os.path.join(args.coco, "val2014", name) for name in ref_names]
     kinds = {"FID": (f"crop-lanczos{res}", functools.partial(crop_resize, res=res))}
