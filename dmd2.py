@@ -969,14 +969,13 @@ def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
                          f"expected the file {INCEPTION_URL}") from None
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64 (EDM fid.py / TTUR). As pytorch-fid:
-    a non-finite sqrtm is retried with eps*I added to the covariances; an imaginary diagonal over 1e-3 is an error."""
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64 (EDM fid.py / TTUR)."""
     mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
     d = mu1.shape[0]
     if {mu1.shape, mu2.shape} != {(d,)} or {sigma1.shape, sigma2.shape} != {(d, d)}:
         raise ValueError(f"statistics do not match: {mu1.shape}, {sigma1.shape} vs {mu2.shape}, {sigma2.shape}")
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # no `disp`: deprecated in SciPy 1.16, removed in 1.18
-    if not np.isfinite(covmean).all():  # e.g. fewer samples than dimensions
+    if not np.isfinite(covmean).all():  # e.g. fewer samples than dimensions; retried with eps as pytorch-fid
         warnings.warn(f"frechet_distance: sqrtm is not finite, adding {eps} to the covariance diagonals")
         covmean = scipy.linalg.sqrtm((sigma1 + eps * np.eye(d)) @ (sigma2 + eps * np.eye(d)))
     if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
