@@ -1379,11 +1379,9 @@ def use_bf16(cfg, device):
 
 def prepare_network(net, cfg, device):
     """Device, bf16 (use_fp16), channels_last, gradient checkpointing (official SD: generator, fake UNet in loss)."""
-    net = net.to(device)
+    net = net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if hasattr(net, "use_fp16"):
         net.use_fp16 = use_bf16(cfg, device)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
     if isinstance(net, edm_net.EDMPrecond):
         edm_net.set_gradient_checkpointing(net, cfg.grad_checkpointing)
     elif cfg.grad_checkpointing and hasattr(net, "unet"):
@@ -1391,9 +1389,8 @@ def prepare_network(net, cfg, device):
     return net
 
 def compile_networks(*networks, **compile_kwargs):
-    """--compile: each repeated block (EDM's UNetBlock, diffusers' _repeated_blocks, else the network) compiled in
-    place, fullgraph; past dynamo's recompile limit the blocks would run eager, so it is raised and made to raise."""
-    config = torch._dynamo.config
+    """--compile: each repeated block (EDM's UNetBlock, diffusers' _repeated_blocks, else the network), in place."""
+    config = torch._dynamo.config  # past its recompile limit dynamo would run the blocks eager: raised, made to raise
     config.recompile_limit = max(config.recompile_limit, 1024)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
     config.fail_on_recompile_limit_hit = True
@@ -1605,8 +1602,7 @@ def plot_curves(records, path):
     fig.savefig(path, dpi=100)
 
 def perceptual_loss(kind, device, decode=None):
-    """The regression loss's distance: LPIPS(VGG) for lpips, or auto with torchvision's VGG16 weights on disk (original
-    DMD: upsampled to 224; latents decoded by `decode`, official: taesdxl); None (mean squared error) otherwise."""
+    """The regression loss's distance: LPIPS(VGG) for lpips (auto: if torchvision's VGG16 is on disk), else None (MSE)."""
     vgg_file = os.path.join(torch.hub.get_dir(), "checkpoints", "vgg16-397923af.pth")
     if kind == "mse" or (kind == "auto" and not os.path.exists(vgg_file)):
         if kind == "auto":
@@ -1616,9 +1612,9 @@ def perceptual_loss(kind, device, decode=None):
     net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
 
     def distance(x, target):
-        if decode is not None:
+        if decode is not None:  # latents to images (official: taesdxl)
             x, target = decode(x), decode(target)
-        size = (224, 224) if x.shape[-1] < 224 else x.shape[-2:]
+        size = (224, 224) if x.shape[-1] < 224 else x.shape[-2:]  # original DMD: upsampled to 224
         return net(F.interpolate(x, size, mode="bilinear"), F.interpolate(target, size, mode="bilinear")).mean()
     return distance
 
@@ -2104,11 +2100,6 @@ class FileBatches:
 # ----------------------------------------------------------------------------------------------------------------
 # 14. Downloads: teacher pickles, FID statistics, released DMD2 checkpoints
 
-EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm"  # reference edm_fid.md 2.4
-EDM_TEACHER_URLS = {"imagenet64": f"{EDM_URL}/pretrained/edm-imagenet-64x64-cond-adm.pkl",
-                    "cifar10": f"{EDM_URL}/pretrained/edm-cifar10-32x32-cond-vp.pkl"}
-EDM_FID_REF_URLS = {"imagenet64": f"{EDM_URL}/fid-refs/imagenet-64x64.npz",
-                    "cifar10": f"{EDM_URL}/fid-refs/cifar10-32x32.npz"}
 DMD2_HF_REPO = "tianweiy/DMD2"
 DMD2_IMAGENET_RUNS = {  # folder under model/imagenet/ -> ImageNet-64 FID (official README model zoo, reference 9.1)
     "imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch_fid1.51_checkpoint_model_193500": 1.51,
@@ -2123,8 +2114,7 @@ def default_cache_dir():
     return os.environ.get("DMD2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmd2")
 
 def download_cached(url, cache_dir=None, filename=None, flag="--teacher", hash_prefix=None):
-    """Local path of url in the cache; a download goes to a temp file renamed into place only when complete (urlretrieve
-    raises on a short body, torch.hub's download_url_to_file does not) and its SHA-256 starts with hash_prefix."""
+    """Local path of url in the cache; a download is renamed into place once whole and its SHA-256 fits hash_prefix."""
     cache_dir = cache_dir or default_cache_dir()
     filename = filename or os.path.basename(urllib.parse.urlparse(url).path)
     path = os.path.join(cache_dir, filename)
@@ -2143,7 +2133,7 @@ def download_cached(url, cache_dir=None, filename=None, flag="--teacher", hash_p
             def progress(blocks, block_size, total):
                 bar.total = total if total > 0 else None
                 bar.update(blocks * block_size - bar.n)
-            urllib.request.urlretrieve(url, tmp, progress)
+            urllib.request.urlretrieve(url, tmp, progress)  # raises on a short body (torch.hub's download does not)
         if hash_prefix:
             with open(tmp, "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
@@ -2170,8 +2160,8 @@ def resolve_file(spec, dataset, cache_dir=None, *, urls, what, flag):
     return spec
 
 # resolve_teacher(spec, dataset, cache_dir=None): the EDM teacher pickle; resolve_fid_ref: its FID statistics (.npz)
-resolve_teacher = functools.partial(resolve_file, urls=EDM_TEACHER_URLS, what="teacher", flag="--teacher")
-resolve_fid_ref = functools.partial(resolve_file, urls=EDM_FID_REF_URLS, what="FID reference", flag="--fid_ref")
+resolve_teacher = functools.partial(resolve_file, urls=edm_net.TEACHER_URLS, what="teacher", flag="--teacher")
+resolve_fid_ref = functools.partial(resolve_file, urls=edm_net.FID_REF_URLS, what="FID reference", flag="--fid_ref")
 
 def download_dmd2(filename, repo=DMD2_HF_REPO, fix="pass its local path instead", cache_dir=None):
     """Local path of a file of a Hugging Face repo (default: the released DMD2 checkpoints), downloaded if absent."""
