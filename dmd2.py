@@ -1602,7 +1602,7 @@ def plot_curves(records, path):
     fig.savefig(path, dpi=100)
 
 def perceptual_loss(kind, device, decode=None):
-    """The regression loss's distance: LPIPS(VGG) for lpips (auto: if torchvision's VGG16 is on disk), else None (MSE)."""
+    """The regression loss's distance: LPIPS(VGG) for lpips (auto: if torchvision's VGG16 is on disk), or None (MSE)."""
     vgg_file = os.path.join(torch.hub.get_dir(), "checkpoints", "vgg16-397923af.pth")
     if kind == "mse" or (kind == "auto" and not os.path.exists(vgg_file)):
         if kind == "auto":
