@@ -1702,8 +1702,7 @@ def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 class InMemoryBatches:
-    """Seeded batches, with replacement, of tensors or a memory-mapped array and labels (or captions): every rank
-    draws the global batch's indices and keeps its slice (W processes = one with W times the batch)."""
+    """Seeded batches, with replacement, of tensors or a memory-mapped array and labels (or captions)."""
 
     def __init__(self, images, labels, global_batch, seed, rank=0, world_size=1):
         self.images, self.labels = images, labels
@@ -1718,7 +1717,7 @@ class InMemoryBatches:
 
     def __next__(self):
         idx = torch.randint(0, len(self.labels), (self.global_batch,), generator=self.rng)
-        idx = idx.chunk(self.world_size)[self.rank]
+        idx = idx.chunk(self.world_size)[self.rank]  # every rank draws the global batch: W processes = one, W x batch
         images = torch.as_tensor(self.images[idx.numpy()])  # of a memory-mapped array (t2i latents), only these rows
         images = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()  # official: x/255*2-1
         return images, take(self.labels, idx)
