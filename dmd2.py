@@ -2219,8 +2219,7 @@ def start_run(cfg):
     return run_dir, device
 
 def run_edm(cfg):
-    """Distil the official EDM teacher (--teacher path or URL, default NVIDIA's pickle) on real data in one process
-    or all of torchrun's; rank 0 writes the generator, pytorch_model.bin (keys model.*: the released layout)."""
+    """Distil the official EDM teacher (--teacher; NVIDIA's pickle by default) on real data, in one process or many."""
     run_dir, device = start_run(cfg)
     needs_real = cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)
     if needs_real and not cfg.data_path:
@@ -2236,11 +2235,10 @@ def run_edm(cfg):
         teacher.spec = dict(kind="edm", kwargs=edm_net.init_kwargs(teacher))
         teacher = prepare_network(teacher, cfg, device)
         real = FileBatches(dataset, cfg.batch_size, cfg.seed, rank, world_size, cfg.num_workers) if needs_real else None
-        distiller = run_training(cfg, teacher, real, (3, cfg.resolution, cfg.resolution), run_dir, device, rank,
-                                 world_size)
+        distiller = run_training(cfg, teacher, real, (3, *[cfg.resolution] * 2), run_dir, device, rank, world_size)
         weights = generator_weights(distiller)
         if rank == 0:
-            atomic_save(weights, os.path.join(run_dir, "pytorch_model.bin"))
+            atomic_save(weights, os.path.join(run_dir, "pytorch_model.bin"))  # keys model.*: the released layout
             print(f"generator written to {run_dir}/pytorch_model.bin; evaluate it with: python dmd2.py evaluate "
                   f"--generator {run_dir}/pytorch_model.bin --dataset {cfg.dataset}")
     return distiller
@@ -2425,8 +2423,7 @@ def load_image(path, resolution):
 
 @torch.no_grad()
 def encode_latents(folder, vae, resolution, batch_size=8):
-    """(latents, captions) of a captioned folder, encoded once (official generate_vae_latents.py: latent_dist.sample()
-    * scaling_factor) into .dmd2_latents_<res>/, memory-mapped; redone when files or captions change."""
+    """(latents, captions) of `folder`, encoded once into .dmd2_latents_<res>/, memory-mapped; redone on any change."""
     items = read_captioned_folder(folder)
     key = dict(files=[f"{os.path.basename(p)}:{os.path.getsize(p)}" for p, _ in items],
                captions=[c for _, c in items], resolution=resolution)
@@ -2444,7 +2441,7 @@ def encode_latents(folder, vae, resolution, batch_size=8):
     for i in range(0, len(items), batch_size):
         images = torch.stack([load_image(p, resolution) for p, _ in items[i:i + batch_size]]).to(device, vae.dtype)
         array[i:i + len(images)] = (vae.encode(images).latent_dist.sample(generator=rng) *
-                                    vae.config.scaling_factor).half().cpu().numpy()
+                                    vae.config.scaling_factor).half().cpu().numpy()  # official generate_vae_latents.py
     array.flush()
     del array
     os.replace(tmp, array_path)  # renames: a reader maps a complete file, and the index comes last
@@ -2514,28 +2511,23 @@ def no_gpu(device, flag="--device"):
     return f"{flag} {device}: this machine has no CUDA GPU; use {flag} cpu" if (
         device.startswith("cuda") and not torch.cuda.is_available()) else None
 
-def unwritable(path, flag):
-    """Why `path` (a file or folder to be made) could not be written, or None: checked before any work."""
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent != os.path.abspath(path) and (not os.path.isdir(parent) or not os.access(parent, os.W_OK)):
-        return f"{flag} {path}: cannot be written ({parent} is not a writable folder)"
-
 def positive_int(text):
     if not re.fullmatch(r"\d+", text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
 
 def output_problem(path, flag, overwrite=False):
-    """Why an output file cannot be written (it exists and no --overwrite; no writable folder), or None."""
+    """Why an output file or folder cannot be made (it exists and no --overwrite; no writable folder), or None."""
     if os.path.exists(path) and not overwrite:
         return f"{flag} {path} exists: pass --overwrite to replace it, or another {flag}"
-    return unwritable(path, flag)
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent != os.path.abspath(path) and (not os.path.isdir(parent) or not os.access(parent, os.W_OK)):
+        return f"{flag} {path}: cannot be written ({parent} is not a writable folder)"
 
 def check_config(cfg):
-    """Every flag is honoured on the rung it is given to or refused here, with every range, before any work; the
-    problems in one line. A flag counts as given when it differs from the preset."""
+    """Every flag is honoured on the rung it is given to or refused here, and every range checked, before any work."""
     preset = Config(**PRESETS[cfg.dataset], dataset=cfg.dataset)
     embedded, t2i = cfg.dataset in ("toy2d", "shapes"), cfg.dataset.startswith(("sdxl", "sd15"))
     regression, steps = cfg.regression_loss_weight > 0, cfg.students if embedded else [cfg.generator_steps]
@@ -2565,11 +2557,8 @@ def check_config(cfg):
         ("min_step_percent max_step_percent sigma_data num_train_timesteps", cfg.dm_loss_weight <= 0 and not cfg.gan,
          "no DM loss and no GAN: the fake score is not trained"),
     ]
-    problems = []
-    for names, refused, why in unused:
-        given = [f"--{k}" for k in names.split() if getattr(cfg, k) != getattr(preset, k)]
-        if refused and given:
-            problems.append(f"{', '.join(given)}: {why}")
+    given = lambda names: [f"--{k}" for k in names.split() if getattr(cfg, k) != getattr(preset, k)]  # not the preset's
+    problems = [f"{', '.join(given(names))}: {why}" for names, refused, why in unused if refused and given(names)]
     auto_gan = cfg.gan and cfg.gen_cls_loss_weight == "auto"
     rules = [  # (refused when, why)
         (regression and (max(steps) > 1 or cfg.regression_pairs < 1),
@@ -2619,7 +2608,7 @@ def check_config(cfg):
             ("generator_init", cfg.generator_init), ("guidance_init", cfg.guidance_init))],
         (os.path.basename(cfg.run_name) != cfg.run_name or cfg.run_name in (".", ".."),
          f"--run_name {cfg.run_name}: a folder name (no / or ..): a run stays inside --out_dir"),
-        *[(bool(why), why) for why in (no_gpu(cfg.device), unwritable(cfg.out_dir, "--out_dir"))],
+        *[(bool(why), why) for why in (no_gpu(cfg.device), output_problem(cfg.out_dir, "--out_dir", overwrite=True))],
     ]
     problems += [why for refused, why in rules if refused]
     bounds = [("must be a positive integer", lambda v: v >= 1, "batch_size iters log_every ckpt_every sample_every "
@@ -2728,10 +2717,8 @@ def sample_main(argv):
         raise SystemExit(f"{args.checkpoint} is a text-to-image student: pass --prompt TEXT")
     conditions = Prompts(prompts, parts.tokenizers, parts.text_encoders) if parts else ClassLabels(cfg.num_classes)
     labels = conditions.examples(len(prompts) if parts else args.num or 64)
-    if parts:
-        shape = (parts.unet.config.in_channels, parts.unet.config.sample_size, parts.unet.config.sample_size)
-    else:
-        shape = (2,) if cfg.dataset == "toy2d" else (generator.img_channels, *[generator.img_resolution] * 2)
+    shape = ((parts.unet.config.in_channels, *[parts.unet.config.sample_size] * 2) if parts else
+             (2,) if cfg.dataset == "toy2d" else (generator.img_channels, *[generator.img_resolution] * 2))
     noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(args.seed))
     step_sigmas = generator_sigmas(cfg.generator_steps, noise_grid(cfg, generator), cfg.conditioning_timestep)
     samples = sample_student(generator, noise, labels, step_sigmas, conditions)
@@ -2749,9 +2736,10 @@ def evaluate_main(argv):
     source.add_argument("--generator", help="our checkpoint.pt or a plain generator state dict (keys model.*)")
     source.add_argument("--model", help="student:PATH, dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15, teacher, hf:ID, "
                         "sdxl-lightning, lcm-sdxl (t2i_pipeline), or images: evaluate the PNGs already in --out")
-    parser.add_argument("--num", type=positive_int, help="samples (default 50,000, a multiple of the class count; --model: "
-                        "10k for sdxl, 30k for sd15, a prefix of the list)")
-    parser.add_argument("--batch", type=positive_int, help="batch (default 128, official --eval_batch_size; --model: 4)")
+    parser.add_argument("--num", type=positive_int, help="samples (default 50,000, a multiple of the class count; "
+                        "--model: 10k for sdxl, 30k for sd15, a prefix of the list)")
+    parser.add_argument("--batch", type=positive_int,
+                        help="batch (default 128, official --eval_batch_size; --model: 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: cache); "
                         "--model: also clean-fid's inception-2015-12-05.pt")
