@@ -2663,8 +2663,7 @@ def load_student(state):
     return generator.eval(), cfg, parts
 
 def load_generator(path, dataset):
-    """(generator, steps) of our checkpoint.pt, or of a plain state dict (keys model.*: the released DMD2
-    pytorch_model.bin, run_edm's) in the dataset's official architecture, dropout 0."""
+    """(generator, steps) of our checkpoint.pt or a pytorch_model.bin (keys model.*: released DMD2's, run_edm's)."""
     state = read_run(path)
     if "distiller" in state:
         generator, cfg, _ = load_student(state)
