@@ -969,14 +969,13 @@ def load_inception(path=None, cache_dir=None, mode="edm", device="cpu"):
                          f"expected the file {INCEPTION_URL}") from None
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64 (EDM fid.py / TTUR). As pytorch-fid:
-    a non-finite sqrtm is retried with eps*I added to the covariances; an imaginary diagonal over 1e-3 is an error."""
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64 (EDM fid.py / TTUR)."""
     mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
     d = mu1.shape[0]
     if {mu1.shape, mu2.shape} != {(d,)} or {sigma1.shape, sigma2.shape} != {(d, d)}:
         raise ValueError(f"statistics do not match: {mu1.shape}, {sigma1.shape} vs {mu2.shape}, {sigma2.shape}")
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # no `disp`: deprecated in SciPy 1.16, removed in 1.18
-    if not np.isfinite(covmean).all():  # e.g. fewer samples than dimensions
+    if not np.isfinite(covmean).all():  # e.g. fewer samples than dimensions; retried with eps as pytorch-fid
         warnings.warn(f"frechet_distance: sqrtm is not finite, adding {eps} to the covariance diagonals")
         covmean = scipy.linalg.sqrtm((sigma1 + eps * np.eye(d)) @ (sigma2 + eps * np.eye(d)))
     if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
@@ -1038,10 +1037,9 @@ def fid_main(argv=None):
     return fid
 
 # ----------------------------------------------------------------------------------------------------------------
-# 10. Text-to-image evaluation as the paper measures it (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and
-# CLIP score (official: main/coco_eval/coco_evaluator.py, main/sdxl/test_folder_sdxl.py, main/test_folder_sd.py).
-# Centre crop, LANCZOS to eval_res, clean-fid's "clean" resize to 299, TorchScript Inception; every model is a
-# diffusers pipeline, its PNGs on disk (resumable).
+# 10. Text-to-image evaluation (Tables 2, 4, 5): zero-shot COCO-2014 FID, patch FID and CLIP score (official:
+# main/coco_eval/coco_evaluator.py, main/sdxl/test_folder_sdxl.py, main/test_folder_sd.py). Centre crop, LANCZOS to
+# eval_res, clean-fid's "clean" resize to 299, TorchScript Inception; diffusers pipelines, PNGs on disk (resumable).
 
 T2I_PROTOCOLS = {  # official test scripts: --total_eval_samples, --eval_res, patch_fid, the reference images
     "sdxl": dict(num=10_000, eval_res=512, patch_fid=True, refs="subset"),  # the captions' images (COCO-10k)
@@ -1276,15 +1274,12 @@ def t2i_evaluate_main(args):
     guidance = args.guidance if args.guidance is not None else 6.0 if teacher else 0.0
     out = args.out or os.path.join("runs", "eval", args.model.replace(":", "_").replace("/", "_"))
     rows, all_images = read_coco_captions(args.coco)
-    if args.prompts:  # SD v1.5's references are all of val2014, so any caption list fits them
-        if protocol["refs"] != "all":
-            raise ValueError("--prompts is for --protocol sd15; SDXL's captions come with their reference images")
-        prompts = open(args.prompts).read().splitlines()[:num]
-        if len(prompts) < num:
-            raise ValueError(f"{args.prompts} holds {len(prompts)} captions, fewer than the {num} asked (--num)")
-    else:
-        subset = coco_caption_subset(rows, num)
-        prompts = [caption for _, caption in subset]
+    if args.prompts and protocol["refs"] != "all":  # SD v1.5's references are all of val2014: any caption list fits
+        raise ValueError("--prompts is for --protocol sd15; SDXL's captions come with their reference images")
+    subset = [] if args.prompts else coco_caption_subset(rows, num)  # num (image, caption) pairs
+    prompts = open(args.prompts).read().splitlines()[:num] if args.prompts else [caption for _, caption in subset]
+    if len(prompts) < num:
+        raise ValueError(f"{args.prompts} holds {len(prompts)} captions, fewer than the {num} asked (--num)")
     ref_names = all_images if protocol["refs"] == "all" else [name for name, _ in subset]
     ref_files = [os.path.join(args.coco, "val2014", name) for name in ref_names]
     kinds = {"FID": (f"crop-lanczos{res}", functools.partial(crop_resize, res=res))}
@@ -1379,11 +1374,9 @@ def use_bf16(cfg, device):
 
 def prepare_network(net, cfg, device):
     """Device, bf16 (use_fp16), channels_last, gradient checkpointing (official SD: generator, fake UNet in loss)."""
-    net = net.to(device)
+    net = net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if hasattr(net, "use_fp16"):
         net.use_fp16 = use_bf16(cfg, device)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
     if isinstance(net, edm_net.EDMPrecond):
         edm_net.set_gradient_checkpointing(net, cfg.grad_checkpointing)
     elif cfg.grad_checkpointing and hasattr(net, "unet"):
@@ -1391,9 +1384,8 @@ def prepare_network(net, cfg, device):
     return net
 
 def compile_networks(*networks, **compile_kwargs):
-    """--compile: each repeated block (EDM's UNetBlock, diffusers' _repeated_blocks, else the network) compiled in
-    place, fullgraph; past dynamo's recompile limit the blocks would run eager, so it is raised and made to raise."""
-    config = torch._dynamo.config
+    """--compile: each repeated block (EDM's UNetBlock, diffusers' _repeated_blocks, else the network), in place."""
+    config = torch._dynamo.config  # past its recompile limit dynamo would run the blocks eager: raised, made to raise
     config.recompile_limit = max(config.recompile_limit, 1024)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
     config.fail_on_recompile_limit_hit = True
@@ -1605,8 +1597,7 @@ def plot_curves(records, path):
     fig.savefig(path, dpi=100)
 
 def perceptual_loss(kind, device, decode=None):
-    """The regression loss's distance: LPIPS(VGG) for lpips, or auto with torchvision's VGG16 weights on disk (original
-    DMD: upsampled to 224; latents decoded by `decode`, official: taesdxl); None (mean squared error) otherwise."""
+    """The regression loss's distance: LPIPS(VGG) for lpips (auto: if torchvision's VGG16 is on disk), or None (MSE)."""
     vgg_file = os.path.join(torch.hub.get_dir(), "checkpoints", "vgg16-397923af.pth")
     if kind == "mse" or (kind == "auto" and not os.path.exists(vgg_file)):
         if kind == "auto":
@@ -1616,9 +1607,9 @@ def perceptual_loss(kind, device, decode=None):
     net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
 
     def distance(x, target):
-        if decode is not None:
+        if decode is not None:  # latents to images (official: taesdxl)
             x, target = decode(x), decode(target)
-        size = (224, 224) if x.shape[-1] < 224 else x.shape[-2:]
+        size = (224, 224) if x.shape[-1] < 224 else x.shape[-2:]  # original DMD: upsampled to 224
         return net(F.interpolate(x, size, mode="bilinear"), F.interpolate(target, size, mode="bilinear")).mean()
     return distance
 
@@ -1706,8 +1697,7 @@ def shapes_dataset(num_images, resolution=16, seed=0, supersample=4):
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 class InMemoryBatches:
-    """Seeded batches, with replacement, of tensors or a memory-mapped array and labels (or captions): every rank
-    draws the global batch's indices and keeps its slice (W processes = one with W times the batch)."""
+    """Seeded batches, with replacement, of tensors or a memory-mapped array and labels (or captions)."""
 
     def __init__(self, images, labels, global_batch, seed, rank=0, world_size=1):
         self.images, self.labels = images, labels
@@ -1722,7 +1712,7 @@ class InMemoryBatches:
 
     def __next__(self):
         idx = torch.randint(0, len(self.labels), (self.global_batch,), generator=self.rng)
-        idx = idx.chunk(self.world_size)[self.rank]
+        idx = idx.chunk(self.world_size)[self.rank]  # every rank draws the global batch: W processes = one, W x batch
         images = torch.as_tensor(self.images[idx.numpy()])  # of a memory-mapped array (t2i latents), only these rows
         images = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()  # official: x/255*2-1
         return images, take(self.labels, idx)
@@ -2104,11 +2094,6 @@ class FileBatches:
 # ----------------------------------------------------------------------------------------------------------------
 # 14. Downloads: teacher pickles, FID statistics, released DMD2 checkpoints
 
-EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm"  # reference edm_fid.md 2.4
-EDM_TEACHER_URLS = {"imagenet64": f"{EDM_URL}/pretrained/edm-imagenet-64x64-cond-adm.pkl",
-                    "cifar10": f"{EDM_URL}/pretrained/edm-cifar10-32x32-cond-vp.pkl"}
-EDM_FID_REF_URLS = {"imagenet64": f"{EDM_URL}/fid-refs/imagenet-64x64.npz",
-                    "cifar10": f"{EDM_URL}/fid-refs/cifar10-32x32.npz"}
 DMD2_HF_REPO = "tianweiy/DMD2"
 DMD2_IMAGENET_RUNS = {  # folder under model/imagenet/ -> ImageNet-64 FID (official README model zoo, reference 9.1)
     "imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch_fid1.51_checkpoint_model_193500": 1.51,
@@ -2123,8 +2108,7 @@ def default_cache_dir():
     return os.environ.get("DMD2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmd2")
 
 def download_cached(url, cache_dir=None, filename=None, flag="--teacher", hash_prefix=None):
-    """Local path of url in the cache; a download goes to a temp file renamed into place only when complete (urlretrieve
-    raises on a short body, torch.hub's download_url_to_file does not) and its SHA-256 starts with hash_prefix."""
+    """Local path of url in the cache; a download is renamed into place once whole and its SHA-256 fits hash_prefix."""
     cache_dir = cache_dir or default_cache_dir()
     filename = filename or os.path.basename(urllib.parse.urlparse(url).path)
     path = os.path.join(cache_dir, filename)
@@ -2143,7 +2127,7 @@ def download_cached(url, cache_dir=None, filename=None, flag="--teacher", hash_p
             def progress(blocks, block_size, total):
                 bar.total = total if total > 0 else None
                 bar.update(blocks * block_size - bar.n)
-            urllib.request.urlretrieve(url, tmp, progress)
+            urllib.request.urlretrieve(url, tmp, progress)  # raises on a short body (torch.hub's download does not)
         if hash_prefix:
             with open(tmp, "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
@@ -2170,8 +2154,8 @@ def resolve_file(spec, dataset, cache_dir=None, *, urls, what, flag):
     return spec
 
 # resolve_teacher(spec, dataset, cache_dir=None): the EDM teacher pickle; resolve_fid_ref: its FID statistics (.npz)
-resolve_teacher = functools.partial(resolve_file, urls=EDM_TEACHER_URLS, what="teacher", flag="--teacher")
-resolve_fid_ref = functools.partial(resolve_file, urls=EDM_FID_REF_URLS, what="FID reference", flag="--fid_ref")
+resolve_teacher = functools.partial(resolve_file, urls=edm_net.TEACHER_URLS, what="teacher", flag="--teacher")
+resolve_fid_ref = functools.partial(resolve_file, urls=edm_net.FID_REF_URLS, what="FID reference", flag="--fid_ref")
 
 def download_dmd2(filename, repo=DMD2_HF_REPO, fix="pass its local path instead", cache_dir=None):
     """Local path of a file of a Hugging Face repo (default: the released DMD2 checkpoints), downloaded if absent."""
@@ -2219,8 +2203,7 @@ def start_run(cfg):
     return run_dir, device
 
 def run_edm(cfg):
-    """Distil the official EDM teacher (--teacher path or URL, default NVIDIA's pickle) on real data in one process
-    or all of torchrun's; rank 0 writes the generator, pytorch_model.bin (keys model.*: the released layout)."""
+    """Distil the official EDM teacher (--teacher; NVIDIA's pickle by default) on real data, in one process or many."""
     run_dir, device = start_run(cfg)
     needs_real = cfg.gan or (cfg.generator_steps > 1 and not cfg.backward_simulation)
     if needs_real and not cfg.data_path:
@@ -2236,11 +2219,10 @@ def run_edm(cfg):
         teacher.spec = dict(kind="edm", kwargs=edm_net.init_kwargs(teacher))
         teacher = prepare_network(teacher, cfg, device)
         real = FileBatches(dataset, cfg.batch_size, cfg.seed, rank, world_size, cfg.num_workers) if needs_real else None
-        distiller = run_training(cfg, teacher, real, (3, cfg.resolution, cfg.resolution), run_dir, device, rank,
-                                 world_size)
+        distiller = run_training(cfg, teacher, real, (3, *[cfg.resolution] * 2), run_dir, device, rank, world_size)
         weights = generator_weights(distiller)
         if rank == 0:
-            atomic_save(weights, os.path.join(run_dir, "pytorch_model.bin"))
+            atomic_save(weights, os.path.join(run_dir, "pytorch_model.bin"))  # keys model.*: the released layout
             print(f"generator written to {run_dir}/pytorch_model.bin; evaluate it with: python dmd2.py evaluate "
                   f"--generator {run_dir}/pytorch_model.bin --dataset {cfg.dataset}")
     return distiller
@@ -2425,8 +2407,7 @@ def load_image(path, resolution):
 
 @torch.no_grad()
 def encode_latents(folder, vae, resolution, batch_size=8):
-    """(latents, captions) of a captioned folder, encoded once (official generate_vae_latents.py: latent_dist.sample()
-    * scaling_factor) into .dmd2_latents_<res>/, memory-mapped; redone when files or captions change."""
+    """(latents, captions) of `folder`, encoded once into .dmd2_latents_<res>/, memory-mapped; redone on any change."""
     items = read_captioned_folder(folder)
     key = dict(files=[f"{os.path.basename(p)}:{os.path.getsize(p)}" for p, _ in items],
                captions=[c for _, c in items], resolution=resolution)
@@ -2444,7 +2425,7 @@ def encode_latents(folder, vae, resolution, batch_size=8):
     for i in range(0, len(items), batch_size):
         images = torch.stack([load_image(p, resolution) for p, _ in items[i:i + batch_size]]).to(device, vae.dtype)
         array[i:i + len(images)] = (vae.encode(images).latent_dist.sample(generator=rng) *
-                                    vae.config.scaling_factor).half().cpu().numpy()
+                                    vae.config.scaling_factor).half().cpu().numpy()  # official generate_vae_latents.py
     array.flush()
     del array
     os.replace(tmp, array_path)  # renames: a reader maps a complete file, and the index comes last
@@ -2514,28 +2495,23 @@ def no_gpu(device, flag="--device"):
     return f"{flag} {device}: this machine has no CUDA GPU; use {flag} cpu" if (
         device.startswith("cuda") and not torch.cuda.is_available()) else None
 
-def unwritable(path, flag):
-    """Why `path` (a file or folder to be made) could not be written, or None: checked before any work."""
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent != os.path.abspath(path) and (not os.path.isdir(parent) or not os.access(parent, os.W_OK)):
-        return f"{flag} {path}: cannot be written ({parent} is not a writable folder)"
-
 def positive_int(text):
     if not re.fullmatch(r"\d+", text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
 
 def output_problem(path, flag, overwrite=False):
-    """Why an output file cannot be written (it exists and no --overwrite; no writable folder), or None."""
+    """Why an output file or folder cannot be made (it exists and no --overwrite; no writable folder), or None."""
     if os.path.exists(path) and not overwrite:
         return f"{flag} {path} exists: pass --overwrite to replace it, or another {flag}"
-    return unwritable(path, flag)
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent != os.path.abspath(path) and (not os.path.isdir(parent) or not os.access(parent, os.W_OK)):
+        return f"{flag} {path}: cannot be written ({parent} is not a writable folder)"
 
 def check_config(cfg):
-    """Every flag is honoured on the rung it is given to or refused here, with every range, before any work; the
-    problems in one line. A flag counts as given when it differs from the preset."""
+    """Every flag is honoured on the rung it is given to or refused here, and every range checked, before any work."""
     preset = Config(**PRESETS[cfg.dataset], dataset=cfg.dataset)
     embedded, t2i = cfg.dataset in ("toy2d", "shapes"), cfg.dataset.startswith(("sdxl", "sd15"))
     regression, steps = cfg.regression_loss_weight > 0, cfg.students if embedded else [cfg.generator_steps]
@@ -2565,11 +2541,8 @@ def check_config(cfg):
         ("min_step_percent max_step_percent sigma_data num_train_timesteps", cfg.dm_loss_weight <= 0 and not cfg.gan,
          "no DM loss and no GAN: the fake score is not trained"),
     ]
-    problems = []
-    for names, refused, why in unused:
-        given = [f"--{k}" for k in names.split() if getattr(cfg, k) != getattr(preset, k)]
-        if refused and given:
-            problems.append(f"{', '.join(given)}: {why}")
+    given = lambda names: [f"--{k}" for k in names.split() if getattr(cfg, k) != getattr(preset, k)]  # not the preset's
+    problems = [f"{', '.join(given(names))}: {why}" for names, refused, why in unused if refused and given(names)]
     auto_gan = cfg.gan and cfg.gen_cls_loss_weight == "auto"
     rules = [  # (refused when, why)
         (regression and (max(steps) > 1 or cfg.regression_pairs < 1),
@@ -2619,7 +2592,7 @@ def check_config(cfg):
             ("generator_init", cfg.generator_init), ("guidance_init", cfg.guidance_init))],
         (os.path.basename(cfg.run_name) != cfg.run_name or cfg.run_name in (".", ".."),
          f"--run_name {cfg.run_name}: a folder name (no / or ..): a run stays inside --out_dir"),
-        *[(bool(why), why) for why in (no_gpu(cfg.device), unwritable(cfg.out_dir, "--out_dir"))],
+        *[(bool(why), why) for why in (no_gpu(cfg.device), output_problem(cfg.out_dir, "--out_dir", overwrite=True))],
     ]
     problems += [why for refused, why in rules if refused]
     bounds = [("must be a positive integer", lambda v: v >= 1, "batch_size iters log_every ckpt_every sample_every "
@@ -2674,8 +2647,7 @@ def load_student(state):
     return generator.eval(), cfg, parts
 
 def load_generator(path, dataset):
-    """(generator, steps) of our checkpoint.pt, or of a plain state dict (keys model.*: the released DMD2
-    pytorch_model.bin, run_edm's) in the dataset's official architecture, dropout 0."""
+    """(generator, steps) of our checkpoint.pt or a pytorch_model.bin (keys model.*: released DMD2's, run_edm's)."""
     state = read_run(path)
     if "distiller" in state:
         generator, cfg, _ = load_student(state)
@@ -2728,10 +2700,8 @@ def sample_main(argv):
         raise SystemExit(f"{args.checkpoint} is a text-to-image student: pass --prompt TEXT")
     conditions = Prompts(prompts, parts.tokenizers, parts.text_encoders) if parts else ClassLabels(cfg.num_classes)
     labels = conditions.examples(len(prompts) if parts else args.num or 64)
-    if parts:
-        shape = (parts.unet.config.in_channels, parts.unet.config.sample_size, parts.unet.config.sample_size)
-    else:
-        shape = (2,) if cfg.dataset == "toy2d" else (generator.img_channels, *[generator.img_resolution] * 2)
+    shape = ((parts.unet.config.in_channels, *[parts.unet.config.sample_size] * 2) if parts else
+             (2,) if cfg.dataset == "toy2d" else (generator.img_channels, *[generator.img_resolution] * 2))
     noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(args.seed))
     step_sigmas = generator_sigmas(cfg.generator_steps, noise_grid(cfg, generator), cfg.conditioning_timestep)
     samples = sample_student(generator, noise, labels, step_sigmas, conditions)
@@ -2749,9 +2719,10 @@ def evaluate_main(argv):
     source.add_argument("--generator", help="our checkpoint.pt or a plain generator state dict (keys model.*)")
     source.add_argument("--model", help="student:PATH, dmd2-sdxl, dmd2-sdxl-lora, dmd2-sd15, teacher, hf:ID, "
                         "sdxl-lightning, lcm-sdxl (t2i_pipeline), or images: evaluate the PNGs already in --out")
-    parser.add_argument("--num", type=positive_int, help="samples (default 50,000, a multiple of the class count; --model: "
-                        "10k for sdxl, 30k for sd15, a prefix of the list)")
-    parser.add_argument("--batch", type=positive_int, help="batch (default 128, official --eval_batch_size; --model: 4)")
+    parser.add_argument("--num", type=positive_int, help="samples (default 50,000, a multiple of the class count; "
+                        "--model: 10k for sdxl, 30k for sd15, a prefix of the list)")
+    parser.add_argument("--batch", type=positive_int,
+                        help="batch (default 128, official --eval_batch_size; --model: 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inception", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: cache); "
                         "--model: also clean-fid's inception-2015-12-05.pt")

@@ -8,9 +8,9 @@ development: bit-identical to the official modules on CPU with the official atte
 bit-identical initial weights).
 
 Contents: layers (Linear, Conv2d, GroupNorm, attention, embeddings), UNetBlock, SongUNet (DDPM++/NCSN++),
-DhariwalUNet (ADM), EDMPrecond, the EDM Heun sampler, official configs, loaders for official EDM snapshot
-pickles (without executing anything from the file) and plain state dicts (DMD2's released generators), EDM's FID
-protocol (TF1 resize, the Inception detector, float64 statistics, .npz reference files, the ImageNet-64 sampling
+DhariwalUNet (ADM), EDMPrecond, the EDM Heun sampler, official configs and download URLs, loaders for official EDM
+snapshot pickles (without executing anything from the file) and plain state dicts (DMD2's released generators), EDM's
+FID protocol (TF1 resize, the Inception detector, float64 statistics, .npz reference files, the ImageNet-64 sampling
 protocol) and its dataset_tool zip / folder reader.
 Speed options that leave the state dict alone: attention through F.scaled_dot_product_attention (the default) or the
 official op (set_attention), gradient checkpointing.
@@ -632,6 +632,11 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
 # Loading official EDM snapshot pickles without executing anything from the file (reference 2.2-2.3).
 
 
+DOWNLOAD_URL = "https://nvlabs-fi-cdn.nvidia.com/edm"  # official teachers and FID statistics (reference edm_fid.md 2.4)
+TEACHER_URLS = {"imagenet64": f"{DOWNLOAD_URL}/pretrained/edm-imagenet-64x64-cond-adm.pkl",
+                "cifar10": f"{DOWNLOAD_URL}/pretrained/edm-cifar10-32x32-cond-vp.pkl"}
+
+
 class EDMLoadError(ValueError):
     """A network file could not be read or does not match the expected network."""
 
@@ -771,8 +776,7 @@ def load_edm_pickle(path, expect=None, **overrides):
     dict(img_resolution=64, label_dim=1000)) is checked against the stored config. Returns the net in eval mode."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path}: no such EDM pickle (download e.g. https://nvlabs-fi-cdn.nvidia.com/edm/'
-                                f'pretrained/edm-imagenet-64x64-cond-adm.pkl)')
+        raise FileNotFoundError(f'{path}: no such EDM pickle (download e.g. {TEACHER_URLS["imagenet64"]})')
     try:
         with open(path, 'rb') as f:
             data = _AllowListUnpickler(f).load()
@@ -828,6 +832,9 @@ def load_edm_state_dict(path_or_state_dict, config, name=None):
 # same TF graph (inception-2015-12-05); not byte-compared with NVIDIA's, so equality is expected (torch-fidelity:
 # features within 1e-4 of TF), not verified. dmd2.py adds the weights download, the Frechet distance, the command line.
 
+
+FID_REF_URLS = {"imagenet64": f"{DOWNLOAD_URL}/fid-refs/imagenet-64x64.npz",
+                "cifar10": f"{DOWNLOAD_URL}/fid-refs/cifar10-32x32.npz"}
 
 def tf1_resize_matrix(size_in, size_out):
     """[size_out, size_in] matrix of TF1 bilinear resize (align_corners=False, no half-pixel centres): output i
@@ -958,7 +965,7 @@ def load_stats(path, dim=2048):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: reference statistics not found (make them with `python dmd2.py fid "
                                 f"--ref_from DATA --out REF.npz`, or get EDM's from "
-                                f"https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/)")
+                                f"{DOWNLOAD_URL}/fid-refs/)")
     try:
         with np.load(path, allow_pickle=False) as f:
             stats = {k: f[k] for k in f.files}
