@@ -205,9 +205,10 @@ def parse_config(argv):
     dataset.add_argument("--dataset", default=Config.dataset)
     name = dataset.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0].dataset
     parser = ArgumentParser(prog="dmd2.py", usage="python dmd2.py [--dataset NAME] [--flag value ...] | sample | "
-                            "evaluate | fid ...", description=f"DMD2 distillation. Datasets (presets): {', '.join(PRESETS)} (default {Config.dataset}: nothing "
-                            "to download). Subcommands: sample, evaluate, fid (python dmd2.py sample --help). The "
-                            "defaults shown are the preset's: python dmd2.py --dataset NAME --help.")
+                            "evaluate | fid ...", description=f"DMD2 distillation. Datasets (presets): "
+                            f"{', '.join(PRESETS)} (default {Config.dataset}: nothing to download). Subcommands: "
+                            "sample, evaluate, fid (python dmd2.py sample --help). The defaults shown are the "
+                            "preset's: python dmd2.py --dataset NAME --help.")
     if name not in PRESETS:
         parser.error(f"unknown dataset {name!r}; choose one of {', '.join(PRESETS)}")
     kinds = {"bool": dict(type=parse_bool, metavar="true|false"), "list": dict(type=int, nargs="+"),
@@ -828,8 +829,9 @@ def interrupted(caught, device):
 
 def train(cfg, distiller, real_batches, run_dir, checkpoint=None, start=None, on_sample=None, rank=0):
     """Train `distiller` to cfg.iters iterations, writing checkpoint and log.jsonl into run_dir; a checkpoint there is
-    resumed exactly, else start(distiller) may load earlier weights; Ctrl-C / SIGTERM checkpoints, then Interrupted. on_sample(distiller, iteration) every
-    sample_every, on every rank. real_batches: an iterator with state_dict / load_state_dict, or None."""
+    resumed exactly, else start(distiller) may load earlier weights; Ctrl-C / SIGTERM checkpoints, then Interrupted.
+    on_sample(distiller, iteration) every sample_every, on every rank. real_batches: an iterator with state_dict /
+    load_state_dict, or None."""
     os.makedirs(run_dir, exist_ok=True)
     checkpoint = checkpoint or Checkpoint(os.path.join(run_dir, "checkpoint.pt"), rank)
     log_path = os.path.join(run_dir, "log.jsonl")
