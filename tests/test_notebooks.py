@@ -65,7 +65,8 @@ def test_runs_top_to_bottom_quickly(path, tmp_path, monkeypatch):
 WALKTHROUGHS_WITH_SWEEP = ["02_table3_one_step.ipynb", "03_table4_few_step.ipynb"]
 
 
-@pytest.mark.parametrize("name", ["01_dmd_gradient.ipynb", *WALKTHROUGHS_WITH_SWEEP])
+@pytest.mark.parametrize("name", ["01_dmd_gradient.ipynb", *WALKTHROUGHS_WITH_SWEEP, "04_imagenet64.ipynb",
+                                  "05_sdxl.ipynb"])
 def test_stored_outputs_carry_no_warnings(name):
     nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
     streams = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "stream"]
