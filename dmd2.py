@@ -184,6 +184,15 @@ def float_or_auto(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
+def json_object(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"model_channels\": 32}}', got {text!r}")
+    return value
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error (a pointer to --help, no usage dump) that takes "--lr -1e-3" as a value."""
 
@@ -212,7 +221,7 @@ def parse_config(argv):
     if name not in PRESETS:
         parser.error(f"unknown dataset {name!r}; choose one of {', '.join(PRESETS)}")
     kinds = {"bool": dict(type=parse_bool, metavar="true|false"), "list": dict(type=int, nargs="+"),
-             "dict": dict(type=json.loads, metavar="JSON"), "int": dict(type=int), "float": dict(type=float),
+             "dict": dict(type=json_object, metavar="JSON"), "int": dict(type=int), "float": dict(type=float),
              "float | str": dict(type=float_or_auto, metavar="FLOAT|auto"), "str": dict(type=str)}
     helps, preset = field_help(), Config(**PRESETS[name], dataset=name)
     for f in dataclasses.fields(Config):

@@ -95,6 +95,7 @@ TYPES = group(  # argparse's own errors: one line too, no usage dump
     (train("shapes", "--gan", "maybe"), "--gan"),
     (train("toy2d", "--students", "a"), "--students"),
     (train("shapes", "--teacher_arch", "{bad json"), "--teacher_arch"),
+    (train("shapes", "--teacher_arch", "5"), "a JSON object"),  # valid JSON, but not the keyword arguments
     (train("toy2d", "--generator_lr"), "--generator_lr"),  # the value is missing at the end
     (train(None, "--no_such_flag", "1"), "--no_such_flag"),
     (train("mnist"), "mnist"),
